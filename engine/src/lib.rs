@@ -1,0 +1,19 @@
+//! kiln-engine: the GPU runtime of Kiln. A `Gpu` context over wgpu (any vendor), pooled tensors, cached pipelines,
+//! and the WGSL kernels with their CPU f64 references (`ops`).
+
+mod error;
+mod gpu;
+mod launch;
+pub mod ops;
+mod pool;
+mod profiler;
+pub mod shaders;
+mod tensor;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use gpu::{list_adapters, AdapterReport, Gpu};
+pub use launch::Launch;
+pub use pool::PoolStats;
+pub use profiler::KernelTime;
+pub use tensor::{DType, Tensor};

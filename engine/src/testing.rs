@@ -1,0 +1,67 @@
+//! Helpers shared by the tests, benches and the quickstart self-check: one GPU per process, seeded random data,
+//! and comparisons that say where and by how much results differ.
+
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::Gpu;
+
+/// Sizes for 1-D kernels: 1, odd, primes, a non-multiple of the 256-thread workgroup, and one over 65535 groups
+/// wide would be too slow on a software GPU, so the grid folding is covered by `grid_1d`'s own test.
+pub const SIZES_1D: &[usize] = &[1, 7, 31, 255, 257, 1000, 4099, 65_537];
+
+/// The process-wide GPU. Fails (never skips) with the message that says how to get one.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| match Gpu::new() {
+        Ok(g) => g,
+        Err(e) => panic!("{e}"),
+    })
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Uniform values in [-1, 1), seeded.
+pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = rng(seed);
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+pub fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Largest |got - want| / (atol + rtol * |want|) over all elements, with its index.
+pub fn worst_error(got: &[f32], want: &[f64], rtol: f64, atol: f64) -> (usize, f64) {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let mut worst = (0, 0.0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = if g.is_finite() {
+            (g as f64 - w).abs() / (atol + rtol * w.abs())
+        } else {
+            f64::INFINITY
+        };
+        if e > worst.1 || e.is_nan() {
+            worst = (i, if e.is_nan() { f64::INFINITY } else { e });
+        }
+    }
+    worst
+}
+
+/// Max absolute difference (for reports).
+pub fn max_abs_diff(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Panics naming the first-worst element if any |got - want| > atol + rtol * |want|.
+pub fn assert_close(got: &[f32], want: &[f64], rtol: f64, atol: f64, what: &str) {
+    let (i, e) = worst_error(got, want, rtol, atol);
+    assert!(e <= 1.0, "{what}: element {i} is {} but the f64 reference says {} (rtol {rtol}, atol {atol}, len {})", got[i], want[i], got.len());
+}

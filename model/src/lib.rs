@@ -1,0 +1,1 @@
+//! Kiln model (GPT, data, trainers). The model arrives with the pretraining issue.

@@ -1,0 +1,78 @@
+// Elementwise kernels: fill, copy, scale, add (residual), GELU (tanh form, as GPT-2).
+// Launch grid: 1-D over n elements, folded into x/y because one grid dimension holds at most 65535 workgroups.
+
+struct Params {
+    n: u32,
+    alpha: f32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> y: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+// In-place entry points bind their one buffer read_write at binding 0.
+@group(0) @binding(0) var<storage, read_write> acc: array<f32>;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out1: array<f32>;
+
+const WG: u32 = 256u;
+
+fn index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wg.y * nwg.x + wg.x) * WG + lid;
+}
+
+@compute @workgroup_size(256)
+fn fill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { acc[i] = p.alpha; }
+}
+
+// out1 = x
+@compute @workgroup_size(256)
+fn copy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out1[i] = x[i]; }
+}
+
+// out1 = alpha * x
+@compute @workgroup_size(256)
+fn scale(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out1[i] = p.alpha * x[i]; }
+}
+
+// acc *= alpha
+@compute @workgroup_size(256)
+fn scale_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { acc[i] = p.alpha * acc[i]; }
+}
+
+// out = x + alpha * y  (residual add with alpha = 1)
+@compute @workgroup_size(256)
+fn add(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = x[i] + p.alpha * y[i]; }
+}
+
+// acc += alpha * src  (gradient accumulation)
+@compute @workgroup_size(256)
+fn add_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { acc[i] = acc[i] + p.alpha * src[i]; }
+}
+
+const GELU_SCALE: f32 = 0.7978845608028654; // sqrt(2/pi)
+
+fn gelu_tanh(v: f32) -> f32 {
+    // tanh saturates to +-1 beyond |u| = 10 in f32; clamping keeps exp-based tanh implementations finite.
+    let u = clamp(GELU_SCALE * (v + 0.044715 * v * v * v), -15.0, 15.0);
+    return 0.5 * v * (1.0 + tanh(u));
+}
+
+// out1 = gelu(x)
+@compute @workgroup_size(256)
+fn gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out1[i] = gelu_tanh(x[i]); }
+}

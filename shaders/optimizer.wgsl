@@ -1,0 +1,1 @@
+// optimizer kernels: pending
