@@ -46,17 +46,11 @@ fn report(adapter: &wgpu::Adapter) -> AdapterReport {
     let named = [
         (wgpu::Features::IMMEDIATES, "immediates"),
         (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
-        (
-            wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-            "timestamp-in-passes",
-        ),
+        (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "timestamp-in-passes"),
         (wgpu::Features::SHADER_F16, "shader-f16"),
         (wgpu::Features::SUBGROUP, "subgroups"),
         (wgpu::Features::SHADER_F64, "shader-f64"),
-        (
-            wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
-            "cooperative-matrix",
-        ),
+        (wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX, "cooperative-matrix"),
     ];
     AdapterReport {
         name: info.name.clone(),
@@ -71,11 +65,7 @@ fn report(adapter: &wgpu::Adapter) -> AdapterReport {
         max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
         max_immediates: limits.max_immediate_size,
         subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
-        features: named
-            .iter()
-            .filter(|(bit, _)| f.contains(*bit))
-            .map(|(_, n)| *n)
-            .collect(),
+        features: named.iter().filter(|(bit, _)| f.contains(*bit)).map(|(_, n)| *n).collect(),
     }
 }
 
@@ -109,9 +99,7 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 fn pick_adapter(wanted: Option<&str>) -> Result<wgpu::Adapter> {
     let all = adapters();
     if all.is_empty() {
-        return Err(Error::NoAdapter {
-            detail: "wgpu enumerated no Vulkan, Metal or DX12 adapter".into(),
-        });
+        return Err(Error::NoAdapter { detail: "wgpu enumerated no Vulkan, Metal or DX12 adapter".into() });
     }
     if let Some(w) = wanted.filter(|w| !w.is_empty()) {
         let lw = w.to_lowercase();
@@ -119,10 +107,7 @@ fn pick_adapter(wanted: Option<&str>) -> Result<wgpu::Adapter> {
         return all
             .into_iter()
             .find(|a| a.get_info().name.to_lowercase().contains(&lw))
-            .ok_or_else(|| Error::AdapterNotFound {
-                wanted: w.to_string(),
-                available: names.join(", "),
-            });
+            .ok_or_else(|| Error::AdapterNotFound { wanted: w.to_string(), available: names.join(", ") });
     }
     let mut all = all;
     all.sort_by_key(|a| rank(a.get_info().device_type));
@@ -174,11 +159,8 @@ impl Gpu {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&desc)).map_err(|e| Error::Device {
-                adapter: info.name.clone(),
-                reason: e.to_string(),
-            })?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::Device { adapter: info.name.clone(), reason: e.to_string() })?;
         let gpu_error = Arc::new(Mutex::new(None::<String>));
         let sink = gpu_error.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -227,19 +209,13 @@ impl Gpu {
     }
 
     pub fn has_timestamps(&self) -> bool {
-        self.features.contains(
-            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-        )
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
     }
 
     pub fn report(&self) -> String {
         format!(
             "{} ({:?}, {:?}, driver {} {})",
-            self.info.name,
-            self.info.backend,
-            self.info.device_type,
-            self.info.driver,
-            self.info.driver_info
+            self.info.name, self.info.backend, self.info.device_type, self.info.driver, self.info.driver_info
         )
     }
 
@@ -249,39 +225,22 @@ impl Gpu {
     pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if shape.is_empty() || numel == 0 {
-            return Err(Error::Empty {
-                op: "alloc",
-                what: "tensor",
-                shape: shape.to_vec(),
-            });
+            return Err(Error::Empty { op: "alloc", what: "tensor", shape: shape.to_vec() });
         }
         let bytes = (numel as u64).saturating_mul(dtype.size() as u64);
         if bytes > self.limits.max_buffer_size {
-            return Err(self.limit_error(
-                "alloc",
-                "tensor",
-                bytes,
-                self.limits.max_buffer_size,
-                "max_buffer_size",
-            ));
+            return Err(self.limit_error("alloc", "tensor", bytes, self.limits.max_buffer_size, "max_buffer_size"));
         }
         let device = &self.device;
         let (id, class_bytes, buffer) = self.pool.take(bytes, |size| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("kiln tensor"),
                 size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
         });
-        let storage = Storage {
-            buffer: Some(buffer),
-            id,
-            class_bytes,
-            pool: self.pool.clone(),
-        };
+        let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.pool.clone() };
         Ok(Tensor::new(Arc::new(storage), shape.to_vec(), dtype))
     }
 
@@ -343,11 +302,7 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        self.recorder
-            .lock()
-            .unwrap()
-            .encoder(&self.device)
-            .copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, size);
+        self.recorder.lock().unwrap().encoder(&self.device).copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, size);
         self.flush()?;
         let out = self.map_read(&staging, size)?;
         staging.destroy();
@@ -362,25 +317,12 @@ impl Gpu {
         self.wait()?;
         match rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(Error::Gpu {
-                    context: "readback",
-                    message: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(Error::Gpu {
-                    context: "readback",
-                    message: "map callback never ran".into(),
-                })
-            }
+            Ok(Err(e)) => return Err(Error::Gpu { context: "readback", message: e.to_string() }),
+            Err(_) => return Err(Error::Gpu { context: "readback", message: "map callback never ran".into() }),
         }
         let data = buffer
             .get_mapped_range(0..size)
-            .map_err(|e| Error::Gpu {
-                context: "readback",
-                message: e.to_string(),
-            })?
+            .map_err(|e| Error::Gpu { context: "readback", message: e.to_string() })?
             .to_vec();
         buffer.unmap();
         Ok(data)
@@ -390,10 +332,7 @@ impl Gpu {
     pub(crate) fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu {
-                context: "wait",
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::Gpu { context: "wait", message: e.to_string() })?;
         self.take_gpu_error("wait")
     }
 
@@ -432,30 +371,13 @@ impl Gpu {
         limit: u64,
         name: &'static str,
     ) -> Error {
-        Error::Limit {
-            op,
-            what,
-            needed,
-            limit,
-            limit_name: name,
-            adapter: self.info.name.clone(),
-        }
+        Error::Limit { op, what, needed, limit, limit_name: name, adapter: self.info.name.clone() }
     }
 }
 
-pub(crate) fn expect_dtype(
-    op: &'static str,
-    what: &'static str,
-    t: &Tensor,
-    dtype: DType,
-) -> Result<()> {
+pub(crate) fn expect_dtype(op: &'static str, what: &'static str, t: &Tensor, dtype: DType) -> Result<()> {
     if t.dtype() != dtype {
-        return Err(Error::DType {
-            op,
-            what,
-            dtype_expected: dtype,
-            dtype_got: t.dtype(),
-        });
+        return Err(Error::DType { op, what, dtype_expected: dtype, dtype_got: t.dtype() });
     }
     Ok(())
 }

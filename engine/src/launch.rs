@@ -40,16 +40,8 @@ impl Caches {
         self.bind_groups.lock().unwrap().clear();
     }
 
-    fn pipeline(
-        &self,
-        device: &wgpu::Device,
-        l: &Launch,
-    ) -> Result<(u64, Arc<wgpu::ComputePipeline>)> {
-        let key: PipelineKey = (
-            l.shader.name,
-            l.entry,
-            l.overrides.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
-        );
+    fn pipeline(&self, device: &wgpu::Device, l: &Launch) -> Result<(u64, Arc<wgpu::ComputePipeline>)> {
+        let key: PipelineKey = (l.shader.name, l.entry, l.overrides.iter().map(|(n, v)| (*n, v.to_bits())).collect());
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
@@ -96,10 +88,7 @@ impl Caches {
         pipeline: &wgpu::ComputePipeline,
         args: &[&Tensor],
     ) -> wgpu::BindGroup {
-        let key: BindKey = (
-            pid,
-            args.iter().map(|t| (t.buffer_id(), t.bytes())).collect(),
-        );
+        let key: BindKey = (pid, args.iter().map(|t| (t.buffer_id(), t.bytes())).collect());
         let mut cache = self.bind_groups.lock().unwrap();
         if let Some(bg) = cache.get(&key) {
             return bg.clone();
@@ -136,20 +125,12 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    pub(crate) fn new(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        features: wgpu::Features,
-    ) -> Recorder {
-        Recorder {
-            encoder: None,
-            profiler: Profiler::new(device, queue, features),
-        }
+    pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue, features: wgpu::Features) -> Recorder {
+        Recorder { encoder: None, profiler: Profiler::new(device, queue, features) }
     }
 
     pub(crate) fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
-        self.encoder
-            .get_or_insert_with(|| device.create_command_encoder(&Default::default()))
+        self.encoder.get_or_insert_with(|| device.create_command_encoder(&Default::default()))
     }
 }
 
@@ -206,13 +187,10 @@ impl Gpu {
         {
             let mut rec = self.recorder.lock().unwrap();
             let Recorder { encoder, profiler } = &mut *rec;
-            let enc = encoder
-                .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let enc = encoder.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
             let timestamp_writes = profiler.next_pass(l.entry);
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(l.entry),
-                timestamp_writes,
-            });
+            let mut pass =
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(l.entry), timestamp_writes });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             if !l.params.is_empty() {
@@ -222,11 +200,7 @@ impl Gpu {
         }
         if wall_clock {
             self.sync()?;
-            self.recorder
-                .lock()
-                .unwrap()
-                .profiler
-                .add_wall(l.entry, start.elapsed());
+            self.recorder.lock().unwrap().profiler.add_wall(l.entry, start.elapsed());
         } else if self.recorder.lock().unwrap().profiler.full() {
             self.flush()?;
         }

@@ -51,18 +51,10 @@ impl Pool {
     }
 
     /// Take a buffer of at least `bytes` bytes; `create` makes one when no free buffer of the class exists.
-    pub(crate) fn take(
-        &self,
-        bytes: u64,
-        create: impl FnOnce(u64) -> wgpu::Buffer,
-    ) -> (u64, u64, wgpu::Buffer) {
+    pub(crate) fn take(&self, bytes: u64, create: impl FnOnce(u64) -> wgpu::Buffer) -> (u64, u64, wgpu::Buffer) {
         let class = size_class(bytes);
         let reused = if self.reuse.load(Ordering::Relaxed) {
-            self.free
-                .lock()
-                .unwrap()
-                .get_mut(&class)
-                .and_then(|v| v.pop())
+            self.free.lock().unwrap().get_mut(&class).and_then(|v| v.pop())
         } else {
             None
         };
@@ -87,12 +79,7 @@ impl Pool {
         let mut stats = self.stats.lock().unwrap();
         stats.live_bytes -= class;
         if self.reuse.load(Ordering::Relaxed) {
-            self.free
-                .lock()
-                .unwrap()
-                .entry(class)
-                .or_default()
-                .push((id, buffer));
+            self.free.lock().unwrap().entry(class).or_default().push((id, buffer));
         } else {
             stats.reserved_bytes -= class;
             buffer.destroy();
@@ -137,27 +124,12 @@ mod tests {
 
     #[test]
     fn size_classes_cover_and_waste_little() {
-        for bytes in [
-            1u64,
-            4,
-            255,
-            256,
-            257,
-            4096,
-            4097,
-            5000,
-            1 << 20,
-            (1 << 20) + 1,
-            123_456_789,
-        ] {
+        for bytes in [1u64, 4, 255, 256, 257, 4096, 4097, 5000, 1 << 20, (1 << 20) + 1, 123_456_789] {
             let c = size_class(bytes);
             assert!(c >= bytes, "{bytes} -> {c}");
             assert!(c % 4 == 0, "class must stay a multiple of 4 bytes: {c}");
             // 256-byte granule below 4 KiB, otherwise at most 1/8 extra.
-            assert!(
-                c - bytes < 256 || (c - bytes) * 8 <= bytes,
-                "{bytes} -> {c} wastes too much"
-            );
+            assert!(c - bytes < 256 || (c - bytes) * 8 <= bytes, "{bytes} -> {c} wastes too much");
         }
     }
 }

@@ -32,14 +32,8 @@ pub(crate) struct Profiler {
 }
 
 impl Profiler {
-    pub(crate) fn new(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        features: wgpu::Features,
-    ) -> Profiler {
-        let ts = features.contains(
-            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-        );
+    pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue, features: wgpu::Features) -> Profiler {
+        let ts = features.contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
         let timestamps = ts.then(|| {
             let bytes = MAX_PASSES as u64 * 2 * 8;
             let buf = |label, usage| {
@@ -56,23 +50,12 @@ impl Profiler {
                     ty: wgpu::QueryType::Timestamp,
                     count: MAX_PASSES * 2,
                 }),
-                resolve: buf(
-                    "kiln timestamps",
-                    wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                ),
-                read: buf(
-                    "kiln timestamps readback",
-                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                ),
+                resolve: buf("kiln timestamps", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+                read: buf("kiln timestamps readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
                 period_ns: queue.get_timestamp_period() as f64,
             }
         });
-        Profiler {
-            enabled: false,
-            timestamps,
-            pending: Vec::new(),
-            totals: BTreeMap::new(),
-        }
+        Profiler { enabled: false, timestamps, pending: Vec::new(), totals: BTreeMap::new() }
     }
 
     pub(crate) fn wall_clock(&self) -> bool {
@@ -83,10 +66,7 @@ impl Profiler {
         self.pending.len() as u32 >= MAX_PASSES
     }
 
-    pub(crate) fn next_pass(
-        &mut self,
-        name: &'static str,
-    ) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
+    pub(crate) fn next_pass(&mut self, name: &'static str) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
         if !self.enabled || self.full() {
             return None;
         }
@@ -101,10 +81,7 @@ impl Profiler {
     }
 
     /// Record the copy of this command buffer's timestamps; returns the buffer to read after submission.
-    pub(crate) fn resolve(
-        &mut self,
-        enc: &mut wgpu::CommandEncoder,
-    ) -> Option<(wgpu::Buffer, u64)> {
+    pub(crate) fn resolve(&mut self, enc: &mut wgpu::CommandEncoder) -> Option<(wgpu::Buffer, u64)> {
         let ts = self.timestamps.as_ref()?;
         if self.pending.is_empty() {
             return None;
@@ -152,11 +129,7 @@ impl Gpu {
             .profiler
             .totals
             .iter()
-            .map(|(name, (calls, ms))| KernelTime {
-                name,
-                calls: *calls,
-                total_ms: *ms,
-            })
+            .map(|(name, (calls, ms))| KernelTime { name, calls: *calls, total_ms: *ms })
             .collect();
         out.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
         Ok(out)

@@ -9,10 +9,8 @@ pub struct ShaderSource {
 
 macro_rules! shader {
     ($ident:ident, $file:literal) => {
-        pub static $ident: ShaderSource = ShaderSource {
-            name: $file,
-            source: include_str!(concat!("../../shaders/", $file)),
-        };
+        pub static $ident: ShaderSource =
+            ShaderSource { name: $file, source: include_str!(concat!("../../shaders/", $file)) };
     };
 }
 

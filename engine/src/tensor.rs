@@ -42,21 +42,13 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Tensor({:?}, {:?}, buffer #{})",
-            self.shape, self.dtype, self.storage.id
-        )
+        write!(f, "Tensor({:?}, {:?}, buffer #{})", self.shape, self.dtype, self.storage.id)
     }
 }
 
 impl Tensor {
     pub(crate) fn new(storage: Arc<Storage>, shape: Vec<usize>, dtype: DType) -> Tensor {
-        Tensor {
-            storage,
-            shape,
-            dtype,
-        }
+        Tensor { storage, shape, dtype }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -82,10 +74,7 @@ impl Tensor {
     }
 
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        self.storage
-            .buffer
-            .as_ref()
-            .expect("storage holds its buffer until dropped")
+        self.storage.buffer.as_ref().expect("storage holds its buffer until dropped")
     }
 
     /// The same memory seen with another shape of equal element count.
@@ -99,10 +88,6 @@ impl Tensor {
                 got: format!("{n} elements (shape {shape:?})"),
             });
         }
-        Ok(Tensor {
-            storage: self.storage.clone(),
-            shape: shape.to_vec(),
-            dtype: self.dtype,
-        })
+        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
     }
 }

@@ -40,11 +40,7 @@ pub fn worst_error(got: &[f32], want: &[f64], rtol: f64, atol: f64) -> (usize, f
     assert_eq!(got.len(), want.len(), "length mismatch");
     let mut worst = (0, 0.0);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let e = if g.is_finite() {
-            (g as f64 - w).abs() / (atol + rtol * w.abs())
-        } else {
-            f64::INFINITY
-        };
+        let e = if g.is_finite() { (g as f64 - w).abs() / (atol + rtol * w.abs()) } else { f64::INFINITY };
         if e > worst.1 || e.is_nan() {
             worst = (i, if e.is_nan() { f64::INFINITY } else { e });
         }
@@ -54,14 +50,17 @@ pub fn worst_error(got: &[f32], want: &[f64], rtol: f64, atol: f64) -> (usize, f
 
 /// Max absolute difference (for reports).
 pub fn max_abs_diff(got: &[f32], want: &[f64]) -> f64 {
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max)
+    got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max)
 }
 
 /// Panics naming the first-worst element if any |got - want| > atol + rtol * |want|.
 pub fn assert_close(got: &[f32], want: &[f64], rtol: f64, atol: f64, what: &str) {
     let (i, e) = worst_error(got, want, rtol, atol);
-    assert!(e <= 1.0, "{what}: element {i} is {} but the f64 reference says {} (rtol {rtol}, atol {atol}, len {})", got[i], want[i], got.len());
+    assert!(
+        e <= 1.0,
+        "{what}: element {i} is {} but the f64 reference says {} (rtol {rtol}, atol {atol}, len {})",
+        got[i],
+        want[i],
+        got.len()
+    );
 }

@@ -14,22 +14,13 @@ struct Params {
     alpha: f32,
 }
 
-fn launch(
-    gpu: &Gpu,
-    op: &'static str,
-    entry: &'static str,
-    args: &[&Tensor],
-    alpha: f32,
-) -> Result<()> {
+fn launch(gpu: &Gpu, op: &'static str, entry: &'static str, args: &[&Tensor], alpha: f32) -> Result<()> {
     for t in args {
         nonempty(op, "input", t)?;
         expect_dtype(op, "input", t, DType::F32)?;
     }
     let n = args[0].numel();
-    let params = Params {
-        n: fits_u32(op, "tensor", n)?,
-        alpha,
-    };
+    let params = Params { n: fits_u32(op, "tensor", n)?, alpha };
     gpu.dispatch(&Launch {
         op,
         shader: &ELEMENTWISE,
@@ -95,9 +86,7 @@ pub fn gelu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
 pub mod cpu {
     pub fn gelu(x: &[f64]) -> Vec<f64> {
         let s = (2.0 / std::f64::consts::PI).sqrt();
-        x.iter()
-            .map(|&v| 0.5 * v * (1.0 + (s * (v + 0.044715 * v * v * v)).tanh()))
-            .collect()
+        x.iter().map(|&v| 0.5 * v * (1.0 + (s * (v + 0.044715 * v * v * v)).tanh())).collect()
     }
 
     pub fn add(x: &[f64], y: &[f64], alpha: f64) -> Vec<f64> {
@@ -118,10 +107,7 @@ mod tests {
             let tx = gpu.upload(&x, &[n]).unwrap();
             let t = gpu.alloc(&[n], DType::F32).unwrap();
             fill(gpu, &t, 2.5).unwrap();
-            assert!(
-                gpu.read(&t).unwrap().iter().all(|&v| v == 2.5),
-                "fill n={n}"
-            );
+            assert!(gpu.read(&t).unwrap().iter().all(|&v| v == 2.5), "fill n={n}");
             copy(gpu, &tx, &t).unwrap();
             assert_eq!(gpu.read(&t).unwrap(), x, "copy n={n}");
             let s = scale(gpu, &tx, -3.0).unwrap();
@@ -143,31 +129,13 @@ mod tests {
             let (tx, ty) = (gpu.upload(&x, &[n]).unwrap(), gpu.upload(&y, &[n]).unwrap());
             let out = add(gpu, &tx, &ty, 0.75).unwrap();
             // One rounding of a multiply-add in f32: relative 1e-6 bounds it.
-            assert_close(
-                &gpu.read(&out).unwrap(),
-                &cpu::add(&to_f64(&x), &to_f64(&y), 0.75),
-                1e-6,
-                1e-6,
-                "add",
-            );
+            assert_close(&gpu.read(&out).unwrap(), &cpu::add(&to_f64(&x), &to_f64(&y), 0.75), 1e-6, 1e-6, "add");
             add_inplace(gpu, &tx, &ty, -1.0).unwrap();
-            assert_close(
-                &gpu.read(&tx).unwrap(),
-                &cpu::add(&to_f64(&x), &to_f64(&y), -1.0),
-                1e-6,
-                1e-6,
-                "add_inplace",
-            );
+            assert_close(&gpu.read(&tx).unwrap(), &cpu::add(&to_f64(&x), &to_f64(&y), -1.0), 1e-6, 1e-6, "add_inplace");
             let big: Vec<f32> = x.iter().map(|v| v * 8.0).collect(); // reach the saturated tails of tanh
             let g = gelu(gpu, &gpu.upload(&big, &[n]).unwrap()).unwrap();
             // f32 tanh and cubic: a few ulps of the result, so 1e-5 relative plus 1e-6 absolute near zero.
-            assert_close(
-                &gpu.read(&g).unwrap(),
-                &cpu::gelu(&to_f64(&big)),
-                1e-5,
-                1e-6,
-                "gelu",
-            );
+            assert_close(&gpu.read(&g).unwrap(), &cpu::gelu(&to_f64(&big)), 1e-5, 1e-6, "gelu");
         }
     }
 
@@ -176,14 +144,8 @@ mod tests {
         let gpu = gpu();
         let a = gpu.upload(&[1.0, 2.0, 3.0], &[3]).unwrap();
         let b = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
-        assert!(matches!(
-            add(gpu, &a, &b, 1.0),
-            Err(crate::Error::Shape { op: "add", .. })
-        ));
-        assert!(matches!(
-            gpu.alloc(&[0, 4], DType::F32),
-            Err(crate::Error::Empty { .. })
-        ));
+        assert!(matches!(add(gpu, &a, &b, 1.0), Err(crate::Error::Shape { op: "add", .. })));
+        assert!(matches!(gpu.alloc(&[0, 4], DType::F32), Err(crate::Error::Empty { .. })));
         let i = gpu.upload_i32(&[1, 2, 3], &[3]).unwrap();
         assert!(matches!(gelu(gpu, &i), Err(crate::Error::DType { .. })));
     }

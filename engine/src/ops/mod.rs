@@ -17,21 +17,12 @@ pub(crate) fn grid_1d(n: usize, wg: u32) -> [u32; 3] {
 
 pub(crate) fn nonempty(op: &'static str, what: &'static str, t: &Tensor) -> Result<()> {
     if t.numel() == 0 {
-        return Err(Error::Empty {
-            op,
-            what,
-            shape: t.shape().to_vec(),
-        });
+        return Err(Error::Empty { op, what, shape: t.shape().to_vec() });
     }
     Ok(())
 }
 
-pub(crate) fn same_shape(
-    op: &'static str,
-    what: &'static str,
-    expected: &Tensor,
-    got: &Tensor,
-) -> Result<()> {
+pub(crate) fn same_shape(op: &'static str, what: &'static str, expected: &Tensor, got: &Tensor) -> Result<()> {
     if expected.shape() != got.shape() {
         return Err(Error::Shape {
             op,
@@ -43,27 +34,15 @@ pub(crate) fn same_shape(
     Ok(())
 }
 
-pub(crate) fn shape_is(
-    op: &'static str,
-    what: &'static str,
-    t: &Tensor,
-    expected: &[usize],
-) -> Result<()> {
+pub(crate) fn shape_is(op: &'static str, what: &'static str, t: &Tensor, expected: &[usize]) -> Result<()> {
     if t.shape() != expected {
-        return Err(Error::Shape {
-            op,
-            what,
-            expected: format!("{expected:?}"),
-            got: format!("{:?}", t.shape()),
-        });
+        return Err(Error::Shape { op, what, expected: format!("{expected:?}"), got: format!("{:?}", t.shape()) });
     }
     Ok(())
 }
 
 /// Elements that fit in u32 indexing inside the kernels.
 pub(crate) fn fits_u32(op: &'static str, what: &'static str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::Invalid {
-        op,
-        message: format!("{what} has {n} elements; kernels index with u32"),
-    })
+    u32::try_from(n)
+        .map_err(|_| Error::Invalid { op, message: format!("{what} has {n} elements; kernels index with u32") })
 }
