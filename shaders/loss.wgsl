@@ -1,1 +1,81 @@
-// loss kernels: pending
+// Fused softmax cross-entropy over the vocabulary: per row, loss = logsumexp(logits) - logits[target], and the
+// logsumexp itself for the backward pass. One workgroup per row (index folded over the x/y grid); fixed-order tree
+// reductions in workgroup memory, so results are deterministic.
+
+struct Params {
+    rows: u32,
+    v: u32,
+}
+var<immediate> p: Params;
+
+@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> targets: array<i32>;
+@group(0) @binding(2) var<storage, read_write> losses: array<f32>;
+@group(0) @binding(3) var<storage, read_write> lse_out: array<f32>;
+
+const WG: u32 = 256u;
+// WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.
+const NEG_BIG: f32 = -3.4028235e38;
+const IGNORE: i32 = -1;
+
+var<workgroup> red: array<f32, WG>;
+
+// naga rejects NaN literals and cannot constant-fold bitcast, so this stays a runtime value.
+fn nan() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+fn reduce_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    // Every thread must read the result before the next reduction overwrites red[0].
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_max(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Pass 1: row max. Pass 2: sum of exp(x - max), every term in (0, 1]. Then one thread forms the loss.
+// Target -1 (ignore index) gives exactly 0; any other target outside [0, V) gives NaN, since the host cannot check
+// ids without a readback and a NaN loss is caught downstream.
+@compute @workgroup_size(256)
+fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }
+    let base = row * p.v;
+    var m = NEG_BIG;
+    for (var j = lid; j < p.v; j += WG) { m = max(m, logits[base + j]); }
+    m = reduce_max(lid, m);
+    var s = 0.0;
+    for (var j = lid; j < p.v; j += WG) { s += exp(logits[base + j] - m); }
+    s = reduce_sum(lid, s);
+    if (lid == 0u) {
+        let lse = m + log(s);
+        let t = targets[row];
+        var loss = 0.0;
+        if (t != IGNORE) {
+            if (t < 0 || u32(t) >= p.v) {
+                loss = nan();
+            } else {
+                loss = lse - logits[base + u32(t)];
+            }
+        }
+        losses[row] = loss;
+        lse_out[row] = lse;
+    }
+}

@@ -128,6 +128,7 @@ pub struct Gpu {
     pub(crate) gpu_error: Arc<Mutex<Option<String>>>,
     /// Per-adapter tuning decisions (e.g. which matmul variant), made once per process.
     pub(crate) choices: Mutex<HashMap<&'static str, u32>>,
+    placeholder: std::sync::OnceLock<Tensor>,
 }
 
 impl Gpu {
@@ -181,6 +182,7 @@ impl Gpu {
             recorder,
             gpu_error,
             choices: Mutex::new(HashMap::new()),
+            placeholder: std::sync::OnceLock::new(),
         })
     }
 
@@ -380,4 +382,15 @@ pub(crate) fn expect_dtype(op: &'static str, what: &'static str, t: &Tensor, dty
         return Err(Error::DType { op, what, dtype_expected: dtype, dtype_got: t.dtype() });
     }
     Ok(())
+}
+
+impl Gpu {
+    /// A one-element buffer bound where a kernel's optional input is absent (a binding always needs a buffer).
+    pub(crate) fn placeholder(&self) -> Result<Tensor> {
+        if let Some(t) = self.placeholder.get() {
+            return Ok(t.clone());
+        }
+        let t = self.alloc(&[1], DType::F32)?;
+        Ok(self.placeholder.get_or_init(|| t).clone())
+    }
 }

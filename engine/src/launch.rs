@@ -2,6 +2,7 @@
 //! adapter's limits, recorded into one open command encoder that `flush` submits.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::profiler::Profiler;
@@ -29,6 +30,7 @@ pub(crate) struct Caches {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, (u64, Arc<wgpu::ComputePipeline>)>>,
     bind_groups: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+    next_pipeline_id: AtomicU64,
 }
 
 /// Bind groups are cached by buffer identity; the pool hands the same buffers back every step, so the cache stays
@@ -49,10 +51,17 @@ impl Caches {
         let pipeline = {
             let mut modules = self.modules.lock().unwrap();
             let module = modules.entry(l.shader.name).or_insert_with(|| {
-                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(l.shader.name),
                     source: wgpu::ShaderSource::Wgsl(l.shader.source.into()),
-                })
+                };
+                if l.shader.trusted && std::env::var_os("KILN_SHADER_CHECKS").is_none() {
+                    // SAFETY: trusted kernels clamp or guard every index themselves and their launchers check
+                    // shapes against the bound buffers before dispatch (see `ShaderSource::trusted`).
+                    unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+                } else {
+                    device.create_shader_module(desc)
+                }
             });
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(l.entry),
@@ -74,11 +83,11 @@ impl Caches {
                 message: format!("{}::{}: {e}", l.shader.name, l.entry),
             });
         }
+        // Ids come from a counter, never from the map's size: two threads may build pipelines at once, and a
+        // shared id would let one pipeline's cached bind groups be used with another's layout.
+        let id = self.next_pipeline_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut pipelines = self.pipelines.lock().unwrap();
-        let id = pipelines.len() as u64 + 1;
-        let entry = (id, Arc::new(pipeline));
-        pipelines.insert(key, entry.clone());
-        Ok(entry)
+        Ok(pipelines.entry(key).or_insert((id, Arc::new(pipeline))).clone())
     }
 
     fn bind_group(

@@ -5,17 +5,24 @@
 pub struct ShaderSource {
     pub name: &'static str,
     pub source: &'static str,
+    /// Built without naga's runtime bounds checks. Only for kernels whose every index is clamped or guarded in
+    /// the WGSL itself and whose launcher validates shapes: the checks turn each load into a branch, which costs a
+    /// software GPU a masked gather per load.
+    pub trusted: bool,
 }
 
 macro_rules! shader {
     ($ident:ident, $file:literal) => {
+        shader!($ident, $file, false);
+    };
+    ($ident:ident, $file:literal, $trusted:literal) => {
         pub static $ident: ShaderSource =
-            ShaderSource { name: $file, source: include_str!(concat!("../../shaders/", $file)) };
+            ShaderSource { name: $file, source: include_str!(concat!("../../shaders/", $file)), trusted: $trusted };
     };
 }
 
 shader!(ELEMENTWISE, "elementwise.wgsl");
-shader!(MATMUL, "matmul.wgsl");
+shader!(MATMUL, "matmul.wgsl", true);
 shader!(ATTENTION, "attention.wgsl");
 shader!(NORM, "norm.wgsl");
 shader!(LOSS, "loss.wgsl");

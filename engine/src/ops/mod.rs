@@ -1,7 +1,14 @@
 //! Kernel launchers. Each module holds one kernel family: the Rust launcher of every entry point, its CPU f64
 //! reference (`cpu`), and the GPU-vs-CPU tests, side by side.
 
+pub mod adamw;
+pub mod attention;
 pub mod elementwise;
+pub mod embedding;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod reduce;
 
 use crate::{Error, Result, Tensor};
 
