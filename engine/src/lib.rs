@@ -7,6 +7,7 @@ mod launch;
 pub mod ops;
 mod pool;
 mod profiler;
+pub mod selfcheck;
 pub mod shaders;
 mod tensor;
 pub mod testing;
