@@ -8,7 +8,7 @@ struct Params {
     c: u32,
     nh: u32,
     hs: u32,
-    // Keys per block, chosen on the host so that bc * hs <= TILE and bc <= MAX_BC.
+    // Keys per block, chosen on the host so that bc * HS4 <= TILE4 and bc <= MAX_BC.
     bc: u32,
     scale: f32,
 }
@@ -20,16 +20,32 @@ var<immediate> p: Params;
 
 // Query rows per workgroup (= invocations per workgroup).
 override BR: u32 = 64u;
-// Private arrays need a constant size; loops run to the real head size / block length.
-const MAX_HS: u32 = 128u;
+// Head vectors are held as vec4s zero-padded past HS (zeros add nothing to dot products, so any HS works). HS4 is
+// HS rounded up to a power of two, over 4, chosen by the host: a constant trip count lets the compiler unroll the
+// head loops with constant indices into q and acc; measured 1.4-1.9x less CPU time on lavapipe than loops bounded
+// by p.hs. Powers of two keep the pipeline variants to six.
+override HS4: u32 = 16u;
+// Private arrays need a constant size.
+const MAX_HS4: u32 = 32u; // head size 128
 const MAX_BC: u32 = 64u;
-// Floats per K or V tile: 2 × 2048 × 4 bytes = 16 KiB, the WebGPU default workgroup memory.
-const TILE: u32 = 2048u;
+// vec4s per K or V tile: 2 × 512 × 16 bytes = 16 KiB, the WebGPU default workgroup memory.
+const TILE4: u32 = 512u;
 // Finite stand-in for -inf: exp(NEG - NEG) would be NaN with a real infinity.
 const NEG: f32 = -3.0e38;
 
-var<workgroup> kt: array<f32, TILE>;
-var<workgroup> vt: array<f32, TILE>;
+var<workgroup> kt: array<vec4<f32>, TILE4>;
+var<workgroup> vt: array<vec4<f32>, TILE4>;
+
+// Channels d..d+3 of qkv starting at `at`, zero past the head size.
+fn load4(at: u32, d: u32, hs: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (d + i < hs) {
+            v[i] = qkv[at + d + i];
+        }
+    }
+    return v;
+}
 
 @compute @workgroup_size(BR)
 fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -39,17 +55,18 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     let row = q0 + lid;
     let valid = row < p.t;
     let hs = p.hs;
+    let hs4 = HS4;
     let c3 = 3u * p.c;
     let base = bi * p.t * c3 + h * hs; // q of position 0 of this (batch, head)
 
     // Rows past T compute on zeros so every invocation reaches the same barriers; they never write.
-    var q: array<f32, MAX_HS>;
-    var acc: array<f32, MAX_HS>;
-    for (var d = 0u; d < hs; d++) {
-        q[d] = 0.0;
-        acc[d] = 0.0;
+    var q: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    for (var d = 0u; d < hs4; d++) {
+        q[d] = vec4<f32>(0.0);
+        acc[d] = vec4<f32>(0.0);
         if (valid) {
-            q[d] = qkv[base + row * c3 + d] * p.scale;
+            q[d] = load4(base + row * c3, 4u * d, hs) * p.scale;
         }
     }
     var m = NEG;
@@ -61,10 +78,10 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     for (var kb = 0u; kb < last; kb += p.bc) {
         let nk = min(p.bc, p.t - kb);
         workgroupBarrier(); // the previous block's readers are done
-        for (var i = lid; i < nk * hs; i += BR) {
-            let g = base + (kb + i / hs) * c3 + i % hs;
-            kt[i] = qkv[g + p.c];
-            vt[i] = qkv[g + 2u * p.c];
+        for (var i = lid; i < nk * hs4; i += BR) {
+            let g = base + (kb + i / hs4) * c3;
+            kt[i] = load4(g + p.c, 4u * (i % hs4), hs);
+            vt[i] = load4(g + 2u * p.c, 4u * (i % hs4), hs);
         }
         workgroupBarrier();
 
@@ -72,8 +89,8 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         var mb = m;
         for (var j = 0u; j < nk; j++) {
             var sc = 0.0;
-            for (var d = 0u; d < hs; d++) {
-                sc += q[d] * kt[j * hs + d];
+            for (var d = 0u; d < hs4; d++) {
+                sc += dot(q[d], kt[j * hs4 + d]);
             }
             s[j] = select(NEG, sc, kb + j <= row);
             mb = max(mb, s[j]);
@@ -81,14 +98,14 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         // The first block always holds key 0 <= row, so mb is finite from here on.
         let alpha = exp(m - mb);
         l *= alpha;
-        for (var d = 0u; d < hs; d++) {
+        for (var d = 0u; d < hs4; d++) {
             acc[d] *= alpha;
         }
         for (var j = 0u; j < nk; j++) {
             let pj = select(0.0, exp(s[j] - mb), kb + j <= row);
             l += pj;
-            for (var d = 0u; d < hs; d++) {
-                acc[d] += pj * vt[j * hs + d];
+            for (var d = 0u; d < hs4; d++) {
+                acc[d] += pj * vt[j * hs4 + d];
             }
         }
         m = mb;
@@ -98,7 +115,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         let inv = 1.0 / l;
         let out = (bi * p.t + row) * p.c + h * hs;
         for (var d = 0u; d < hs; d++) {
-            y[out + d] = acc[d] * inv;
+            y[out + d] = acc[d / 4u][d % 4u] * inv;
         }
         lse[(bi * p.nh + h) * p.t + row] = m + log(l);
     }

@@ -137,7 +137,11 @@ pub fn matmul_shape(a: &Tensor, b: &Tensor, spec: MatmulSpec) -> Result<MatmulSh
         return Err(Error::Shape {
             op,
             what: "inner dimension",
-            expected: format!("B with K = {k}{} (trans_b = {})", if br == 3 { format!(", batch {batch}") } else { String::new() }, spec.trans_b),
+            expected: format!(
+                "B with K = {k}{} (trans_b = {})",
+                if br == 3 { format!(", batch {batch}") } else { String::new() },
+                spec.trans_b
+            ),
             got: format!("A {:?} (trans_a = {}), B {:?}", a.shape(), spec.trans_a, b.shape()),
         });
     }
@@ -153,7 +157,14 @@ pub fn matmul(gpu: &Gpu, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, spec: Ma
 }
 
 /// out = alpha·op(A)·op(B) + beta·out + bias, with the adapter's preferred variant.
-pub fn matmul_into(gpu: &Gpu, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, out: &Tensor, spec: MatmulSpec) -> Result<()> {
+pub fn matmul_into(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    spec: MatmulSpec,
+) -> Result<()> {
     let variant = variant_for(gpu)?;
     matmul_with(gpu, variant, a, b, bias, out, spec)
 }
@@ -173,12 +184,22 @@ pub fn matmul_with(
     expect_dtype(op, "output", out, DType::F32)?;
     let want = s.out_shape(a.shape().len());
     if out.shape() != want.as_slice() {
-        return Err(Error::Shape { op, what: "output", expected: format!("{want:?}"), got: format!("{:?}", out.shape()) });
+        return Err(Error::Shape {
+            op,
+            what: "output",
+            expected: format!("{want:?}"),
+            got: format!("{:?}", out.shape()),
+        });
     }
     if let Some(bias) = bias {
         expect_dtype(op, "bias", bias, DType::F32)?;
         if bias.shape() != [s.n] {
-            return Err(Error::Shape { op, what: "bias", expected: format!("[{}]", s.n), got: format!("{:?}", bias.shape()) });
+            return Err(Error::Shape {
+                op,
+                what: "bias",
+                expected: format!("[{}]", s.n),
+                got: format!("{:?}", bias.shape()),
+            });
         }
     }
     for (what, t) in [("A", a), ("B", b), ("output", out)] {
@@ -235,7 +256,10 @@ pub fn variant_for(gpu: &Gpu) -> Result<MatmulVariant> {
         Some("tiled") => MatmulVariant::Tiled,
         Some("register") => MatmulVariant::Register,
         Some(other) => {
-            return Err(Error::Invalid { op: "matmul", message: format!("KILN_MATMUL={other:?}: use tiled or register") })
+            return Err(Error::Invalid {
+                op: "matmul",
+                message: format!("KILN_MATMUL={other:?}: use tiled or register"),
+            })
         }
         None if gpu.is_software() => MatmulVariant::Register,
         None => fastest(gpu)?,
@@ -270,7 +294,14 @@ pub mod cpu {
     use super::{MatmulShape, MatmulSpec};
 
     /// f64 reference over the same row-major layouts the GPU reads.
-    pub fn matmul(a: &[f64], b: &[f64], bias: Option<&[f64]>, c: &[f64], s: &MatmulShape, spec: MatmulSpec) -> Vec<f64> {
+    pub fn matmul(
+        a: &[f64],
+        b: &[f64],
+        bias: Option<&[f64]>,
+        c: &[f64],
+        s: &MatmulShape,
+        spec: MatmulSpec,
+    ) -> Vec<f64> {
         let (m, n, k) = (s.m, s.n, s.k);
         let mut out = c.to_vec();
         for bt in 0..s.batch {
@@ -303,7 +334,14 @@ mod tests {
     const SHAPES: &[(usize, usize, usize)] =
         &[(1, 1, 1), (1, 7, 3), (5, 1, 9), (17, 33, 65), (64, 64, 64), (65, 63, 129), (100, 257, 31), (3, 130, 2)];
 
-    fn check(v: MatmulVariant, batch: usize, (m, n, k): (usize, usize, usize), spec: MatmulSpec, bias: bool, bcast: bool) {
+    fn check(
+        v: MatmulVariant,
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        spec: MatmulSpec,
+        bias: bool,
+        bcast: bool,
+    ) {
         let gpu = gpu();
         let seed = (m * 1000 + n * 10 + k) as u64;
         let a_shape = if spec.trans_a { [batch, k, m] } else { [batch, m, k] };
@@ -320,7 +358,8 @@ mod tests {
         let c = gpu.upload(&cv, &c_shape).unwrap();
         matmul_with(gpu, v, &a, &b, bias.then_some(&tb), &c, spec).unwrap();
         let s = matmul_shape(&a, &b, spec).unwrap();
-        let want = cpu::matmul(&to_f64(&av), &to_f64(&bv), bias.then(|| to_f64(&biasv)).as_deref(), &to_f64(&cv), &s, spec);
+        let want =
+            cpu::matmul(&to_f64(&av), &to_f64(&bv), bias.then(|| to_f64(&biasv)).as_deref(), &to_f64(&cv), &s, spec);
         // Each output sums k products of values in [-1, 1] in f32 (order differs from the reference): the rounding
         // error grows at most like k·2^-24 per unit of magnitude, so 1e-6·k absolute (plus 1e-5 relative) bounds it.
         let what = format!("{v:?} batch {batch} (m,n,k)=({m},{n},{k}) {spec:?} bias {bias} broadcast {bcast}");
@@ -369,11 +408,17 @@ mod tests {
         assert!(matches!(matmul(gpu, &a, &b, None, MatmulSpec::nt()), Err(Error::Shape { .. })));
         let c = gpu.alloc(&[2, 5], DType::F32).unwrap();
         let b2 = gpu.upload(&random_vec(12, 3), &[3, 4]).unwrap();
-        assert!(matches!(matmul_with(gpu, MatmulVariant::Tiled, &a, &b2, None, &c, MatmulSpec::nn()), Err(Error::Shape { what: "output", .. })));
+        assert!(matches!(
+            matmul_with(gpu, MatmulVariant::Tiled, &a, &b2, None, &c, MatmulSpec::nn()),
+            Err(Error::Shape { what: "output", .. })
+        ));
         let bias = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
         assert!(matches!(matmul(gpu, &a, &b2, Some(&bias), MatmulSpec::nn()), Err(Error::Shape { what: "bias", .. })));
         let v1 = gpu.upload(&[1.0, 2.0, 3.0], &[3]).unwrap();
-        assert!(matches!(matmul(gpu, &v1, &b2, None, MatmulSpec::nn()), Err(Error::Shape { what: "operand ranks", .. })));
+        assert!(matches!(
+            matmul(gpu, &v1, &b2, None, MatmulSpec::nn()),
+            Err(Error::Shape { what: "operand ranks", .. })
+        ));
         let ids = gpu.upload_i32(&[1, 2, 3, 4, 5, 6], &[2, 3]).unwrap();
         assert!(matches!(matmul(gpu, &ids, &b2, None, MatmulSpec::nn()), Err(Error::DType { .. })));
     }
