@@ -1,10 +1,8 @@
 // Batched matmul: C[b] = alpha * op(A[b]) · op(B[b]) + beta * C[b] + bias, op = optional transpose.
 // Transposes and batch broadcast are expressed as element strides, so Aᵀ·B and A·Bᵀ (the backward pass) need no
 // transpose copies. Two designs for two kinds of hardware, picked per adapter in engine/src/ops/matmul.rs:
-//  - matmul_tiled: 64×64 workgroup tile staged in workgroup memory, 4×4 outputs per invocation (real GPUs).
-//  - matmul_register: no workgroup memory, no barriers; 8 invocations each own 16×8 outputs in registers and every
-//    A load has a workgroup-uniform address (software GPUs such as lavapipe, where non-uniform loads are scalar
-//    loops over the SIMD lanes and barriers split the shader).
+//  - matmul_tiled (here): 64×64 workgroup tile staged in workgroup memory, 4×4 outputs per invocation (real GPUs).
+//  - matmul_register(_v4) (matmul_register.wgsl): register tiles, no workgroup memory, for software GPUs.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -85,44 +83,6 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     for (var i = 0u; i < 4u; i++) {
         for (var j = 0u; j < 4u; j++) {
             store(batch, row0 + lid3.y + 16u * i, col0 + lid3.x + 16u * j, acc[i * 4u + j]);
-        }
-    }
-}
-
-// ---- register tiles, no workgroup memory ------------------------------------------------------------------
-const RM: u32 = 16u; // rows per workgroup (uniform across its 8 invocations)
-const RN: u32 = 8u;  // columns per invocation; a workgroup covers 64 columns
-
-@compute @workgroup_size(8)
-fn matmul_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let batch = wg.z;
-    let row0 = wg.y * RM;
-    let col0 = wg.x * (RN * 8u) + lid * RN;
-    // Clamped indices keep every load in bounds without branches in the inner loop; the extra rows and columns
-    // compute garbage that `store` discards. Addresses are recomputed rather than kept in private arrays: a
-    // private array is per-lane memory to llvmpipe, and loads through it lose their proven uniformity.
-    let a_base = batch * p.sa_b;
-    let b_base = batch * p.sb_b;
-    let mlast = p.m - 1u;
-    let nlast = p.n - 1u;
-    var acc: array<vec4<f32>, 32>; // row r: acc[2r] = cols 0..3, acc[2r+1] = cols 4..7
-    for (var kk = 0u; kk < p.k; kk++) {
-        let bk = b_base + kk * p.sb_k;
-        let b0 = vec4<f32>(B[bk + min(col0, nlast) * p.sb_n], B[bk + min(col0 + 1u, nlast) * p.sb_n],
-                           B[bk + min(col0 + 2u, nlast) * p.sb_n], B[bk + min(col0 + 3u, nlast) * p.sb_n]);
-        let b1 = vec4<f32>(B[bk + min(col0 + 4u, nlast) * p.sb_n], B[bk + min(col0 + 5u, nlast) * p.sb_n],
-                           B[bk + min(col0 + 6u, nlast) * p.sb_n], B[bk + min(col0 + 7u, nlast) * p.sb_n]);
-        let ak = a_base + kk * p.sa_k;
-        for (var r = 0u; r < RM; r++) {
-            let a = vec4<f32>(A[ak + min(row0 + r, mlast) * p.sa_m]);
-            acc[2u * r] = fma(a, b0, acc[2u * r]);
-            acc[2u * r + 1u] = fma(a, b1, acc[2u * r + 1u]);
-        }
-    }
-    for (var r = 0u; r < RM; r++) {
-        for (var j = 0u; j < 4u; j++) {
-            store(batch, row0 + r, col0 + j, acc[2u * r][j]);
-            store(batch, row0 + r, col0 + 4u + j, acc[2u * r + 1u][j]);
         }
     }
 }

@@ -131,11 +131,14 @@ impl Caches {
 pub(crate) struct Recorder {
     encoder: Option<wgpu::CommandEncoder>,
     pub(crate) profiler: Profiler,
+    /// Command buffers submitted and kernels recorded so far (tests and step reports count them).
+    pub(crate) submits: u64,
+    pub(crate) dispatches: u64,
 }
 
 impl Recorder {
     pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue, features: wgpu::Features) -> Recorder {
-        Recorder { encoder: None, profiler: Profiler::new(device, queue, features) }
+        Recorder { encoder: None, profiler: Profiler::new(device, queue, features), submits: 0, dispatches: 0 }
     }
 
     pub(crate) fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
@@ -195,7 +198,8 @@ impl Gpu {
         let start = std::time::Instant::now();
         {
             let mut rec = self.recorder.lock().unwrap();
-            let Recorder { encoder, profiler } = &mut *rec;
+            rec.dispatches += 1;
+            let Recorder { encoder, profiler, .. } = &mut *rec;
             let enc = encoder.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
             let timestamp_writes = profiler.next_pass(l.entry);
             let mut pass =
@@ -216,12 +220,19 @@ impl Gpu {
         Ok(())
     }
 
+    /// (command buffers submitted, kernels recorded) since the device was opened.
+    pub fn submit_counts(&self) -> (u64, u64) {
+        let rec = self.recorder.lock().unwrap();
+        (rec.submits, rec.dispatches)
+    }
+
     /// Submit everything recorded so far as one command buffer (does not wait).
     pub fn flush(&self) -> Result<()> {
         let mut rec = self.recorder.lock().unwrap();
         if let Some(mut enc) = rec.encoder.take() {
             let resolved = rec.profiler.resolve(&mut enc);
             self.queue.submit([enc.finish()]);
+            rec.submits += 1;
             if let Some((buffer, size)) = resolved {
                 let bytes = self.map_read(&buffer, size)?;
                 rec.profiler.accumulate(&bytes);

@@ -81,8 +81,10 @@ impl Pool {
         if self.reuse.load(Ordering::Relaxed) {
             self.free.lock().unwrap().entry(class).or_default().push((id, buffer));
         } else {
+            // Dropped, not destroyed: a kernel recorded but not yet submitted may still use it, and wgpu keeps a
+            // dropped buffer alive until such work completes.
             stats.reserved_bytes -= class;
-            buffer.destroy();
+            drop(buffer);
         }
     }
 
@@ -110,7 +112,7 @@ impl Pool {
         for (class, list) in free.drain() {
             for (id, buffer) in list {
                 stats.reserved_bytes -= class;
-                buffer.destroy();
+                drop(buffer); // not `destroy`: recorded work may still reference it (see `give_back`)
                 ids.push(id);
             }
         }

@@ -23,6 +23,13 @@ macro_rules! shader {
 
 shader!(ELEMENTWISE, "elementwise.wgsl");
 shader!(MATMUL, "matmul.wgsl", true);
+/// The register-tiled matmul needs subgroups, so it is a module of its own: matmul.wgsl (Params, bindings, `store`)
+/// followed by matmul_register.wgsl. Adapters without subgroups never build it.
+pub static MATMUL_REGISTER: ShaderSource = ShaderSource {
+    name: "matmul_register.wgsl",
+    source: concat!(include_str!("../../shaders/matmul.wgsl"), include_str!("../../shaders/matmul_register.wgsl")),
+    trusted: true,
+};
 shader!(ATTENTION, "attention.wgsl");
 shader!(NORM, "norm.wgsl");
 shader!(LOSS, "loss.wgsl");

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
 use crate::ops::{fits_u32, nonempty};
-use crate::shaders::MATMUL;
+use crate::shaders::{ShaderSource, MATMUL, MATMUL_REGISTER};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// How to read the operands and combine with the output.
@@ -61,10 +61,27 @@ impl MatmulVariant {
         }
     }
 
-    fn groups(self, m: u32, n: u32, batch: u32) -> [u32; 3] {
+    /// Whether this adapter can run the variant: the register design broadcasts across an 8-lane subgroup.
+    pub fn available(self, gpu: &Gpu) -> bool {
         match self {
-            MatmulVariant::Tiled => [n.div_ceil(64), m.div_ceil(64), batch],
-            MatmulVariant::Register => [n.div_ceil(64), m.div_ceil(16), batch],
+            MatmulVariant::Tiled => true,
+            MatmulVariant::Register => gpu.has_subgroups() && gpu.info().subgroup_min_size >= 8,
+        }
+    }
+
+    /// The variants this adapter can run (tests check every one).
+    pub fn all_available(gpu: &Gpu) -> Vec<MatmulVariant> {
+        Self::ALL.into_iter().filter(|v| v.available(gpu)).collect()
+    }
+
+    /// (shader, entry point, workgroup grid) for a problem.
+    fn kernel(self, m: u32, n: u32, batch: u32, b_vec4: bool) -> (&'static ShaderSource, &'static str, [u32; 3]) {
+        match self {
+            MatmulVariant::Tiled => (&MATMUL, "matmul_tiled", [n.div_ceil(64), m.div_ceil(64), batch]),
+            MatmulVariant::Register => {
+                let entry = if b_vec4 { "matmul_register_v4" } else { "matmul_register" };
+                (&MATMUL_REGISTER, entry, [m.div_ceil(16), n.div_ceil(128), batch])
+            }
         }
     }
 }
@@ -233,14 +250,24 @@ pub fn matmul_with(
             &dummy
         }
     };
+    if !variant.available(gpu) {
+        return Err(Error::MissingFeature {
+            adapter: gpu.adapter_name().to_string(),
+            feature: "subgroups of at least 8 lanes",
+            why: "the register-tiled matmul broadcasts A across the subgroup",
+        });
+    }
+    // vec4 loads of B need it contiguous along n with rows of whole vec4s.
+    let b_vec4 = !spec.trans_b && n % 4 == 0;
+    let (shader, entry, groups) = variant.kernel(m, n, s.batch as u32, b_vec4);
     gpu.dispatch(&Launch {
         op,
-        shader: &MATMUL,
-        entry: variant.name(),
+        shader,
+        entry,
         overrides: &[],
         args: &[a, b, bias, out],
         params: bytemuck::bytes_of(&params),
-        groups: variant.groups(m, n, s.batch as u32),
+        groups,
     })
 }
 
@@ -261,7 +288,7 @@ pub fn variant_for(gpu: &Gpu) -> Result<MatmulVariant> {
                 message: format!("KILN_MATMUL={other:?}: use tiled or register"),
             })
         }
-        None if gpu.is_software() => MatmulVariant::Register,
+        None if gpu.is_software() && MatmulVariant::Register.available(gpu) => MatmulVariant::Register,
         None => fastest(gpu)?,
     };
     let idx = MatmulVariant::ALL.iter().position(|v| *v == chosen).unwrap() as u32;
@@ -274,7 +301,7 @@ fn fastest(gpu: &Gpu) -> Result<MatmulVariant> {
     let a = crate::ops::elementwise::zeros(gpu, &[n, n])?;
     let c = gpu.alloc(&[n, n], DType::F32)?;
     let mut best = (f64::INFINITY, MatmulVariant::Tiled);
-    for v in MatmulVariant::ALL {
+    for v in MatmulVariant::all_available(gpu) {
         matmul_with(gpu, v, &a, &a, None, &c, MatmulSpec::nn())?; // compile + warm up
         gpu.sync()?;
         let t = Instant::now();
@@ -330,9 +357,20 @@ mod tests {
     use super::*;
     use crate::testing::{assert_close, gpu, random_vec, to_f64};
 
-    /// (m, n, k): 1, odd, primes, exact and off-by-one tile multiples of both variants' 64/16 tiles.
-    const SHAPES: &[(usize, usize, usize)] =
-        &[(1, 1, 1), (1, 7, 3), (5, 1, 9), (17, 33, 65), (64, 64, 64), (65, 63, 129), (100, 257, 31), (3, 130, 2)];
+    /// (m, n, k): 1, odd, primes, exact and off-by-one multiples of the tiles (64×64 tiled; 16×128 register), and
+    /// n % 4 == 0 cases that take the register design's vec4 path for B.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (1, 7, 3),
+        (5, 1, 9),
+        (17, 33, 65),
+        (64, 64, 64),
+        (65, 63, 129),
+        (5, 12, 7),
+        (100, 257, 31),
+        (3, 130, 2),
+        (33, 260, 17),
+    ];
 
     fn check(
         v: MatmulVariant,
@@ -368,7 +406,7 @@ mod tests {
 
     #[test]
     fn every_variant_matches_reference_on_odd_shapes() {
-        for v in MatmulVariant::ALL {
+        for v in MatmulVariant::all_available(gpu()) {
             for &shape in SHAPES {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     let spec = MatmulSpec { trans_a: ta, trans_b: tb, ..MatmulSpec::default() };
@@ -380,7 +418,7 @@ mod tests {
 
     #[test]
     fn every_variant_handles_batch_bias_alpha_beta() {
-        for v in MatmulVariant::ALL {
+        for v in MatmulVariant::all_available(gpu()) {
             for &shape in &SHAPES[1..6] {
                 let spec = MatmulSpec { trans_a: false, trans_b: true, alpha: 0.5, beta: 1.0 };
                 check(v, 3, shape, spec, true, false);
@@ -391,9 +429,21 @@ mod tests {
     }
 
     #[test]
+    fn software_adapters_run_both_variants_and_pick_register() {
+        let gpu = gpu();
+        if gpu.is_software() && gpu.has_subgroups() {
+            assert_eq!(MatmulVariant::all_available(gpu), MatmulVariant::ALL.to_vec());
+            if std::env::var_os("KILN_MATMUL").is_none() {
+                assert_eq!(variant_for(gpu).unwrap(), MatmulVariant::Register);
+            }
+        }
+        assert!(MatmulVariant::Tiled.available(gpu), "the tiled design must run everywhere");
+    }
+
+    #[test]
     fn gpt_sized_product_matches_reference() {
         // One larger case per variant: a [129, 768] activation times a [768, 301] weight.
-        for v in MatmulVariant::ALL {
+        for v in MatmulVariant::all_available(gpu()) {
             check(v, 1, (129, 301, 768), MatmulSpec::nn(), true, false);
         }
     }
