@@ -1,40 +1,71 @@
-// Causal multi-head attention, forward, flash style: softmax(q·kᵀ·scale + causal mask)·v with an online softmax
-// over blocks of keys staged in workgroup memory, so no T×T matrix ever exists.
-// Grid: x = ceil(T / BR) blocks of query rows, y = head, z = batch. Each invocation owns one query row.
+// Causal multi-head attention, flash style, forward and backward. No T×T matrix ever exists: the forward runs an
+// online softmax over blocks of keys staged in workgroup memory and saves lse (the log-sum-exp of each row's scaled
+// scores); the backward recomputes each probability as exp(score - lse) block by block (FlashAttention-2).
+// Grids: x = block of rows (queries, or keys for attention_backward_dkv), y = head, z = batch. Each invocation owns
+// one row, and every output element is written by exactly one invocation: no atomics, bit-reproducible results.
 
+// One struct for every entry point: naga allows one `var<immediate>` per entry point, and one layout keeps the host
+// side to a single Params.
 struct Params {
     b: u32,
     t: u32,
     c: u32,
     nh: u32,
     hs: u32,
-    // Keys per block, chosen on the host so that bc * HS4 <= TILE4 and bc <= MAX_BC.
+    // Rows per staged block (keys in the forward and dQ kernels, queries in the dK/dV kernel), chosen on the host
+    // so that a block fits its tile (and, in the forward, the private score array).
     bc: u32,
     scale: f32,
 }
 var<immediate> p: Params;
 
+// Forward: qkv in; y, lse out.
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> lse: array<f32>;
 
-// Query rows per workgroup (= invocations per workgroup).
+// Backward. Each entry point binds 0..n in order, so some bindings are shared with the forward's variables; no
+// entry point uses two variables of one binding. Inputs are read-only so that they need no barriers.
+//   attention_backward_dsum: 0 y_saved, 1 dy, 2 dsum
+//   attention_backward_dq, attention_backward_dkv: 0 qkv, 1 dy, 2 dsum_in, 3 lse_in, 4 dqkv
+@group(0) @binding(0) var<storage, read> y_saved: array<f32>;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dsum: array<f32>;
+@group(0) @binding(2) var<storage, read> dsum_in: array<f32>;
+@group(0) @binding(3) var<storage, read> lse_in: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dqkv: array<f32>;
+
+// Query rows per workgroup of the forward and dQ kernels (= invocations per workgroup).
 override BR: u32 = 64u;
 // Head vectors are held as vec4s zero-padded past HS (zeros add nothing to dot products, so any HS works). HS4 is
 // HS rounded up to a power of two, over 4, chosen by the host: a constant trip count lets the compiler unroll the
 // head loops with constant indices into q and acc; measured 1.4-1.9x less CPU time on lavapipe than loops bounded
 // by p.hs. Powers of two keep the pipeline variants to six.
 override HS4: u32 = 16u;
+// Key rows per workgroup of attention_backward_dkv (= invocations per workgroup).
+override BKV: u32 = 64u;
+// Threads per workgroup of attention_backward_dsum (a 1-D launch folded into x/y like the elementwise kernels).
+const WG: u32 = 256u;
 // Private arrays need a constant size.
 const MAX_HS4: u32 = 32u; // head size 128
 const MAX_BC: u32 = 64u;
 // vec4s per K or V tile: 2 × 512 × 16 bytes = 16 KiB, the WebGPU default workgroup memory.
 const TILE4: u32 = 512u;
+// The dK/dV kernel also stages lse and D per query: 2 × 496 × 16 + 2 × 64 × 4 bytes = 16 KiB.
+const TILE4_BW: u32 = 496u;
+const MAX_BQ: u32 = 64u;
 // Finite stand-in for -inf: exp(NEG - NEG) would be NaN with a real infinity.
 const NEG: f32 = -3.0e38;
 
+// Drivers size workgroup memory per entry point from the variables it uses, so each kernel counts only its own.
+// Forward and dQ: K and V tiles.
 var<workgroup> kt: array<vec4<f32>, TILE4>;
 var<workgroup> vt: array<vec4<f32>, TILE4>;
+// dK/dV: the scaled Q tile, the dO tile, and lse and D of those queries.
+var<workgroup> qt: array<vec4<f32>, TILE4_BW>;
+var<workgroup> gt: array<vec4<f32>, TILE4_BW>;
+var<workgroup> lt: array<f32, MAX_BQ>;
+var<workgroup> dt: array<f32, MAX_BQ>;
 
 // Channels d..d+3 of qkv starting at `at`, zero past the head size.
 fn load4(at: u32, d: u32, hs: u32) -> vec4<f32> {
@@ -42,6 +73,17 @@ fn load4(at: u32, d: u32, hs: u32) -> vec4<f32> {
     for (var i = 0u; i < 4u; i++) {
         if (d + i < hs) {
             v[i] = qkv[at + d + i];
+        }
+    }
+    return v;
+}
+
+// The same for dy, whose rows are C wide.
+fn load4_dy(at: u32, d: u32, hs: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (d + i < hs) {
+            v[i] = dy[at + d + i];
         }
     }
     return v;
@@ -118,5 +160,167 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
             y[out + d] = acc[d / 4u][d % 4u] * inv;
         }
         lse[(bi * p.nh + h) * p.t + row] = m + log(l);
+    }
+}
+
+// D[b, h, i] = dO_i · y_i per (batch, head, query row), laid out like lse. It equals Σ_j P_ij dP_ij, the term the
+// softmax Jacobian subtracts, at O(HS) per row instead of O(T·HS).
+@compute @workgroup_size(WG)
+fn attention_backward_dsum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * WG;
+    if (r >= p.b * p.nh * p.t) {
+        return;
+    }
+    let row = r % p.t;
+    let h = (r / p.t) % p.nh;
+    let bi = r / (p.t * p.nh);
+    let at = (bi * p.t + row) * p.c + h * p.hs;
+    var s = 0.0;
+    for (var d = 0u; d < p.hs; d++) {
+        s += dy[at + d] * y_saved[at + d];
+    }
+    dsum[r] = s;
+}
+
+// dQ_i = scale Σ_j dS_ij K_j for a block of BR query rows, looping over key blocks like the forward.
+@compute @workgroup_size(BR)
+fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.y;
+    let bi = wg.z;
+    let q0 = wg.x * BR;
+    let row = q0 + lid;
+    let valid = row < p.t;
+    let hs = p.hs;
+    let hs4 = HS4;
+    let c3 = 3u * p.c;
+    let base = bi * p.t * c3 + h * hs;
+    let stat = (bi * p.nh + h) * p.t + row;
+
+    // Rows past T compute on zeros (their probabilities stay finite) so every invocation reaches the barriers.
+    var q: array<vec4<f32>, MAX_HS4>;
+    var g: array<vec4<f32>, MAX_HS4>;
+    var dq: array<vec4<f32>, MAX_HS4>;
+    for (var d = 0u; d < hs4; d++) {
+        q[d] = vec4<f32>(0.0);
+        g[d] = vec4<f32>(0.0);
+        dq[d] = vec4<f32>(0.0);
+        if (valid) {
+            // Scaled exactly as the forward scaled it, so the recomputed scores match the ones lse summarizes.
+            q[d] = load4(base + row * c3, 4u * d, hs) * p.scale;
+            g[d] = load4_dy((bi * p.t + row) * p.c + h * hs, 4u * d, hs);
+        }
+    }
+    var li = 0.0;
+    var di = 0.0;
+    if (valid) {
+        li = lse_in[stat];
+        di = dsum_in[stat];
+    }
+
+    let last = min(q0 + BR, p.t);
+    for (var kb = 0u; kb < last; kb += p.bc) {
+        let nk = min(p.bc, p.t - kb);
+        workgroupBarrier();
+        for (var i = lid; i < nk * hs4; i += BR) {
+            let at = base + (kb + i / hs4) * c3;
+            kt[i] = load4(at + p.c, 4u * (i % hs4), hs);
+            vt[i] = load4(at + 2u * p.c, 4u * (i % hs4), hs);
+        }
+        workgroupBarrier();
+
+        for (var j = 0u; j < nk; j++) {
+            var sc = 0.0;
+            var dp = 0.0;
+            for (var d = 0u; d < hs4; d++) {
+                sc += dot(q[d], kt[j * hs4 + d]);
+                dp += dot(g[d], vt[j * hs4 + d]);
+            }
+            // s - lse <= 0 up to rounding, so exp cannot overflow.
+            let pj = select(0.0, exp(sc - li), kb + j <= row);
+            let ds = pj * (dp - di);
+            for (var d = 0u; d < hs4; d++) {
+                dq[d] += ds * kt[j * hs4 + d];
+            }
+        }
+    }
+
+    if (valid) {
+        let out = (bi * p.t + row) * c3 + h * hs;
+        for (var d = 0u; d < hs; d++) {
+            dqkv[out + d] = dq[d / 4u][d % 4u] * p.scale;
+        }
+    }
+}
+
+// dK_j = scale Σ_i dS_ij Q_i and dV_j = Σ_i P_ij dO_i for a block of BKV key rows: the workgroup walks the query
+// blocks from its first key to T (earlier queries cannot see these keys), staging Q, dO, lse and D, and each
+// invocation accumulates its key's dK and dV privately, so no two workgroups ever add into the same element.
+@compute @workgroup_size(BKV)
+fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.y;
+    let bi = wg.z;
+    let k0 = wg.x * BKV;
+    let col = k0 + lid;
+    let valid = col < p.t;
+    let hs = p.hs;
+    let hs4 = HS4;
+    let c3 = 3u * p.c;
+    let base = bi * p.t * c3 + h * hs;
+    let dy_base = bi * p.t * p.c + h * hs;
+    let stats = (bi * p.nh + h) * p.t;
+
+    // Keys past T compute on zeros and are masked for every query (i < T <= col); they never write.
+    var k: array<vec4<f32>, MAX_HS4>;
+    var v: array<vec4<f32>, MAX_HS4>;
+    var dk: array<vec4<f32>, MAX_HS4>;
+    var dv: array<vec4<f32>, MAX_HS4>;
+    for (var d = 0u; d < hs4; d++) {
+        k[d] = vec4<f32>(0.0);
+        v[d] = vec4<f32>(0.0);
+        dk[d] = vec4<f32>(0.0);
+        dv[d] = vec4<f32>(0.0);
+        if (valid) {
+            k[d] = load4(base + col * c3 + p.c, 4u * d, hs);
+            v[d] = load4(base + col * c3 + 2u * p.c, 4u * d, hs);
+        }
+    }
+
+    for (var qb = k0; qb < p.t; qb += p.bc) {
+        let nq = min(p.bc, p.t - qb);
+        workgroupBarrier();
+        for (var i = lid; i < nq * hs4; i += BKV) {
+            let row = qb + i / hs4;
+            // Q pre-scaled as in the forward: the scores match, and Σ dS·(scale·Q) is dK with no final multiply.
+            qt[i] = load4(base + row * c3, 4u * (i % hs4), hs) * p.scale;
+            gt[i] = load4_dy(dy_base + row * p.c, 4u * (i % hs4), hs);
+        }
+        for (var i = lid; i < nq; i += BKV) {
+            lt[i] = lse_in[stats + qb + i];
+            dt[i] = dsum_in[stats + qb + i];
+        }
+        workgroupBarrier();
+
+        for (var i = 0u; i < nq; i++) {
+            var sc = 0.0;
+            var dp = 0.0;
+            for (var d = 0u; d < hs4; d++) {
+                sc += dot(qt[i * hs4 + d], k[d]);
+                dp += dot(gt[i * hs4 + d], v[d]);
+            }
+            let pij = select(0.0, exp(sc - lt[i]), col <= qb + i);
+            let ds = pij * (dp - dt[i]);
+            for (var d = 0u; d < hs4; d++) {
+                dv[d] += pij * gt[i * hs4 + d];
+                dk[d] += ds * qt[i * hs4 + d];
+            }
+        }
+    }
+
+    if (valid) {
+        let out = base + col * c3;
+        for (var d = 0u; d < hs; d++) {
+            dqkv[out + p.c + d] = dk[d / 4u][d % 4u];
+            dqkv[out + 2u * p.c + d] = dv[d / 4u][d % 4u];
+        }
     }
 }

@@ -76,3 +76,28 @@ fn gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let i = index(wg, nwg, lid);
     if (i < p.n) { out1[i] = gelu_tanh(x[i]); }
 }
+
+// gelu'(x) in the sigmoid form of the same function: 0.5(1 + tanh u) = σ(2u), so
+//   gelu'(x) = σ(2u) + x·2σ(2u)(1 − σ(2u))·u',  u' = GELU_SCALE·(1 + 3·0.044715·x²),
+// with σ(2u) = 1/(1 + e) and 1 − σ(2u) = e/(1 + e), e = exp(−2u). Unlike 1 + tanh(u) and 1 − tanh²(u), neither
+// cancels as tanh(u) → ±1, so both terms stay accurate relative to themselves in the tails. Where the forward
+// clamps u, its derivative through u is 0 and only σ(2u) remains (this also keeps huge |x|, whose x³ overflows,
+// from forming inf·0).
+fn gelu_grad(v: f32) -> f32 {
+    let raw = GELU_SCALE * (v + 0.044715 * v * v * v);
+    let u = clamp(raw, -15.0, 15.0);
+    let e = exp(-2.0 * u);
+    let sig = 1.0 / (1.0 + e);
+    if (abs(raw) >= 15.0) {
+        return sig;
+    }
+    let du = GELU_SCALE * (1.0 + 3.0 * 0.044715 * v * v);
+    return sig + 2.0 * v * sig * (e / (1.0 + e)) * du;
+}
+
+// out = y * gelu'(x), y the upstream gradient
+@compute @workgroup_size(256)
+fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i < p.n) { out[i] = y[i] * gelu_grad(x[i]); }
+}

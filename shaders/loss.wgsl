@@ -1,6 +1,6 @@
 // Fused softmax cross-entropy over the vocabulary: per row, loss = logsumexp(logits) - logits[target], and the
-// logsumexp itself for the backward pass. One workgroup per row (index folded over the x/y grid); fixed-order tree
-// reductions in workgroup memory, so results are deterministic.
+// logsumexp itself for the backward pass, which turns it into dlogits. One workgroup per row (index folded over the
+// x/y grid); fixed-order tree reductions in workgroup memory, so results are deterministic.
 
 struct Params {
     rows: u32,
@@ -12,6 +12,11 @@ var<immediate> p: Params;
 @group(0) @binding(1) var<storage, read> targets: array<i32>;
 @group(0) @binding(2) var<storage, read_write> losses: array<f32>;
 @group(0) @binding(3) var<storage, read_write> lse_out: array<f32>;
+// cross_entropy_backward: logits and targets as above, then these (naga allows variables of different entry points
+// to share a binding).
+@group(0) @binding(2) var<storage, read> lse_in: array<f32>;
+@group(0) @binding(3) var<storage, read> dloss: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dlogits: array<f32>;
 
 const WG: u32 = 256u;
 // WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.
@@ -77,5 +82,31 @@ fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
         }
         losses[row] = loss;
         lse_out[row] = lse;
+    }
+}
+
+// dlogits[j] = dloss · (exp(logits[j] − lse) − [j == target]). The forward's lse makes this one elementwise pass
+// over the row: no reduction, so no barriers. Ignored rows write exactly 0.0 whatever dloss holds (even a NaN);
+// other out-of-range targets write NaN, as the forward's loss does.
+@compute @workgroup_size(256)
+fn cross_entropy_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }
+    let base = row * p.v;
+    let t = targets[row];
+    if (t == IGNORE) {
+        for (var j = lid; j < p.v; j += WG) { dlogits[base + j] = 0.0; }
+        return;
+    }
+    if (t < 0 || u32(t) >= p.v) {
+        let bad = nan();
+        for (var j = lid; j < p.v; j += WG) { dlogits[base + j] = bad; }
+        return;
+    }
+    let lse = lse_in[row];
+    let d = dloss[row];
+    for (var j = lid; j < p.v; j += WG) {
+        let onehot = select(0.0, 1.0, j == u32(t));
+        dlogits[base + j] = d * (exp(logits[base + j] - lse) - onehot);
     }
 }

@@ -1,4 +1,5 @@
-// Row kernels over the last dimension: LayerNorm (saving mean and rstd for the backward pass) and softmax.
+// Row kernels over the last dimension: LayerNorm (saving mean and rstd for the backward pass) and softmax, and
+// their backward passes.
 // One workgroup per row, its index folded over the x/y grid (one grid dimension holds at most 65535 workgroups).
 // Threads stride over the row; partial results meet in a fixed-order tree in workgroup memory, so every run gives
 // the same bits (no atomics).
@@ -18,12 +19,24 @@ var<immediate> p: Params;
 @group(0) @binding(5) var<storage, read_write> rstd_out: array<f32>;
 // softmax has no affine parameters and writes its output at binding 1.
 @group(0) @binding(1) var<storage, read_write> probs: array<f32>;
+// layernorm_backward: x and gamma as above, then these. Variables sharing a binding belong to different entry
+// points, which naga allows.
+@group(0) @binding(2) var<storage, read> ln_dy: array<f32>;
+@group(0) @binding(3) var<storage, read> mean_in: array<f32>;
+@group(0) @binding(4) var<storage, read> rstd_in: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ln_dx: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dy_xhat: array<f32>;
+// softmax_backward
+@group(0) @binding(0) var<storage, read> sm_y: array<f32>;
+@group(0) @binding(1) var<storage, read> sm_dy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sm_dx: array<f32>;
 
 const WG: u32 = 256u;
 // WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.
 const NEG_BIG: f32 = -3.4028235e38;
 
 var<workgroup> red: array<f32, WG>;
+var<workgroup> red2: array<vec2<f32>, WG>;
 
 fn row_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wg.y * nwg.x + wg.x;
@@ -38,6 +51,19 @@ fn reduce_sum(lid: u32, v: f32) -> f32 {
     }
     let r = red[0];
     // Every thread must read the result before the next reduction overwrites red[0].
+    workgroupBarrier();
+    return r;
+}
+
+// Two sums in one tree: half the barriers of two reduce_sum calls.
+fn reduce_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    red2[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) { red2[lid] = red2[lid] + red2[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red2[0];
     workgroupBarrier();
     return r;
 }
@@ -94,5 +120,46 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     let inv = 1.0 / reduce_sum(lid, s);
     for (var j = lid; j < p.c; j += WG) {
         probs[base + j] = exp(x[base + j] - m) * inv;
+    }
+}
+
+// With xhat = (x - mean) * rstd and dxhat = dy * gamma:
+//   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+// Also writes dy * xhat per element; the host sums its columns into dgamma in a fixed order (no atomics).
+// xhat is recomputed in the second pass: a thread cannot keep its share of a long row in registers.
+@compute @workgroup_size(256)
+fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wg, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.c;
+    let mean = mean_in[row];
+    let rstd = rstd_in[row];
+    var s = vec2<f32>(0.0, 0.0);
+    for (var j = lid; j < p.c; j += WG) {
+        let xhat = (x[base + j] - mean) * rstd;
+        let d = ln_dy[base + j];
+        let dxhat = d * gamma[j];
+        s += vec2<f32>(dxhat, dxhat * xhat);
+        dy_xhat[base + j] = d * xhat;
+    }
+    let m = reduce_sum2(lid, s) / f32(p.c);
+    for (var j = lid; j < p.c; j += WG) {
+        let xhat = (x[base + j] - mean) * rstd;
+        let dxhat = ln_dy[base + j] * gamma[j];
+        ln_dx[base + j] = rstd * (dxhat - m.x - xhat * m.y);
+    }
+}
+
+// dx = y * (dy - sum(dy * y)): the softmax Jacobian applied without forming it.
+@compute @workgroup_size(256)
+fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wg, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.c;
+    var s = 0.0;
+    for (var j = lid; j < p.c; j += WG) { s += sm_dy[base + j] * sm_y[base + j]; }
+    let dot = reduce_sum(lid, s);
+    for (var j = lid; j < p.c; j += WG) {
+        sm_dx[base + j] = sm_y[base + j] * (sm_dy[base + j] - dot);
     }
 }

@@ -8,6 +8,7 @@ struct Params {
     col_blocks: u32, // sum_rows_blocks: workgroups across the columns
     square: u32,     // sum_blocks: 1 squares each element as it is loaded (first pass of sum_squares)
     scale: f32,      // multiplies the value written (1/n on the last pass of mean, else 1)
+    root: u32,       // sum_blocks: 1 writes the square root (last pass of a norm)
 }
 var<immediate> p: Params;
 
@@ -61,7 +62,8 @@ fn sum_blocks(
     }
     // The folded grid may hold a few workgroups past the last block.
     if (lid == 0u && block * (WG * ITEMS) < p.n) {
-        out[block] = tree[0] * p.scale;
+        let total = tree[0] * p.scale;
+        out[block] = select(total, sqrt(total), p.root != 0u);
     }
 }
 

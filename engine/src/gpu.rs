@@ -129,6 +129,8 @@ pub struct Gpu {
     /// Per-adapter tuning decisions (e.g. which matmul variant), made once per process.
     pub(crate) choices: Mutex<HashMap<&'static str, u32>>,
     placeholder: std::sync::OnceLock<Tensor>,
+    /// Debug switch: every allocation is filled with NaN, so a kernel that reads memory nobody wrote fails loudly.
+    poison: std::sync::atomic::AtomicBool,
 }
 
 impl Gpu {
@@ -171,7 +173,7 @@ impl Gpu {
             }
         }));
         let recorder = Mutex::new(Recorder::new(&device, &queue, features));
-        Ok(Gpu {
+        let gpu = Gpu {
             device,
             queue,
             info,
@@ -183,7 +185,11 @@ impl Gpu {
             gpu_error,
             choices: Mutex::new(HashMap::new()),
             placeholder: std::sync::OnceLock::new(),
-        })
+            poison: std::sync::atomic::AtomicBool::new(false),
+        };
+        // Made now rather than on first use, so it never shows up as a step's allocation.
+        gpu.placeholder()?;
+        Ok(gpu)
     }
 
     pub fn adapter_name(&self) -> &str {
@@ -243,7 +249,17 @@ impl Gpu {
             })
         });
         let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.pool.clone() };
-        Ok(Tensor::new(Arc::new(storage), shape.to_vec(), dtype))
+        let t = Tensor::new(Arc::new(storage), shape.to_vec(), dtype);
+        if self.poison.load(std::sync::atomic::Ordering::Relaxed) {
+            let nan = vec![f32::NAN; numel];
+            self.write_bytes(&t, bytemuck::cast_slice(&nan), numel)?;
+        }
+        Ok(t)
+    }
+
+    /// Fill every new allocation with NaN (tests and bug hunts: slow, it submits per allocation).
+    pub fn set_poison_allocations(&self, on: bool) {
+        self.poison.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {

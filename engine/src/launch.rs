@@ -220,6 +220,33 @@ impl Gpu {
         Ok(())
     }
 
+    /// Record a copy of `n` elements from `src[src_at..]` to `dst[dst_at..]` into the open encoder (ordered with the
+    /// kernels around it, unlike a queued write).
+    pub fn copy_elements(&self, src: &Tensor, src_at: usize, dst: &Tensor, dst_at: usize, n: usize) -> Result<()> {
+        if src.dtype() != dst.dtype() || src_at + n > src.numel() || dst_at + n > dst.numel() {
+            return Err(Error::Invalid {
+                op: "copy_elements",
+                message: format!(
+                    "{n} elements from {src_at} of {:?} {:?} to {dst_at} of {:?} {:?}",
+                    src.dtype(),
+                    src.shape(),
+                    dst.dtype(),
+                    dst.shape()
+                ),
+            });
+        }
+        let size = (n * src.dtype().size()) as u64;
+        let (so, dof) = ((src_at * src.dtype().size()) as u64, (dst_at * dst.dtype().size()) as u64);
+        self.recorder.lock().unwrap().encoder(&self.device).copy_buffer_to_buffer(
+            src.buffer(),
+            so,
+            dst.buffer(),
+            dof,
+            size,
+        );
+        Ok(())
+    }
+
     /// (command buffers submitted, kernels recorded) since the device was opened.
     pub fn submit_counts(&self) -> (u64, u64) {
         let rec = self.recorder.lock().unwrap();

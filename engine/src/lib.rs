@@ -1,6 +1,7 @@
 //! kiln-engine: the GPU runtime of Kiln. A `Gpu` context over wgpu (any vendor), pooled tensors, cached pipelines,
 //! and the WGSL kernels with their CPU f64 references (`ops`).
 
+pub mod autograd;
 mod error;
 mod gpu;
 mod launch;

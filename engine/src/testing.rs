@@ -64,3 +64,27 @@ pub fn assert_close(got: &[f32], want: &[f64], rtol: f64, atol: f64, what: &str)
         got.len()
     );
 }
+
+/// Central finite differences of a scalar f64 function: the independent check that proves each CPU reference
+/// backward (which in turn checks the GPU kernels).
+pub fn numeric_gradient(f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f64> {
+    let mut xp = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            xp[i] = x[i] + h;
+            let up = f(&xp);
+            xp[i] = x[i] - h;
+            let down = f(&xp);
+            xp[i] = x[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Panics unless two f64 vectors agree within atol + rtol·|want| everywhere.
+pub fn assert_close_f64(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= atol + rtol * w.abs(), "{what}: element {i} is {g}, expected {w}");
+    }
+}

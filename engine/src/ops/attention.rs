@@ -1,20 +1,26 @@
-//! Causal multi-head self-attention, forward: a flash-style kernel that reads q, k, v straight from GPT-2's packed
-//! c_attn output and never materializes the T×T score matrix, plus its plain f64 reference.
+//! Causal multi-head self-attention, flash style: kernels that read q, k, v straight from GPT-2's packed c_attn
+//! output and never materialize the T×T score matrix, forward and backward, plus their plain f64 references.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
-use crate::ops::{fits_u32, nonempty};
+use crate::ops::{fits_u32, grid_1d, nonempty, shape_is, WG_1D};
 use crate::shaders::ATTENTION;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
-/// Largest head size the kernel holds in its private arrays (`4 * MAX_HS4` in the WGSL).
+/// Largest head size the kernels hold in their private arrays (`4 * MAX_HS4` in the WGSL).
 pub const MAX_HEAD_SIZE: usize = 128;
-/// Query rows per workgroup (the `BR` override).
+/// Query rows per workgroup of the forward and dQ kernels (the `BR` override).
 const BR: u32 = 64;
+/// Key rows per workgroup of the dK/dV kernel (the `BKV` override).
+const BKV: u32 = 64;
 /// vec4s per K (and per V) tile in workgroup memory, and the most keys per block (`TILE4`, `MAX_BC` in the WGSL).
 const TILE4: usize = 512;
 const MAX_BC: usize = 64;
+/// vec4s per Q (and per dO) tile of the dK/dV kernel, and the most queries per block (`TILE4_BW`, `MAX_BQ`).
+const TILE4_BW: usize = 496;
+const MAX_BQ: usize = 64;
 
+/// The immediates of every entry point (one `Params` in the WGSL).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -27,25 +33,54 @@ struct Params {
     scale: f32,
 }
 
-/// qkv: [B, T, 3C] f32 exactly as GPT-2's c_attn produces it (per position: q for all heads, then k, then v; head h
-/// uses channels h*HS..(h+1)*HS of each part), n_head divides C.
-/// Returns (y [B, T, C] with heads merged back as GPT-2 expects, lse [B, NH, T] = per-row log-sum-exp of the scaled
-/// scores, which the backward pass will need).
-pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
-    const OP: &str = "attention_forward";
-    expect_dtype(OP, "qkv", qkv, DType::F32)?;
+/// Sizes of a validated qkv.
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    hs: usize,
+}
+
+impl Dims {
+    /// The head loops' trip count in vec4s, an override so the shader compiler can unroll them (`HS4` in the WGSL).
+    fn hs4(&self) -> usize {
+        self.hs.next_power_of_two().div_ceil(4)
+    }
+
+    /// Immediates with `tile4 / HS4` rows per staged block, at most `max_rows`.
+    fn params(&self, tile4: usize, max_rows: usize) -> Params {
+        Params {
+            b: self.b as u32,
+            t: self.t as u32,
+            c: self.c as u32,
+            nh: self.nh as u32,
+            hs: self.hs as u32,
+            bc: (tile4 / self.hs4()).min(max_rows) as u32,
+            scale: 1.0 / (self.hs as f32).sqrt(),
+        }
+    }
+
+    fn overrides(&self, rows_name: &'static str, rows: u32) -> [(&'static str, f64); 2] {
+        [(rows_name, rows as f64), ("HS4", self.hs4() as f64)]
+    }
+}
+
+/// Checks qkv ([B, T, 3C] f32, n_head divides C, head size within the kernels' max) and returns its sizes.
+fn qkv_dims(op: &'static str, qkv: &Tensor, n_head: usize) -> Result<Dims> {
+    expect_dtype(op, "qkv", qkv, DType::F32)?;
     let &[b, t, c3] = qkv.shape() else {
         return Err(Error::Shape {
-            op: OP,
+            op,
             what: "qkv",
             expected: "3-D [B, T, 3C]".into(),
             got: format!("{:?}", qkv.shape()),
         });
     };
-    nonempty(OP, "qkv", qkv)?;
+    nonempty(op, "qkv", qkv)?;
     if c3 % 3 != 0 {
         return Err(Error::Shape {
-            op: OP,
+            op,
             what: "qkv last dimension",
             expected: "a multiple of 3 ([q | k | v])".into(),
             got: format!("{c3} (shape {:?})", qkv.shape()),
@@ -54,38 +89,99 @@ pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tens
     let c = c3 / 3;
     if n_head == 0 || c % n_head != 0 {
         let message = format!("n_head = {n_head} must be at least 1 and divide the channel count C = {c}");
-        return Err(Error::Invalid { op: OP, message });
+        return Err(Error::Invalid { op, message });
     }
     let hs = c / n_head;
     if hs > MAX_HEAD_SIZE {
         let message =
             format!("head size {hs} (C = {c} / n_head = {n_head}) exceeds the kernel's max of {MAX_HEAD_SIZE}");
-        return Err(Error::Invalid { op: OP, message });
+        return Err(Error::Invalid { op, message });
     }
-    fits_u32(OP, "qkv", qkv.numel())?;
-    // The head loops' trip count in vec4s, an override so the shader compiler can unroll them (`HS4` in the WGSL).
-    let hs4 = hs.next_power_of_two().div_ceil(4);
-    let params = Params {
-        b: b as u32,
-        t: t as u32,
-        c: c as u32,
-        nh: n_head as u32,
-        hs: hs as u32,
-        bc: (TILE4 / hs4).min(MAX_BC) as u32,
-        scale: 1.0 / (hs as f32).sqrt(),
-    };
+    fits_u32(op, "qkv", qkv.numel())?;
+    Ok(Dims { b, t, c, nh: n_head, hs })
+}
+
+/// qkv: [B, T, 3C] f32 exactly as GPT-2's c_attn produces it (per position: q for all heads, then k, then v; head h
+/// uses channels h*HS..(h+1)*HS of each part), n_head divides C.
+/// Returns (y [B, T, C] with heads merged back as GPT-2 expects, lse [B, NH, T] = per-row log-sum-exp of the scaled
+/// scores, which the backward pass needs).
+pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "attention_forward";
+    let dims = qkv_dims(OP, qkv, n_head)?;
+    let Dims { b, t, c, nh, .. } = dims;
+    let params = dims.params(TILE4, MAX_BC);
     let y = gpu.alloc(&[b, t, c], DType::F32)?;
-    let lse = gpu.alloc(&[b, n_head, t], DType::F32)?;
+    let lse = gpu.alloc(&[b, nh, t], DType::F32)?;
     gpu.dispatch(&Launch {
         op: OP,
         shader: &ATTENTION,
         entry: "attention_forward",
-        overrides: &[("BR", BR as f64), ("HS4", hs4 as f64)],
+        overrides: &dims.overrides("BR", BR),
         args: &[qkv, &y, &lse],
         params: bytemuck::bytes_of(&params),
-        groups: [(t as u32).div_ceil(BR), n_head as u32, b as u32],
+        groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
     })?;
     Ok((y, lse))
+}
+
+/// Gradient of the packed qkv [B, T, 3C] given dy [B, T, C], from the forward's inputs and outputs (qkv, y, lse).
+/// Returns a NEW tensor dqkv [B, T, 3C] (q, k, v parts laid out like qkv).
+///
+/// Three kernels, FlashAttention-2 style: D = rowsum(dy ⊙ y) per head ([B, NH, T]); then dQ per block of queries
+/// and dK, dV per block of keys, each recomputing the probabilities exp(score − lse) block by block. The only
+/// temporary is D; every dqkv element is written once by one invocation, so the result is bit-reproducible.
+pub fn attention_backward(
+    gpu: &Gpu,
+    qkv: &Tensor,
+    y: &Tensor,
+    lse: &Tensor,
+    dy: &Tensor,
+    n_head: usize,
+) -> Result<Tensor> {
+    const OP: &str = "attention_backward";
+    let dims = qkv_dims(OP, qkv, n_head)?;
+    let Dims { b, t, c, nh, .. } = dims;
+    for (what, x) in [("y", y), ("lse", lse), ("dy", dy)] {
+        expect_dtype(OP, what, x, DType::F32)?;
+    }
+    shape_is(OP, "y", y, &[b, t, c])?;
+    shape_is(OP, "dy", dy, &[b, t, c])?;
+    shape_is(OP, "lse", lse, &[b, nh, t])?;
+
+    let dsum = gpu.alloc(&[b, nh, t], DType::F32)?;
+    let params = dims.params(TILE4, MAX_BC);
+    gpu.dispatch(&Launch {
+        op: OP,
+        shader: &ATTENTION,
+        entry: "attention_backward_dsum",
+        overrides: &[],
+        args: &[y, dy, &dsum],
+        params: bytemuck::bytes_of(&params),
+        groups: grid_1d(b * nh * t, WG_1D),
+    })?;
+    let dqkv = gpu.alloc(&[b, t, 3 * c], DType::F32)?;
+    // Writes the q third of dqkv.
+    gpu.dispatch(&Launch {
+        op: OP,
+        shader: &ATTENTION,
+        entry: "attention_backward_dq",
+        overrides: &dims.overrides("BR", BR),
+        args: &[qkv, dy, &dsum, lse, &dqkv],
+        params: bytemuck::bytes_of(&params),
+        groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
+    })?;
+    // Writes the k and v thirds.
+    let params = dims.params(TILE4_BW, MAX_BQ);
+    gpu.dispatch(&Launch {
+        op: OP,
+        shader: &ATTENTION,
+        entry: "attention_backward_dkv",
+        overrides: &dims.overrides("BKV", BKV),
+        args: &[qkv, dy, &dsum, lse, &dqkv],
+        params: bytemuck::bytes_of(&params),
+        groups: [(t as u32).div_ceil(BKV), nh as u32, b as u32],
+    })?;
+    Ok(dqkv)
 }
 
 pub mod cpu {
@@ -121,103 +217,50 @@ pub mod cpu {
         }
         (y, lse)
     }
+
+    /// Gradient of qkv for the upstream gradient dy [B, T, C], straight from the chain rule through the textbook
+    /// forward: P = softmax row, dP_ij = dy_i·v_j, dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik) (the softmax Jacobian, not
+    /// the dy·y shortcut the GPU uses), dq_i = scale Σ_j dS_ij k_j, dk_j = scale Σ_i dS_ij q_i, dv_j = Σ_i P_ij dy_i.
+    pub fn attention_backward(qkv: &[f64], dy: &[f64], b: usize, t: usize, c: usize, n_head: usize) -> Vec<f64> {
+        assert_eq!(qkv.len(), b * t * 3 * c, "qkv length");
+        assert_eq!(dy.len(), b * t * c, "dy length");
+        let hs = c / n_head;
+        let scale = 1.0 / (hs as f64).sqrt();
+        let at = |bi: usize, ti: usize, part: usize, h: usize| (bi * t + ti) * 3 * c + part * c + h * hs;
+        let mut dqkv = vec![0.0; qkv.len()];
+        let mut p = vec![0.0; t];
+        let mut dp = vec![0.0; t];
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(a, b)| a * b).sum::<f64>();
+        for bi in 0..b {
+            for h in 0..n_head {
+                for i in 0..t {
+                    let q = &qkv[at(bi, i, 0, h)..][..hs];
+                    let g = &dy[(bi * t + i) * c + h * hs..][..hs];
+                    for j in 0..=i {
+                        p[j] = dot(q, &qkv[at(bi, j, 1, h)..][..hs]) * scale;
+                        dp[j] = dot(g, &qkv[at(bi, j, 2, h)..][..hs]);
+                    }
+                    let m = p[..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    p[..=i].iter_mut().for_each(|s| *s = (*s - m).exp());
+                    let sum: f64 = p[..=i].iter().sum();
+                    p[..=i].iter_mut().for_each(|s| *s /= sum);
+                    let jacobian_term = dot(&p[..=i], &dp[..=i]);
+                    for j in 0..=i {
+                        let ds = p[j] * (dp[j] - jacobian_term) * scale;
+                        for d in 0..hs {
+                            let (qd, kd) = (qkv[at(bi, i, 0, h) + d], qkv[at(bi, j, 1, h) + d]);
+                            dqkv[at(bi, i, 0, h) + d] += ds * kd;
+                            dqkv[at(bi, j, 1, h) + d] += ds * qd;
+                            dqkv[at(bi, j, 2, h) + d] += p[j] * g[d];
+                        }
+                    }
+                }
+            }
+        }
+        dqkv
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{assert_close, gpu, random_vec, to_f64};
-
-    /// Worst-case f32 error of one output, u = 2^-24 and amp = the largest |q| (k, v lie in [-1, 1)): a score sums
-    /// HS products after scaling by 1/sqrt(HS), so it is off by at most amp·HS^1.5·u; y and l sum T terms, plus one
-    /// rounding per rescaled block (fewer than T), so they are off by T·u relative; exp/log on the GPU add a few ulps.
-    /// f32::EPSILON = 2u doubles that bound for margin.
-    fn tol(t: usize, hs: usize, amp: f64) -> f64 {
-        (amp * (hs as f64).powf(1.5) + 2.0 * t as f64) * f32::EPSILON as f64 + 1e-6
-    }
-
-    /// Random qkv with q multiplied by `amp`: a large amp makes the softmax peaky, so the running max moves between
-    /// key blocks and the online rescaling is exercised for real.
-    fn random_qkv(b: usize, t: usize, c: usize, amp: f32, seed: u64) -> Vec<f32> {
-        let mut x = random_vec(b * t * 3 * c, seed);
-        x.chunks_mut(3 * c).for_each(|row| row[..c].iter_mut().for_each(|v| *v *= amp));
-        x
-    }
-
-    fn check(gpu: &Gpu, (b, t, c, nh): (usize, usize, usize, usize), amp: f32, seed: u64) {
-        let x = random_qkv(b, t, c, amp, seed);
-        let (y, lse) = attention_forward(gpu, &gpu.upload(&x, &[b, t, 3 * c]).unwrap(), nh).unwrap();
-        assert_eq!((y.shape(), lse.shape()), (&[b, t, c][..], &[b, nh, t][..]));
-        let (want_y, want_lse) = cpu::attention_forward(&to_f64(&x), b, t, c, nh);
-        let atol = tol(t, c / nh, amp as f64);
-        let what = format!("(B,T,C,NH)=({b},{t},{c},{nh}) amp {amp}");
-        // |y| <= max|v| < 1 (a convex combination of v rows), so the absolute bound is the right measure.
-        assert_close(&gpu.read(&y).unwrap(), &want_y, 0.0, atol, &format!("y {what}"));
-        // lse = m + log(l) adds one rounding relative to |lse| on top of the same bound.
-        assert_close(&gpu.read(&lse).unwrap(), &want_lse, f32::EPSILON as f64, atol, &format!("lse {what}"));
-    }
-
-    #[test]
-    fn matches_reference_on_odd_shapes() {
-        let gpu = gpu();
-        let shapes = [
-            (1, 1, 8, 1),
-            (2, 7, 12, 3),
-            (1, 33, 48, 2),
-            (3, 65, 64, 4),
-            (1, 200, 96, 3),
-            (2, 129, 32, 1),
-            (1, 70, 128, 2), // HS = 64, GPT-2's head size: 32-key blocks
-            (1, 40, 256, 2), // HS = 128, the kernel's max: 16-key blocks
-            (2, 19, 15, 3),  // HS = 5, odd
-        ];
-        for (case, &shape) in shapes.iter().enumerate() {
-            check(gpu, shape, 1.0, case as u64);
-            check(gpu, shape, 6.0, 100 + case as u64);
-        }
-    }
-
-    #[test]
-    fn long_sequence_matches_and_allocates_only_outputs() {
-        // A private Gpu: the shared one's pool is used by tests running in parallel threads, which would make the
-        // peak-bytes assertion racy.
-        let gpu = Gpu::new().unwrap();
-        let (b, t, c, nh) = (1, 1024, 32, 2);
-        let x = random_qkv(b, t, c, 3.0, 7);
-        let qkv = gpu.upload(&x, &[b, t, 3 * c]).unwrap();
-        gpu.sync().unwrap();
-        let before = gpu.pool_stats().live_bytes;
-        gpu.reset_peak();
-        let (y, lse) = attention_forward(&gpu, &qkv, nh).unwrap();
-        gpu.sync().unwrap();
-        let added = gpu.pool_stats().peak_bytes - before;
-        let outputs = y.bytes() + lse.bytes();
-        // Size classes round up by at most 12.5%; a T×T score matrix for even one head would be 4 MiB here.
-        assert!(added <= outputs * 9 / 8, "attention allocated {added} bytes beyond its outputs' {outputs}");
-        assert!(added < (t * t * 4) as u64 / 16);
-        let (want_y, want_lse) = cpu::attention_forward(&to_f64(&x), b, t, c, nh);
-        let atol = tol(t, c / nh, 3.0); // same bound as above, dominated by the 2·T·eps term here
-        assert_close(&gpu.read(&y).unwrap(), &want_y, 0.0, atol, "y T=1024");
-        assert_close(&gpu.read(&lse).unwrap(), &want_lse, f32::EPSILON as f64, atol, "lse T=1024");
-    }
-
-    #[test]
-    fn bad_shapes_are_typed_errors() {
-        let gpu = gpu();
-        let up = |shape: &[usize]| gpu.upload(&vec![0.0; shape.iter().product()], shape).unwrap();
-        let invalid = |r: Result<(Tensor, Tensor)>, needle: &str| match r {
-            Err(Error::Invalid { op: "attention_forward", message }) => assert!(message.contains(needle), "{message}"),
-            other => panic!("expected Invalid mentioning {needle:?}, got {:?}", other.map(|_| ())),
-        };
-        invalid(attention_forward(gpu, &up(&[1, 4, 30]), 3), "divide"); // C = 10, 3 heads
-        invalid(attention_forward(gpu, &up(&[1, 4, 30]), 0), "at least 1");
-        invalid(attention_forward(gpu, &up(&[1, 2, 768]), 1), "128"); // head size 256
-        let shape_err =
-            |r: Result<(Tensor, Tensor)>| assert!(matches!(r, Err(Error::Shape { op: "attention_forward", .. })));
-        shape_err(attention_forward(gpu, &up(&[1, 4, 10]), 1)); // not [q | k | v]
-        shape_err(attention_forward(gpu, &up(&[4, 24]), 1)); // 2-D
-        let ints = gpu.upload_i32(&[0; 24], &[1, 2, 12]).unwrap();
-        assert!(matches!(attention_forward(gpu, &ints, 1), Err(Error::DType { .. })));
-        // Empty tensors cannot be built (`alloc` and `reshape` refuse them), so `nonempty` is a guard only.
-    }
-}
+#[path = "attention_tests.rs"]
+mod tests;

@@ -1,5 +1,5 @@
-//! Elementwise kernels: fill, copy, scale, residual add, GELU (tanh form). Forward only here; their backward
-//! passes are elementwise too and arrive with the autodiff engine.
+//! Elementwise kernels: fill, copy, scale, residual add, GELU (tanh form) and GELU's backward (the others' backward
+//! passes are these same kernels: a scale, a copy, an accumulate).
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
@@ -83,10 +83,38 @@ pub fn gelu(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// dx = dy · gelu'(x) for the tanh-form [`gelu`], as a NEW tensor. `x` is the forward's input.
+pub fn gelu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let op = "gelu_backward";
+    nonempty(op, "x", x)?;
+    expect_dtype(op, "x", x, DType::F32)?;
+    expect_dtype(op, "dy", dy, DType::F32)?;
+    same_shape(op, "dy", x, dy)?;
+    let out = gpu.alloc(x.shape(), DType::F32)?;
+    launch(gpu, op, "gelu_backward", &[x, dy, &out], 0.0)?;
+    Ok(out)
+}
+
 pub mod cpu {
     pub fn gelu(x: &[f64]) -> Vec<f64> {
         let s = (2.0 / std::f64::consts::PI).sqrt();
         x.iter().map(|&v| 0.5 * v * (1.0 + (s * (v + 0.044715 * v * v * v)).tanh())).collect()
+    }
+
+    /// dy · gelu'(x). With u = s(x + 0.044715x³), gelu = x·σ(2u) since 0.5(1 + tanh u) = σ(2u), so
+    /// gelu' = σ(2u) + 2x·σ(2u)·σ(−2u)·u'. The tanh form 0.5(1 + t) + 0.5x(1 − t²)u' cancels in the tails: at
+    /// u = −14.5 it keeps only 4 digits even in f64, fewer than the GPU's f32 result.
+    pub fn gelu_backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
+        let s = (2.0 / std::f64::consts::PI).sqrt();
+        let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+        x.iter()
+            .zip(dy)
+            .map(|(&v, &d)| {
+                let u = s * (v + 0.044715 * v * v * v);
+                let du = s * (1.0 + 3.0 * 0.044715 * v * v);
+                d * (sigmoid(2.0 * u) + 2.0 * v * sigmoid(2.0 * u) * sigmoid(-2.0 * u) * du)
+            })
+            .collect()
     }
 
     pub fn add(x: &[f64], y: &[f64], alpha: f64) -> Vec<f64> {
@@ -97,7 +125,8 @@ pub mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, gpu, random_vec, to_f64, SIZES_1D};
+    use crate::ops::norm::tests::{assert_within, dot, FD_ATOL, FD_H, FD_RTOL, FLUSH, U};
+    use crate::testing::{assert_close, assert_close_f64, gpu, numeric_gradient, random_vec, to_f64, SIZES_1D};
 
     #[test]
     fn fill_copy_scale_match_reference() {
@@ -148,5 +177,68 @@ mod tests {
         assert!(matches!(gpu.alloc(&[0, 4], DType::F32), Err(crate::Error::Empty { .. })));
         let i = gpu.upload_i32(&[1, 2, 3], &[3]).unwrap();
         assert!(matches!(gelu(gpu, &i), Err(crate::Error::DType { .. })));
+    }
+
+    #[test]
+    fn gelu_reference_backward_matches_finite_differences() {
+        // Spans both tails and the minimum of gelu near x = -0.75, where gelu' changes sign.
+        let x: Vec<f64> = random_vec(9, 50).iter().map(|&v| 4.0 * v as f64).chain([-0.75, 0.0, 2.5]).collect();
+        let w = to_f64(&random_vec(x.len(), 51));
+        let fd = numeric_gradient(|v| dot(&cpu::gelu(v), &w), &x, FD_H);
+        assert_close_f64(&cpu::gelu_backward(&x, &w), &fd, FD_RTOL, FD_ATOL, "gelu backward");
+    }
+
+    fn check_gelu_backward(x: &[f32], dy: &[f32], shape: &[usize]) {
+        let gpu = gpu();
+        let tx = gpu.upload(x, shape).unwrap();
+        let dx = gelu_backward(gpu, &tx, &gpu.upload(dy, shape).unwrap()).unwrap();
+        assert_eq!(dx.shape(), shape);
+        let want = cpu::gelu_backward(&to_f64(x), &to_f64(dy));
+        // The kernel's σ form: e = exp(-2u) may err by 3 + 2|2u| ulp (Vulkan's bound) and a dozen more roundings
+        // follow, each relative to one of the two terms σ and 2xσ(1-σ)u'; the bound is relative to their
+        // magnitudes, not to their difference, which cancels near x = -0.75. Past the forward's clamp (|u| >= 15)
+        // the kernel drops the second term (< 1e-11 there) and keeps σ(±30), 1e-13 off the f64 value: the allowance is
+        // twice their sum.
+        let s = (2.0 / std::f64::consts::PI).sqrt();
+        let bound: Vec<f64> = x
+            .iter()
+            .zip(dy)
+            .map(|(&v, &d)| {
+                let v = v as f64;
+                let raw = s * (v + 0.044715 * v * v * v);
+                let u = raw.clamp(-15.0, 15.0);
+                let sig = 1.0 / (1.0 + (-2.0 * u).exp());
+                let second = (2.0 * v * sig * (1.0 - sig) * s * (1.0 + 3.0 * 0.044715 * v * v)).abs();
+                let clamped = if raw.abs() > 14.9 { 2.0 * (second + 1e-13) } else { 0.0 };
+                d.abs() as f64 * ((2.0 * (3.0 + 4.0 * u.abs()) + 12.0) * U * (sig + second) + clamped) + FLUSH
+            })
+            .collect();
+        assert_within(&gpu.read(&dx).unwrap(), &want, &bound, &format!("gelu backward {shape:?}"));
+    }
+
+    #[test]
+    fn gelu_backward_matches_reference() {
+        for (i, &rows) in [1, 3, 17, 129].iter().enumerate() {
+            for (j, &c) in [1, 7, 255, 769].iter().enumerate() {
+                let seed = (60 + 10 * i + j) as u64;
+                let x: Vec<f32> = random_vec(rows * c, seed).iter().map(|v| v * 8.0).collect();
+                check_gelu_backward(&x, &random_vec(rows * c, seed + 1), &[rows, c]);
+            }
+        }
+        // Zeros, gelu's minimum, both sides of the clamp, and |x| whose cube overflows f32.
+        let x = [0.0, -0.0, -0.7517916, 6.8, 7.0, -6.8, -7.0, 15.0, -15.0, 1e20, -1e20, 3.0, -3.0];
+        check_gelu_backward(&x, &random_vec(x.len(), 99), &[x.len()]);
+    }
+
+    #[test]
+    fn gelu_backward_bad_inputs_are_typed_errors() {
+        let gpu = gpu();
+        let x = gpu.upload(&[1.0, 2.0, 3.0], &[3]).unwrap();
+        let x2 = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
+        let i = gpu.upload_i32(&[1, 2, 3], &[3]).unwrap();
+        let op = "gelu_backward";
+        assert!(matches!(gelu_backward(gpu, &i, &x), Err(crate::Error::DType { op: o, what: "x", .. }) if o == op));
+        assert!(matches!(gelu_backward(gpu, &x, &i), Err(crate::Error::DType { op: o, what: "dy", .. }) if o == op));
+        assert!(matches!(gelu_backward(gpu, &x, &x2), Err(crate::Error::Shape { op: o, what: "dy", .. }) if o == op));
     }
 }

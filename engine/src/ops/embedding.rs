@@ -1,8 +1,9 @@
-//! Token + position embedding (forward): out[b, t] = wte[tokens[b, t]] + wpe[t], the first op of a GPT.
+//! Token + position embedding, out[b, t] = wte[tokens[b, t]] + wpe[t] (the first op of a GPT), and its backward,
+//! a deterministic scatter-add into the two tables.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
-use crate::ops::{fits_u32, grid_1d, nonempty, WG_1D};
+use crate::ops::{fits_u32, grid_1d, nonempty, shape_is, WG_1D};
 use crate::shaders::EMBEDDING;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -13,6 +14,9 @@ struct Params {
     c: u32,
     t: u32,
     v: u32,
+    /// Backward only: distinct token ids, and B.
+    distinct: u32,
+    batch: u32,
 }
 
 /// The two dims of a rank-2 tensor, or a Shape error naming the expected layout.
@@ -53,7 +57,7 @@ pub fn embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor, wpe: &Tensor) -> Resu
     }
     fits_u32(op, "wte", wte.numel())?;
     let n = b * t * c;
-    let params = Params { n: fits_u32(op, "output", n)?, c: c as u32, t: t as u32, v: v as u32 };
+    let params = Params { n: fits_u32(op, "output", n)?, c: c as u32, t: t as u32, v: v as u32, distinct: 0, batch: 0 };
     let out = gpu.alloc(&[b, t, c], DType::F32)?;
     gpu.dispatch(&Launch {
         op,
@@ -64,6 +68,102 @@ pub fn embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor, wpe: &Tensor) -> Resu
         params: bytemuck::bytes_of(&params),
         groups: grid_1d(n, WG_1D),
     })?;
+    Ok(out)
+}
+
+/// ACCUMULATES (+=) into `dwte` [V, C] and `dwpe` [maxT, C] the gradient of out = wte[tokens] + wpe[t] given
+/// `dout` [B, T, C]. `tokens` is the host copy of the ids [B·T] the forward used. The host groups positions by
+/// token (a counting sort), so the kernel sums each distinct token's rows in a fixed order, and dwpe[t] gets
+/// Σ_b dout[b, t] in b order: no float atomics, bit-reproducible. An id outside [0, V) is an `Error::Invalid`
+/// naming its position (nothing is recorded).
+pub fn embedding_backward(gpu: &Gpu, tokens: &[i32], dout: &Tensor, dwte: &Tensor, dwpe: &Tensor) -> Result<()> {
+    let op = "embedding_backward";
+    for (what, t) in [("dout", dout), ("dwte", dwte), ("dwpe", dwpe)] {
+        nonempty(op, what, t)?;
+        expect_dtype(op, what, t, DType::F32)?;
+    }
+    let (b, t, c) = match *dout.shape() {
+        [b, t, c] => (b, t, c),
+        _ => {
+            return Err(Error::Shape {
+                op,
+                what: "dout",
+                expected: "[B, T, C]".into(),
+                got: format!("{:?}", dout.shape()),
+            })
+        }
+    };
+    let (v, _) = dims2(op, "dwte", "[V, C]", dwte)?;
+    shape_is(op, "dwte", dwte, &[v, c])?;
+    let (max_t, _) = dims2(op, "dwpe", "[maxT, C]", dwpe)?;
+    if t > max_t || dwpe.shape()[1] != c {
+        return Err(Error::Shape {
+            op,
+            what: "dwpe",
+            expected: format!("[maxT, {c}] with maxT >= T = {t}"),
+            got: format!("{:?}", dwpe.shape()),
+        });
+    }
+    if tokens.len() != b * t {
+        return Err(Error::Shape {
+            op,
+            what: "tokens",
+            expected: format!("{} ids (B·T of dout {:?})", b * t, dout.shape()),
+            got: format!("{} ids", tokens.len()),
+        });
+    }
+    if dwte.buffer_id() == dwpe.buffer_id() {
+        return Err(Error::Invalid { op, message: "dwte and dwpe share one buffer".into() });
+    }
+    fits_u32(op, "dwte", dwte.numel())?;
+    fits_u32(op, "dout", dout.numel())?;
+    let buckets = bucket_positions(op, tokens, v, t)?;
+    let distinct = (buckets.len() - 1 - tokens.len()) / 2;
+    let n = fits_u32(op, "work items ((distinct tokens + T) · C)", (distinct + t) * c)?;
+    let params = Params { n, c: c as u32, t: t as u32, v: v as u32, distinct: distinct as u32, batch: b as u32 };
+    let buckets = gpu.upload_i32(&buckets, &[buckets.len()])?;
+    gpu.dispatch(&Launch {
+        op,
+        shader: &EMBEDDING,
+        entry: "embedding_backward",
+        overrides: &[],
+        args: &[&buckets, dout, dwte, dwpe],
+        params: bytemuck::bytes_of(&params),
+        groups: grid_1d(n as usize, WG_1D),
+    })
+}
+
+/// Positions grouped by token id, stably (a counting sort): [ids (U) | offsets (U + 1) | positions (N)] for the U
+/// distinct ids in ascending order; token k's positions are positions[offsets[k]..offsets[k + 1]], ascending.
+fn bucket_positions(op: &'static str, tokens: &[i32], v: usize, t: usize) -> Result<Vec<i32>> {
+    let mut counts = vec![0u32; v];
+    for (i, &tok) in tokens.iter().enumerate() {
+        if tok < 0 || tok as usize >= v {
+            return Err(Error::Invalid {
+                op,
+                message: format!("token id {tok} at position {i} (b {}, t {}) is outside [0, {v})", i / t, i % t),
+            });
+        }
+        counts[tok as usize] += 1;
+    }
+    let ids: Vec<usize> = (0..v).filter(|&id| counts[id] > 0).collect();
+    let (u, n) = (ids.len(), tokens.len());
+    let mut out = Vec::with_capacity(2 * u + 1 + n);
+    out.extend(ids.iter().map(|&id| id as i32));
+    // Reuse counts as each id's next free slot in the positions section.
+    let mut next = 0u32;
+    for &id in &ids {
+        out.push(next as i32);
+        (counts[id], next) = (next, next + counts[id]);
+    }
+    out.push(n as i32);
+    let base = out.len();
+    out.resize(base + n, 0);
+    for (i, &tok) in tokens.iter().enumerate() {
+        let slot = &mut counts[tok as usize];
+        out[base + *slot as usize] = i as i32;
+        *slot += 1;
+    }
     Ok(out)
 }
 
@@ -82,89 +182,22 @@ pub mod cpu {
         }
         out
     }
+
+    /// Accumulates into `dwte` [V, C] and `dwpe` [maxT, C] the gradient of [`embedding`] given `dout` [B, T, C]
+    /// flattened; ids must lie in [0, V) (the GPU launcher refuses others).
+    pub fn embedding_backward(tokens: &[i32], t: usize, dout: &[f64], c: usize, dwte: &mut [f64], dwpe: &mut [f64]) {
+        for (i, (&tok, d)) in tokens.iter().zip(dout.chunks(c)).enumerate() {
+            let tok = usize::try_from(tok).expect("token ids are non-negative");
+            for (w, g) in dwte[tok * c..][..c].iter_mut().zip(d) {
+                *w += g;
+            }
+            for (w, g) in dwpe[(i % t) * c..][..c].iter_mut().zip(d) {
+                *w += g;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use rand::Rng;
-
-    use super::*;
-    use crate::testing::{gpu, random_vec, rng, to_f64};
-
-    /// GPU output against the f64 reference rounded to f32. Exact: the f64 sum of two f32 values is exact here
-    /// (both in [-1, 1)), so rounding it once gives the correctly rounded f32 add the GPU performs.
-    fn assert_exact(got: &[f32], want: &[f64], what: &str) {
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!(g == w as f32 || (g.is_nan() && w.is_nan()), "{what}: element {i} is {g}, want {w}");
-        }
-        assert_eq!(got.len(), want.len(), "{what}: length");
-    }
-
-    fn check(b: usize, t: usize, max_t: usize, v: usize, c: usize, seed: u64) {
-        let gpu = gpu();
-        let mut r = rng(seed);
-        let tokens: Vec<i32> = (0..b * t).map(|_| r.random_range(0..v as i32)).collect();
-        let (wte, wpe) = (random_vec(v * c, seed + 1), random_vec(max_t * c, seed + 2));
-        let out = embedding(
-            gpu,
-            &gpu.upload_i32(&tokens, &[b, t]).unwrap(),
-            &gpu.upload(&wte, &[v, c]).unwrap(),
-            &gpu.upload(&wpe, &[max_t, c]).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(out.shape(), &[b, t, c]);
-        let want = cpu::embedding(&tokens, t, &to_f64(&wte), &to_f64(&wpe), c);
-        assert_exact(&gpu.read(&out).unwrap(), &want, &format!("embedding b={b} t={t} maxT={max_t} v={v} c={c}"));
-    }
-
-    #[test]
-    fn matches_reference() {
-        check(1, 1, 1, 1, 1, 0);
-        check(2, 5, 7, 13, 3, 1);
-        check(3, 17, 20, 101, 769, 2);
-        check(4, 33, 64, 257, 65, 3);
-        check(2, 129, 129, 50257, 7, 4);
-    }
-
-    #[test]
-    fn out_of_range_tokens_give_nan_rows() {
-        let gpu = gpu();
-        let (b, t, v, c) = (2, 3, 5, 4);
-        let tokens = [0, 5, 4, -1, 2, i32::MAX];
-        let (wte, wpe) = (random_vec(v * c, 10), random_vec(t * c, 11));
-        let out = embedding(
-            gpu,
-            &gpu.upload_i32(&tokens, &[b, t]).unwrap(),
-            &gpu.upload(&wte, &[v, c]).unwrap(),
-            &gpu.upload(&wpe, &[t, c]).unwrap(),
-        )
-        .unwrap();
-        let got = gpu.read(&out).unwrap();
-        for bad in [1, 3, 5] {
-            assert!(got[bad * c..][..c].iter().all(|g| g.is_nan()), "row {bad} must be NaN");
-        }
-        assert_exact(&got, &cpu::embedding(&tokens, t, &to_f64(&wte), &to_f64(&wpe), c), "embedding with bad ids");
-    }
-
-    #[test]
-    fn bad_inputs_are_typed_errors() {
-        let gpu = gpu();
-        let tokens = gpu.upload_i32(&[0, 1, 2, 3], &[2, 2]).unwrap();
-        let wte = gpu.upload(&random_vec(12, 1), &[4, 3]).unwrap();
-        let wpe = gpu.upload(&random_vec(6, 2), &[2, 3]).unwrap();
-        let err = |tk: &Tensor, te: &Tensor, pe: &Tensor| embedding(gpu, tk, te, pe).expect_err("must be refused");
-        let float_tokens = gpu.upload(&[0.0; 4], &[2, 2]).unwrap();
-        assert!(matches!(err(&float_tokens, &wte, &wpe), Error::DType { op: "embedding", what: "tokens", .. }));
-        let int_wte = gpu.upload_i32(&[0; 12], &[4, 3]).unwrap();
-        assert!(matches!(err(&tokens, &int_wte, &wpe), Error::DType { op: "embedding", what: "wte", .. }));
-        let flat_tokens = gpu.upload_i32(&[0, 1], &[2]).unwrap();
-        assert!(matches!(err(&flat_tokens, &wte, &wpe), Error::Shape { op: "embedding", what: "tokens", .. }));
-        let flat_wte = gpu.upload(&random_vec(12, 1), &[12]).unwrap();
-        assert!(matches!(err(&tokens, &flat_wte, &wpe), Error::Shape { op: "embedding", what: "wte", .. }));
-        let narrow_wpe = gpu.upload(&random_vec(4, 3), &[2, 2]).unwrap();
-        assert!(matches!(err(&tokens, &wte, &narrow_wpe), Error::Shape { op: "embedding", what: "wpe", .. }));
-        // T = 3 positions but wpe holds only 2.
-        let long = gpu.upload_i32(&[0; 6], &[2, 3]).unwrap();
-        assert!(matches!(err(&long, &wte, &wpe), Error::Shape { op: "embedding", what: "tokens", .. }));
-    }
-}
+#[path = "embedding_tests.rs"]
+mod tests;

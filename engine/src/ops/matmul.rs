@@ -271,6 +271,58 @@ pub fn matmul_with(
     })
 }
 
+/// Gradients of C = op(A)·op(B) + bias (forward with alpha 1, beta 0) given dC, each a NEW tensor shaped like its
+/// operand as stored: (dA, dB, dbias), computed only where `want` says so. Every case is a transposed matmul of
+/// dC with the other operand; no transpose is ever copied.
+pub fn matmul_backward(
+    gpu: &Gpu,
+    a: &Tensor,
+    b: &Tensor,
+    dc: &Tensor,
+    spec: MatmulSpec,
+    want: [bool; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let s = matmul_shape(a, b, spec)?;
+    let op = "matmul_backward";
+    let out = s.out_shape(a.shape().len());
+    if dc.shape() != out.as_slice() {
+        return Err(Error::Shape { op, what: "dC", expected: format!("{out:?}"), got: format!("{:?}", dc.shape()) });
+    }
+    let t = |trans_a, trans_b| MatmulSpec { trans_a, trans_b, ..MatmulSpec::default() };
+    let (ta, tb) = (spec.trans_a, spec.trans_b);
+    // dA (as stored): [M,K] gets dC·op(B)ᵀ; a stored-transposed A [K,M] gets op(B)·dCᵀ.
+    let da = if want[0] {
+        Some(if !ta { matmul(gpu, dc, b, None, t(false, !tb))? } else { matmul(gpu, b, dc, None, t(tb, true))? })
+    } else {
+        None
+    };
+    let db = if !want[1] {
+        None
+    } else if s.broadcast_b {
+        // One B shared by the batch: its gradient sums over the batch, which for a row-major A is one product
+        // over the flattened [batch·M] rows.
+        if ta {
+            return Err(Error::Invalid {
+                op,
+                message: "the gradient of a batch-broadcast B with a transposed A is not supported".into(),
+            });
+        }
+        let a2 = a.reshape(&[s.batch * s.m, s.k])?;
+        let dc2 = dc.reshape(&[s.batch * s.m, s.n])?;
+        Some(if !tb {
+            matmul(gpu, &a2, &dc2, None, t(true, false))?
+        } else {
+            matmul(gpu, &dc2, &a2, None, t(true, false))?
+        })
+    } else {
+        // dB (as stored): [K,N] gets op(A)ᵀ·dC; a stored-transposed B [N,K] gets dCᵀ·op(A).
+        Some(if !tb { matmul(gpu, a, dc, None, t(!ta, false))? } else { matmul(gpu, dc, a, None, t(true, ta))? })
+    };
+    let dbias =
+        if want[2] { Some(crate::ops::reduce::sum_rows(gpu, &dc.reshape(&[s.batch * s.m, s.n])?)?) } else { None };
+    Ok((da, db, dbias))
+}
+
 const CHOICE_KEY: &str = "matmul_variant";
 
 /// The variant for this adapter: `KILN_MATMUL=tiled|register` forces one; otherwise software adapters take the
@@ -350,147 +402,38 @@ pub mod cpu {
         }
         out
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{assert_close, gpu, random_vec, to_f64};
-
-    /// (m, n, k): 1, odd, primes, exact and off-by-one multiples of the tiles (64×64 tiled; 16×128 register), and
-    /// n % 4 == 0 cases that take the register design's vec4 path for B.
-    const SHAPES: &[(usize, usize, usize)] = &[
-        (1, 1, 1),
-        (1, 7, 3),
-        (5, 1, 9),
-        (17, 33, 65),
-        (64, 64, 64),
-        (65, 63, 129),
-        (5, 12, 7),
-        (100, 257, 31),
-        (3, 130, 2),
-        (33, 260, 17),
-    ];
-
-    fn check(
-        v: MatmulVariant,
-        batch: usize,
-        (m, n, k): (usize, usize, usize),
+    /// f64 reference gradients (dA, dB, dbias) of Σ dC ⊙ C, by the chain rule written out element by element.
+    pub fn matmul_backward(
+        a: &[f64],
+        b: &[f64],
+        dc: &[f64],
+        s: &MatmulShape,
         spec: MatmulSpec,
-        bias: bool,
-        bcast: bool,
-    ) {
-        let gpu = gpu();
-        let seed = (m * 1000 + n * 10 + k) as u64;
-        let a_shape = if spec.trans_a { [batch, k, m] } else { [batch, m, k] };
-        let b_batch = if bcast { 1 } else { batch };
-        let b_shape = if spec.trans_b { [b_batch, n, k] } else { [b_batch, k, n] };
-        let av = random_vec(batch * m * k, seed);
-        let bv = random_vec(b_batch * k * n, seed + 1);
-        let biasv = random_vec(n, seed + 2);
-        let cv = random_vec(batch * m * n, seed + 3);
-        let a = gpu.upload(&av, if batch == 1 { &a_shape[1..] } else { &a_shape }).unwrap();
-        let b = gpu.upload(&bv, if batch == 1 || bcast { &b_shape[1..] } else { &b_shape }).unwrap();
-        let tb = gpu.upload(&biasv, &[n]).unwrap();
-        let c_shape = if batch == 1 { vec![m, n] } else { vec![batch, m, n] };
-        let c = gpu.upload(&cv, &c_shape).unwrap();
-        matmul_with(gpu, v, &a, &b, bias.then_some(&tb), &c, spec).unwrap();
-        let s = matmul_shape(&a, &b, spec).unwrap();
-        let want =
-            cpu::matmul(&to_f64(&av), &to_f64(&bv), bias.then(|| to_f64(&biasv)).as_deref(), &to_f64(&cv), &s, spec);
-        // Each output sums k products of values in [-1, 1] in f32 (order differs from the reference): the rounding
-        // error grows at most like k·2^-24 per unit of magnitude, so 1e-6·k absolute (plus 1e-5 relative) bounds it.
-        let what = format!("{v:?} batch {batch} (m,n,k)=({m},{n},{k}) {spec:?} bias {bias} broadcast {bcast}");
-        assert_close(&gpu.read(&c).unwrap(), &want, 1e-5, 1e-6 * k as f64 + 1e-6, &what);
-    }
-
-    #[test]
-    fn every_variant_matches_reference_on_odd_shapes() {
-        for v in MatmulVariant::all_available(gpu()) {
-            for &shape in SHAPES {
-                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                    let spec = MatmulSpec { trans_a: ta, trans_b: tb, ..MatmulSpec::default() };
-                    check(v, 1, shape, spec, false, false);
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (m, n, k) = (s.m, s.n, s.k);
+        let mut da = vec![0.0; a.len()];
+        let mut db = vec![0.0; b.len()];
+        let mut dbias = vec![0.0; n];
+        for bt in 0..s.batch {
+            let b_off = if s.broadcast_b { 0 } else { bt * k * n };
+            for i in 0..m {
+                for j in 0..n {
+                    let g = dc[bt * m * n + i * n + j];
+                    dbias[j] += g;
+                    for p in 0..k {
+                        let ai = bt * m * k + if spec.trans_a { p * m + i } else { i * k + p };
+                        let bi = b_off + if spec.trans_b { j * k + p } else { p * n + j };
+                        da[ai] += g * b[bi];
+                        db[bi] += g * a[ai];
+                    }
                 }
             }
         }
-    }
-
-    #[test]
-    fn every_variant_handles_batch_bias_alpha_beta() {
-        for v in MatmulVariant::all_available(gpu()) {
-            for &shape in &SHAPES[1..6] {
-                let spec = MatmulSpec { trans_a: false, trans_b: true, alpha: 0.5, beta: 1.0 };
-                check(v, 3, shape, spec, true, false);
-                check(v, 2, shape, MatmulSpec { alpha: -2.0, beta: 0.25, ..MatmulSpec::tn() }, false, false);
-                check(v, 3, shape, MatmulSpec::nn(), true, true);
-            }
-        }
-    }
-
-    #[test]
-    fn software_adapters_run_both_variants_and_pick_register() {
-        let gpu = gpu();
-        if gpu.is_software() && gpu.has_subgroups() {
-            assert_eq!(MatmulVariant::all_available(gpu), MatmulVariant::ALL.to_vec());
-            if std::env::var_os("KILN_MATMUL").is_none() {
-                assert_eq!(variant_for(gpu).unwrap(), MatmulVariant::Register);
-            }
-        }
-        assert!(MatmulVariant::Tiled.available(gpu), "the tiled design must run everywhere");
-    }
-
-    #[test]
-    fn gpt_sized_product_matches_reference() {
-        // One larger case per variant: a [129, 768] activation times a [768, 301] weight.
-        for v in MatmulVariant::all_available(gpu()) {
-            check(v, 1, (129, 301, 768), MatmulSpec::nn(), true, false);
-        }
-    }
-
-    #[test]
-    fn bad_shapes_are_typed_errors() {
-        let gpu = gpu();
-        let a = gpu.upload(&random_vec(6, 1), &[2, 3]).unwrap();
-        let b = gpu.upload(&random_vec(8, 2), &[4, 2]).unwrap();
-        let r = matmul(gpu, &a, &b, None, MatmulSpec::nn());
-        assert!(matches!(r, Err(Error::Shape { what: "inner dimension", .. })), "{r:?}");
-        assert!(matches!(matmul(gpu, &a, &b, None, MatmulSpec::nt()), Err(Error::Shape { .. })));
-        let c = gpu.alloc(&[2, 5], DType::F32).unwrap();
-        let b2 = gpu.upload(&random_vec(12, 3), &[3, 4]).unwrap();
-        assert!(matches!(
-            matmul_with(gpu, MatmulVariant::Tiled, &a, &b2, None, &c, MatmulSpec::nn()),
-            Err(Error::Shape { what: "output", .. })
-        ));
-        let bias = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
-        assert!(matches!(matmul(gpu, &a, &b2, Some(&bias), MatmulSpec::nn()), Err(Error::Shape { what: "bias", .. })));
-        let v1 = gpu.upload(&[1.0, 2.0, 3.0], &[3]).unwrap();
-        assert!(matches!(
-            matmul(gpu, &v1, &b2, None, MatmulSpec::nn()),
-            Err(Error::Shape { what: "operand ranks", .. })
-        ));
-        let ids = gpu.upload_i32(&[1, 2, 3, 4, 5, 6], &[2, 3]).unwrap();
-        assert!(matches!(matmul(gpu, &ids, &b2, None, MatmulSpec::nn()), Err(Error::DType { .. })));
-    }
-
-    #[test]
-    fn operand_larger_than_a_binding_is_a_limit_error() {
-        let gpu = gpu();
-        let limit = gpu.limits().max_storage_buffer_binding_size;
-        let rows = (limit / 4 / 64 + 1) as usize; // one row past what one binding can hold
-        if (rows * 64 * 4) as u64 > gpu.limits().max_buffer_size {
-            // Such an adapter cannot even allocate it: that must be the typed error instead.
-            assert!(matches!(gpu.alloc(&[rows, 64], DType::F32), Err(Error::Limit { .. })));
-            return;
-        }
-        let a = gpu.alloc(&[rows, 64], DType::F32).unwrap();
-        let b = gpu.alloc(&[64, 1], DType::F32).unwrap();
-        match matmul(gpu, &a, &b, None, MatmulSpec::nn()) {
-            Err(Error::Limit { limit_name, adapter, .. }) => {
-                assert_eq!(limit_name, "max_storage_buffer_binding_size");
-                assert_eq!(adapter, gpu.adapter_name());
-            }
-            other => panic!("expected a limit error, got {other:?}"),
-        }
+        (da, db, dbias)
     }
 }
+
+#[cfg(test)]
+#[path = "matmul_tests.rs"]
+mod tests;

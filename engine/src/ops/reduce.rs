@@ -15,6 +15,7 @@ struct Params {
     col_blocks: u32,
     square: u32,
     scale: f32,
+    root: u32,
 }
 
 /// Threads per workgroup (`WG` in the WGSL).
@@ -28,22 +29,31 @@ const ROWS_PER_BLOCK: usize = 32;
 /// Sum of all elements → a [1] tensor. Deterministic (fixed reduction tree, no atomics): the same input gives
 /// bit-identical output on every run.
 pub fn sum(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-    reduce_all(gpu, "sum", x, false, 1.0, ITEMS)
+    reduce_all(gpu, "sum", x, false, 1.0, ITEMS, false)
 }
 
 /// Mean of all elements → [1]: the tree sum times 1/n (rounded to f32 once).
 pub fn mean(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let scale = (1.0 / x.numel().max(1) as f64) as f32;
-    reduce_all(gpu, "mean", x, false, scale, ITEMS)
+    reduce_all(gpu, "mean", x, false, scale, ITEMS, false)
 }
 
 /// Sum of squares of all elements → [1] (gradient-norm clipping builds on it).
 pub fn sum_squares(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-    reduce_all(gpu, "sum_squares", x, true, 1.0, ITEMS)
+    reduce_all(gpu, "sum_squares", x, true, 1.0, ITEMS, false)
 }
 
 /// `items` is the per-thread count of the first-level loads (1, 2 or 4); only tests pick anything but `ITEMS`.
-fn reduce_all(gpu: &Gpu, op: &'static str, x: &Tensor, square: bool, scale: f32, items: usize) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn reduce_all(
+    gpu: &Gpu,
+    op: &'static str,
+    x: &Tensor,
+    square: bool,
+    scale: f32,
+    items: usize,
+    root: bool,
+) -> Result<Tensor> {
     nonempty(op, "input", x)?;
     expect_dtype(op, "input", x, DType::F32)?;
     let mut n = fits_u32(op, "input", x.numel())? as usize;
@@ -59,6 +69,7 @@ fn reduce_all(gpu: &Gpu, op: &'static str, x: &Tensor, square: bool, scale: f32,
             col_blocks: 0,
             square: (square && first) as u32,
             scale: if blocks == 1 { scale } else { 1.0 },
+            root: (root && blocks == 1) as u32,
         };
         let overrides = [("ITEMS", (per_group / WG) as f64)];
         gpu.dispatch(&Launch {
@@ -77,6 +88,22 @@ fn reduce_all(gpu: &Gpu, op: &'static str, x: &Tensor, square: bool, scale: f32,
         // recorded buffers alive until they finish.
         (cur, n, first) = (out, blocks, false);
     }
+}
+
+/// The global L2 norm of several tensors (all of a model's gradients) → [1], entirely on the GPU: a sum of squares
+/// per tensor, each copied into its slot of a [P] vector, then one more tree with a square root. No readback, so
+/// gradient clipping can scale by it inside the step. Deterministic like the other reductions.
+pub fn global_norm(gpu: &Gpu, tensors: &[&Tensor]) -> Result<Tensor> {
+    let op = "global_norm";
+    if tensors.is_empty() {
+        return Err(Error::Invalid { op, message: "no tensors given".into() });
+    }
+    let partials = gpu.alloc(&[tensors.len()], DType::F32)?;
+    for (i, t) in tensors.iter().enumerate() {
+        let s = sum_squares(gpu, t)?;
+        gpu.copy_elements(&s, 0, &partials, i, 1)?;
+    }
+    reduce_all(gpu, op, &partials, false, 1.0, ITEMS, true)
 }
 
 /// Column sums of a [N, C] tensor (leading dims flattened) → [C]; the matmul backward uses this for dbias.
@@ -102,7 +129,8 @@ pub fn sum_rows(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     loop {
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
         let out = gpu.alloc(&[row_blocks, cols], DType::F32)?;
-        let params = Params { n: rows as u32, cols: cols as u32, col_blocks: col_blocks as u32, square: 0, scale: 1.0 };
+        let params =
+            Params { n: rows as u32, cols: cols as u32, col_blocks: col_blocks as u32, square: 0, scale: 1.0, root: 0 };
         gpu.dispatch(&Launch {
             op,
             shader: &REDUCE,
@@ -133,6 +161,10 @@ pub mod cpu {
     }
 
     /// Column sums of row-major [rows, cols].
+    pub fn global_norm(tensors: &[&[f64]]) -> f64 {
+        tensors.iter().map(|t| sum_squares(t)).sum::<f64>().sqrt()
+    }
+
     pub fn sum_rows(x: &[f64], cols: usize) -> Vec<f64> {
         let mut out = vec![0.0; cols];
         for row in x.chunks(cols) {
@@ -166,7 +198,7 @@ mod tests {
         let t = gpu.upload(x, &[n]).unwrap();
         let xd = to_f64(x);
         let abs: Vec<f64> = xd.iter().map(|v| v.abs()).collect();
-        let got = gpu.read(&reduce_all(gpu, "sum", &t, false, 1.0, items).unwrap()).unwrap();
+        let got = gpu.read(&reduce_all(gpu, "sum", &t, false, 1.0, items, false).unwrap()).unwrap();
         assert_eq!(got.len(), 1);
         assert_tree_error(got[0], cpu::sum(&xd), cpu::sum(&abs), n, 0.0, "sum");
         let got = gpu.read(&mean(gpu, &t).unwrap()).unwrap()[0];
@@ -206,8 +238,8 @@ mod tests {
         let want = (WG * 32_768 + 1) as f32;
         let gpu = gpu();
         let t = gpu.upload(&x, &[n]).unwrap();
-        assert_eq!(gpu.read(&reduce_all(gpu, "sum", &t, false, 1.0, 1).unwrap()).unwrap(), [want]);
-        assert_eq!(gpu.read(&reduce_all(gpu, "sum_squares", &t, true, 1.0, 1).unwrap()).unwrap(), [want]);
+        assert_eq!(gpu.read(&reduce_all(gpu, "sum", &t, false, 1.0, 1, false).unwrap()).unwrap(), [want]);
+        assert_eq!(gpu.read(&reduce_all(gpu, "sum_squares", &t, true, 1.0, 1, false).unwrap()).unwrap(), [want]);
     }
 
     #[test]
@@ -267,5 +299,20 @@ mod tests {
         assert!(matches!(sum_rows(gpu, &i2), Err(Error::DType { op: "sum_rows", .. })));
         let v = gpu.upload(&[1.0, 2.0], &[2]).unwrap();
         assert!(matches!(sum_rows(gpu, &v), Err(Error::Shape { op: "sum_rows", what: "input rank", .. })));
+    }
+
+    #[test]
+    fn global_norm_matches_reference() {
+        let gpu = gpu();
+        let sizes = [1usize, 7, 1000, 65_537];
+        let data: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| random_vec(n, 40 + i as u64)).collect();
+        let ts: Vec<Tensor> = data.iter().map(|d| gpu.upload(d, &[d.len()]).unwrap()).collect();
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let norm = gpu.read(&global_norm(gpu, &refs).unwrap()).unwrap()[0] as f64;
+        let d64: Vec<Vec<f64>> = data.iter().map(|d| to_f64(d)).collect();
+        let want = cpu::global_norm(&d64.iter().map(|d| d.as_slice()).collect::<Vec<_>>());
+        // Tree sums of positive squares: relative error ~log2(n)·2^-24, plus the sqrt's rounding.
+        assert!((norm - want).abs() <= 1e-5 * want, "norm {norm} vs {want}");
+        assert!(matches!(global_norm(gpu, &[]), Err(Error::Invalid { .. })));
     }
 }

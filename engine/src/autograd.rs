@@ -1,0 +1,287 @@
+//! Reverse-mode autodiff. Each op computes its forward on the GPU and records a node: its inputs, the tensors its
+//! backward needs, and which backward to run. `Tape::backward` walks the nodes in reverse, dispatching the backward
+//! kernels into the same command stream; a node's saved tensors and incoming gradient are dropped right after its
+//! backward runs, so activations return to the pool as the walk goes. Parameters are leaves owning a persistent
+//! `grad` that backward adds into (so several backward passes accumulate, as gradient accumulation wants).
+
+use crate::ops::matmul::{matmul, matmul_backward, MatmulSpec};
+use crate::ops::{attention, elementwise, embedding, loss, norm};
+use crate::{DType, Error, Gpu, Result, Tensor};
+
+/// A trainable tensor and its gradient (same shape, zeroed by `zero_grad`).
+pub struct Param {
+    pub name: String,
+    pub value: Tensor,
+    pub grad: Tensor,
+}
+
+impl Param {
+    pub fn new(gpu: &Gpu, name: impl Into<String>, value: Tensor) -> Result<Param> {
+        let grad = elementwise::zeros(gpu, value.shape())?;
+        Ok(Param { name: name.into(), value, grad })
+    }
+
+    pub fn zero_grad(&self, gpu: &Gpu) -> Result<()> {
+        elementwise::fill(gpu, &self.grad, 0.0)
+    }
+}
+
+/// A value recorded on a tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Var(usize);
+
+enum Op<'a> {
+    Const,
+    Param(&'a Param),
+    Matmul { a: Var, b: Var, bias: Option<Var>, spec: MatmulSpec },
+    Attention { qkv: Var, lse: Tensor, n_head: usize },
+    LayerNorm { x: Var, gamma: Var, beta: Var, mean: Tensor, rstd: Tensor },
+    Gelu { x: Var },
+    Add { a: Var, b: Var },
+    Scale { x: Var, alpha: f32 },
+    Embedding { tokens: Vec<i32>, wte: &'a Param, wpe: &'a Param },
+    CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
+    WeightedSum { x: Var, weights: Tensor },
+}
+
+struct Node<'a> {
+    value: Option<Tensor>,
+    grad: Option<Tensor>,
+    op: Op<'a>,
+    requires_grad: bool,
+}
+
+/// The record of one forward pass.
+pub struct Tape<'a> {
+    gpu: &'a Gpu,
+    nodes: Vec<Node<'a>>,
+    record: bool,
+}
+
+impl<'a> Tape<'a> {
+    /// A tape that records for backward.
+    pub fn new(gpu: &'a Gpu) -> Tape<'a> {
+        Tape { gpu, nodes: Vec::new(), record: true }
+    }
+
+    /// Evaluation and generation: ops compute values but save nothing for backward.
+    pub fn no_grad(gpu: &'a Gpu) -> Tape<'a> {
+        Tape { gpu, nodes: Vec::new(), record: false }
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor {
+        self.nodes[v.0].value.as_ref().expect("a value is only released by backward, after which the tape is spent")
+    }
+
+    /// The gradient that reached an intermediate value, if backward has not consumed it yet (for tests).
+    pub fn grad(&self, v: Var) -> Option<&Tensor> {
+        self.nodes[v.0].grad.as_ref()
+    }
+
+    fn push(&mut self, value: Tensor, op: Op<'a>, inputs: &[Var]) -> Var {
+        let requires_grad = match op {
+            Op::Const => false,
+            Op::Param(_) | Op::Embedding { .. } => self.record,
+            _ => self.record && inputs.iter().any(|v| self.nodes[v.0].requires_grad),
+        };
+        let op = if requires_grad { op } else { Op::Const };
+        self.nodes.push(Node { value: Some(value), grad: None, op, requires_grad });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// A constant input (no gradient).
+    pub fn input(&mut self, t: Tensor) -> Var {
+        self.push(t, Op::Const, &[])
+    }
+
+    /// A parameter: backward adds its gradient into `p.grad`.
+    pub fn param(&mut self, p: &'a Param) -> Var {
+        self.push(p.value.clone(), Op::Param(p), &[])
+    }
+
+    pub fn matmul(&mut self, a: Var, b: Var, bias: Option<Var>, spec: MatmulSpec) -> Result<Var> {
+        let out = matmul(self.gpu, self.value(a), self.value(b), bias.map(|v| self.value(v)), spec)?;
+        let inputs: Vec<Var> = [Some(a), Some(b), bias].into_iter().flatten().collect();
+        Ok(self.push(out, Op::Matmul { a, b, bias, spec: MatmulSpec { alpha: 1.0, beta: 0.0, ..spec } }, &inputs))
+    }
+
+    /// Causal self-attention over a packed qkv [B, T, 3C] → y [B, T, C].
+    pub fn attention(&mut self, qkv: Var, n_head: usize) -> Result<Var> {
+        let (y, lse) = attention::attention_forward(self.gpu, self.value(qkv), n_head)?;
+        Ok(self.push(y, Op::Attention { qkv, lse, n_head }, &[qkv]))
+    }
+
+    pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
+        let (y, mean, rstd) = norm::layernorm(self.gpu, self.value(x), self.value(gamma), self.value(beta), eps)?;
+        Ok(self.push(y, Op::LayerNorm { x, gamma, beta, mean, rstd }, &[x, gamma, beta]))
+    }
+
+    pub fn gelu(&mut self, x: Var) -> Result<Var> {
+        let y = elementwise::gelu(self.gpu, self.value(x))?;
+        Ok(self.push(y, Op::Gelu { x }, &[x]))
+    }
+
+    /// a + b (the residual connection).
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let y = elementwise::add(self.gpu, self.value(a), self.value(b), 1.0)?;
+        Ok(self.push(y, Op::Add { a, b }, &[a, b]))
+    }
+
+    pub fn scale(&mut self, x: Var, alpha: f32) -> Result<Var> {
+        let y = elementwise::scale(self.gpu, self.value(x), alpha)?;
+        Ok(self.push(y, Op::Scale { x, alpha }, &[x]))
+    }
+
+    /// Token + position embedding of `tokens` ([batch, time], row-major host ids) → [batch, time, C].
+    pub fn embedding(
+        &mut self,
+        tokens: &[i32],
+        batch: usize,
+        time: usize,
+        wte: &'a Param,
+        wpe: &'a Param,
+    ) -> Result<Var> {
+        if tokens.len() != batch * time {
+            return Err(Error::Shape {
+                op: "embedding",
+                what: "tokens",
+                expected: format!("{batch}×{time} = {} ids", batch * time),
+                got: format!("{} ids", tokens.len()),
+            });
+        }
+        let ids = self.gpu.upload_i32(tokens, &[batch, time])?;
+        let y = embedding::embedding(self.gpu, &ids, &wte.value, &wpe.value)?;
+        Ok(self.push(y, Op::Embedding { tokens: tokens.to_vec(), wte, wpe }, &[]))
+    }
+
+    /// Per-row softmax cross-entropy of logits [N, V] (or [B, T, V]) against I32 targets; -1 rows give 0.
+    pub fn cross_entropy(&mut self, logits: Var, targets: &Tensor) -> Result<Var> {
+        let (losses, lse) = loss::cross_entropy(self.gpu, self.value(logits), targets)?;
+        Ok(self.push(losses, Op::CrossEntropy { logits, targets: targets.clone(), lse }, &[logits]))
+    }
+
+    /// Σ_i w_i·x_i → [1]. With w = 1/N_valid on valid rows it is the mean loss; with signed per-token weights it
+    /// is an advantage-weighted policy-gradient loss.
+    pub fn weighted_sum(&mut self, x: Var, weights: &Tensor) -> Result<Var> {
+        let xv = self.value(x);
+        if weights.numel() != xv.numel() || weights.dtype() != DType::F32 {
+            return Err(Error::Shape {
+                op: "weighted_sum",
+                what: "weights",
+                expected: format!("{} f32 values (one per element of {:?})", xv.numel(), xv.shape()),
+                got: format!("{:?} {:?}", weights.dtype(), weights.shape()),
+            });
+        }
+        // A [1, n]·[n, 1] product: the matmul kernels already reduce deterministically.
+        let n = xv.numel();
+        let y = matmul(self.gpu, &xv.reshape(&[1, n])?, &weights.reshape(&[n, 1])?, None, MatmulSpec::nn())?;
+        Ok(self.push(y.reshape(&[1])?, Op::WeightedSum { x, weights: weights.clone() }, &[x]))
+    }
+
+    /// Add `g` to the gradient of `v`. Never in place on a node's gradient: the same tensor may have been handed to
+    /// several inputs (a + b passes one gradient to both).
+    fn accumulate(&mut self, v: Var, g: Tensor) -> Result<()> {
+        let node = &mut self.nodes[v.0];
+        if !node.requires_grad {
+            return Ok(());
+        }
+        node.grad = Some(match node.grad.take() {
+            None => g,
+            Some(prev) => elementwise::add(self.gpu, &prev, &g, 1.0)?,
+        });
+        Ok(())
+    }
+
+    fn needs(&self, v: Var) -> bool {
+        self.nodes[v.0].requires_grad
+    }
+
+    /// Backpropagate from a one-element `loss`. The tape is spent afterwards: values are released as it walks.
+    pub fn backward(&mut self, loss: Var) -> Result<()> {
+        if !self.record {
+            return Err(Error::Invalid { op: "backward", message: "this tape was made with no_grad".into() });
+        }
+        let n = self.value(loss).numel();
+        if n != 1 {
+            return Err(Error::Invalid { op: "backward", message: format!("the loss must have one element, not {n}") });
+        }
+        let seed = self.gpu.alloc(&[1], DType::F32)?;
+        elementwise::fill(self.gpu, &seed, 1.0)?;
+        self.accumulate(loss, seed)?;
+        for i in (0..=loss.0).rev() {
+            let node = &mut self.nodes[i];
+            let op = std::mem::replace(&mut node.op, Op::Const);
+            let g = node.grad.take();
+            let value = node.value.take(); // released once this node's backward has run
+            if let Some(g) = g {
+                self.backward_node(op, g, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn backward_node(&mut self, op: Op<'a>, g: Tensor, value: Option<Tensor>) -> Result<()> {
+        let gpu = self.gpu;
+        match op {
+            Op::Const => {}
+            Op::Param(p) => elementwise::add_inplace(gpu, &p.grad, &g, 1.0)?,
+            Op::Matmul { a, b, bias, spec } => {
+                let want = [self.needs(a), self.needs(b), bias.is_some_and(|v| self.needs(v))];
+                let (da, db, dbias) = matmul_backward(gpu, self.value(a), self.value(b), &g, spec, want)?;
+                for (v, d) in [(Some(a), da), (Some(b), db), (bias, dbias)] {
+                    if let (Some(v), Some(d)) = (v, d) {
+                        self.accumulate(v, d)?;
+                    }
+                }
+            }
+            Op::Attention { qkv, lse, n_head } => {
+                let y = value.expect("attention keeps its output until its backward");
+                let d = attention::attention_backward(gpu, self.value(qkv), &y, &lse, &g, n_head)?;
+                self.accumulate(qkv, d)?;
+            }
+            Op::LayerNorm { x, gamma, beta, mean, rstd } => {
+                let (dx, dg, db) = norm::layernorm_backward(gpu, &g, self.value(x), self.value(gamma), &mean, &rstd)?;
+                self.accumulate(x, dx)?;
+                self.accumulate(gamma, dg)?;
+                self.accumulate(beta, db)?;
+            }
+            Op::Gelu { x } => {
+                let dx = elementwise::gelu_backward(gpu, self.value(x), &g)?;
+                self.accumulate(x, dx)?;
+            }
+            Op::Add { a, b } => {
+                self.accumulate(a, g.clone())?;
+                self.accumulate(b, g)?;
+            }
+            Op::Scale { x, alpha } => {
+                let dx = elementwise::scale(gpu, &g, alpha)?;
+                self.accumulate(x, dx)?;
+            }
+            Op::Embedding { tokens, wte, wpe } => {
+                embedding::embedding_backward(gpu, &tokens, &g, &wte.grad, &wpe.grad)?;
+            }
+            Op::CrossEntropy { logits, targets, lse } => {
+                let d = loss::cross_entropy_backward(gpu, self.value(logits), &targets, &lse, &g)?;
+                self.accumulate(logits, d)?;
+            }
+            Op::WeightedSum { x, weights } => {
+                // d(Σ w·x)/dx = w·g, with g the one-element upstream gradient: an [n, 1]·[1, 1] product.
+                let shape = self.value(x).shape().to_vec();
+                let n = weights.numel();
+                let dx = matmul(gpu, &weights.reshape(&[n, 1])?, &g.reshape(&[1, 1])?, None, MatmulSpec::nn())?;
+                self.accumulate(x, dx.reshape(&shape)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Weights for a mean over the rows whose target is not ignored: 1/N_valid there, 0 on ignored rows.
+pub fn mean_weights(targets: &[i32]) -> Vec<f32> {
+    let valid = targets.iter().filter(|&&t| t != loss::IGNORE_INDEX).count().max(1);
+    targets.iter().map(|&t| if t == loss::IGNORE_INDEX { 0.0 } else { 1.0 / valid as f32 }).collect()
+}
+
+#[cfg(test)]
+#[path = "autograd_tests.rs"]
+mod tests;
