@@ -1,14 +1,18 @@
-//! Kernel benchmarks: WGSL matmul variants and attention, with the CPU sgemm of `matrixmultiply` on the same
+//! Kernel benchmarks: WGSL matmul variants (forward and the backward's transposed products), attention forward
+//! and backward, and a one-block training step in tokens/s, with the CPU sgemm of `matrixmultiply` on the same
 //! sizes in the same run as the baseline. Throughput is reported in FLOPs (criterion prints GFLOP/s as elem/s
 //! scaled: read "Gelem/s" as GFLOP/s). Run: `cargo bench --bench kernels`; filter: `cargo bench --bench kernels -- 1024`.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kiln_engine::ops::attention::attention_forward;
+use kiln_engine::autograd::{mean_weights, Param, Tape, Var};
+use kiln_engine::ops::adamw::{adamw_step, AdamW};
+use kiln_engine::ops::attention::{attention_backward, attention_forward};
+use kiln_engine::ops::elementwise::zeros;
 use kiln_engine::ops::matmul::{matmul_shape, matmul_with, MatmulSpec, MatmulVariant};
 use kiln_engine::testing::{gpu, random_vec};
-use kiln_engine::DType;
+use kiln_engine::{DType, Tensor};
 
 /// (name, m, n, k): square sizes and the GPT-2 MLP shape (B·T = 4096 tokens, C = 768, 4C = 3072).
 const MATMUL_SIZES: &[(&str, usize, usize, usize)] = &[
@@ -105,5 +109,202 @@ fn bench_attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_attention);
+/// Weight-gradient and input-gradient products of the GPT-2 MLP (X [4096, 768], W [768, 3072], dY [4096, 3072]):
+/// dX = dY·Wᵀ and dW = Xᵀ·dY read the stored operands transposed, never copying them. CPU sgemm gets the same
+/// strided operands.
+fn bench_matmul_backward(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group(format!("matmul_backward [{}]", gpu.adapter_name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let (tokens, ch, hidden) = (4096, 768, 3072);
+    let x = random_vec(tokens * ch, 4);
+    let w = random_vec(ch * hidden, 5);
+    let dy = random_vec(tokens * hidden, 6);
+    let (tx, tw, tdy) = (
+        gpu.upload(&x, &[tokens, ch]).unwrap(),
+        gpu.upload(&w, &[ch, hidden]).unwrap(),
+        gpu.upload(&dy, &[tokens, hidden]).unwrap(),
+    );
+    let dx = gpu.alloc(&[tokens, ch], DType::F32).unwrap();
+    let dw = gpu.alloc(&[ch, hidden], DType::F32).unwrap();
+    // (name, A, B, out, spec, m, n, k, A strides (row, col) as sgemm reads op(A), B strides likewise, host A, host B)
+    let cases = [
+        (
+            "dX=dY·Wᵀ_4096x768x3072",
+            &tdy,
+            &tw,
+            &dx,
+            MatmulSpec::nt(),
+            tokens,
+            ch,
+            hidden,
+            (hidden, 1),
+            (1, hidden),
+            &dy,
+            &w,
+        ),
+        ("dW=Xᵀ·dY_768x3072x4096", &tx, &tdy, &dw, MatmulSpec::tn(), ch, hidden, tokens, (1, ch), (hidden, 1), &x, &dy),
+    ];
+    for (name, a, b, out, spec, m, n, k, sa, sb, ha, hb) in cases {
+        group.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+        for v in MatmulVariant::all_available(gpu) {
+            if gpu.is_software() && v == MatmulVariant::Tiled {
+                continue; // seconds per call on a software GPU (see bench_matmul)
+            }
+            group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
+                bch.iter_custom(|iters| {
+                    gpu.sync().unwrap();
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        matmul_with(gpu, v, a, b, None, out, spec).unwrap();
+                    }
+                    gpu.sync().unwrap();
+                    t.elapsed()
+                })
+            });
+        }
+        let mut cv = vec![0f32; m * n];
+        group.bench_function(BenchmarkId::new("cpu_sgemm_matrixmultiply", name), |bch| {
+            bch.iter(|| unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    ha.as_ptr(),
+                    sa.0 as isize,
+                    sa.1 as isize,
+                    hb.as_ptr(),
+                    sb.0 as isize,
+                    sb.1 as isize,
+                    0.0,
+                    cv.as_mut_ptr(),
+                    n as isize,
+                    1,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Flash attention backward (dQ, dK, dV from the recomputed probabilities): counted as 5·T²·C FLOPs per sequence
+/// (QKᵀ recomputed, dO·Vᵀ, Pᵀ·dO, dS·K, dSᵀ·Q over the causal half).
+fn bench_attention_backward(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group(format!("attention_backward [{}]", gpu.adapter_name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let (b, ch, nh) = (1, 768, 12);
+    for t in [256, 1024] {
+        group.throughput(Throughput::Elements(5 * (b * t * t * ch) as u64));
+        let qkv = gpu.upload(&random_vec(b * t * 3 * ch, 7), &[b, t, 3 * ch]).unwrap();
+        let dy = gpu.upload(&random_vec(b * t * ch, 8), &[b, t, ch]).unwrap();
+        let (y, lse) = attention_forward(gpu, &qkv, nh).unwrap();
+        group.bench_function(BenchmarkId::new("attention_backward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
+            bch.iter_custom(|iters| {
+                gpu.sync().unwrap();
+                let start = Instant::now();
+                for _ in 0..iters {
+                    attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
+                }
+                gpu.sync().unwrap();
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One training step (forward, backward, AdamW) of a one-block transformer through the autodiff tape, in
+/// tokens/s: embedding → LN → attention → residual → LN → MLP → residual → LN → tied lm_head → cross-entropy.
+fn bench_block_step(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group(format!("block_step [{}]", gpu.adapter_name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let (b, t, ch, nh, vocab) = (4, 128, 128, 4, 512);
+    let shapes: [(&str, Vec<usize>); 13] = [
+        ("wte", vec![vocab, ch]),
+        ("wpe", vec![t, ch]),
+        ("ln1_g", vec![ch]),
+        ("ln1_b", vec![ch]),
+        ("w_qkv", vec![ch, 3 * ch]),
+        ("b_qkv", vec![3 * ch]),
+        ("w_proj", vec![ch, ch]),
+        ("b_proj", vec![ch]),
+        ("ln2_g", vec![ch]),
+        ("ln2_b", vec![ch]),
+        ("w_fc", vec![ch, 4 * ch]),
+        ("b_fc", vec![4 * ch]),
+        ("w_fp", vec![4 * ch, ch]),
+    ];
+    let params: Vec<Param> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, s))| {
+            let n: usize = s.iter().product();
+            let v: Vec<f32> = random_vec(n, 20 + i as u64)
+                .iter()
+                .map(|x| if name.ends_with("_g") { 1.0 } else { 0.02 * x })
+                .collect();
+            Param::new(gpu, *name, gpu.upload(&v, s).unwrap()).unwrap()
+        })
+        .collect();
+    let moments: Vec<(Tensor, Tensor)> =
+        params.iter().map(|p| (zeros(gpu, p.value.shape()).unwrap(), zeros(gpu, p.value.shape()).unwrap())).collect();
+    let tokens: Vec<i32> = (0..b * t).map(|i| ((i * 7919) % vocab) as i32).collect();
+    let targets_host: Vec<i32> = (0..b * t).map(|i| ((i * 104_729 + 1) % vocab) as i32).collect();
+    let targets = gpu.upload_i32(&targets_host, &[b, t]).unwrap();
+    let weights = gpu.upload(&mean_weights(&targets_host), &[b * t]).unwrap();
+    let cfg = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 };
+    let nn = MatmulSpec::nn();
+    let mut step = 0u32;
+    let mut run_step = || {
+        step += 1;
+        let mut tape = Tape::new(gpu);
+        let v: Vec<Var> = params[2..].iter().map(|p| tape.param(p)).collect();
+        let x = tape.embedding(&tokens, b, t, &params[0], &params[1]).unwrap();
+        let h = tape.layernorm(x, v[0], v[1], 1e-5).unwrap();
+        let qkv = tape.matmul(h, v[2], Some(v[3]), nn).unwrap();
+        let a = tape.attention(qkv, nh).unwrap();
+        let a = tape.matmul(a, v[4], Some(v[5]), nn).unwrap();
+        let x = tape.add(x, a).unwrap();
+        let h = tape.layernorm(x, v[6], v[7], 1e-5).unwrap();
+        let f = tape.matmul(h, v[8], Some(v[9]), nn).unwrap();
+        let f = tape.gelu(f).unwrap();
+        let f = tape.matmul(f, v[10], None, nn).unwrap();
+        let x = tape.add(x, f).unwrap();
+        let h = tape.layernorm(x, v[6], v[7], 1e-5).unwrap();
+        let wte = tape.param(&params[0]);
+        let logits = tape.matmul(h, wte, None, MatmulSpec::nt()).unwrap();
+        let losses = tape.cross_entropy(logits, &targets).unwrap();
+        let loss = tape.weighted_sum(losses, &weights).unwrap();
+        tape.backward(loss).unwrap();
+        for (p, (m, v)) in params.iter().zip(&moments) {
+            adamw_step(gpu, &p.value, &p.grad, m, v, &cfg, step).unwrap();
+            p.zero_grad(gpu).unwrap();
+        }
+    };
+    group.throughput(Throughput::Elements((b * t) as u64));
+    group.bench_function(BenchmarkId::new("fwd_bwd_adamw", format!("B{b}_T{t}_C{ch}_NH{nh}_V{vocab}")), |bch| {
+        bch.iter_custom(|iters| {
+            gpu.sync().unwrap();
+            let start = Instant::now();
+            for _ in 0..iters {
+                run_step();
+            }
+            gpu.sync().unwrap();
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_matmul,
+    bench_matmul_backward,
+    bench_attention,
+    bench_attention_backward,
+    bench_block_step
+);
 criterion_main!(benches);
