@@ -1,8 +1,13 @@
 //! kiln-model: the GPT model, tokenizer, data pipeline, checkpoints, generation and trainers, built on
 //! kiln-engine's kernels and autodiff tape.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod train;
+pub mod gpt;
+pub mod tokenizer;
+pub mod data;
 
 pub use config::GptConfig;
 pub use error::{ModelError, Result};

@@ -1,0 +1,266 @@
+//! Pretraining: AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient accumulation,
+//! clipping by the global gradient norm (computed on the GPU), periodic validation loss, checkpoints that resume
+//! exactly. The caller (the CLI) owns progress display and metric files; `step` returns what it needs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use kiln_engine::autograd::{mean_weights, Tape};
+use kiln_engine::ops::adamw::{adamw_step, AdamW};
+use kiln_engine::ops::{elementwise, reduce};
+use kiln_engine::{Gpu, Tensor};
+
+use crate::checkpoint::{Checkpoint, HostTensor, TrainState};
+use crate::data::{sequential_batches, BatchSampler, SamplerState};
+use crate::error::{ModelError, Result};
+use crate::gpt::Gpt;
+
+/// Optimisation settings (also stored in checkpoints so `--resume` continues the same schedule).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub batch: usize,
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Clip the global gradient norm to this (0 = off).
+    pub grad_clip: f32,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            batch: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1337,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Learning rate at 1-based `step`: linear warmup to `lr`, then cosine down to `min_lr` at `steps`.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if step <= self.warmup {
+            return self.lr * step as f32 / self.warmup.max(1) as f32;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * cosine) as f32
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.batch == 0 || self.seq_len == 0 || self.grad_accum == 0 || self.steps == 0 {
+            return bad("steps, batch, seq_len and grad_accum must all be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(format!("need 0 < lr ({}) and 0 <= min_lr ({}) <= lr", self.lr, self.min_lr));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad(format!("betas must be in [0, 1): got {} and {}", self.beta1, self.beta2));
+        }
+        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
+            return bad("grad_clip and weight_decay must not be negative".into());
+        }
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub lr: f32,
+    pub loss: f32,
+    pub grad_norm: f32,
+    pub tokens_per_s: f64,
+    pub ms_per_step: f64,
+    /// Peak bytes the buffer pool held during the step.
+    pub peak_bytes: u64,
+}
+
+pub struct Trainer<'g> {
+    gpu: &'g Gpu,
+    pub model: Gpt,
+    pub cfg: TrainConfig,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub tokens_seen: u64,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    sampler: BatchSampler,
+}
+
+impl<'g> Trainer<'g> {
+    pub fn new(gpu: &'g Gpu, model: Gpt, cfg: TrainConfig, train: Arc<Vec<u32>>) -> Result<Trainer<'g>> {
+        cfg.validate()?;
+        if cfg.seq_len > model.config.n_ctx {
+            return Err(ModelError::Config(format!(
+                "seq_len {} exceeds the model's context n_ctx = {}",
+                cfg.seq_len, model.config.n_ctx
+            )));
+        }
+        let sampler = BatchSampler::new(train, cfg.batch, cfg.seq_len, cfg.seed)?;
+        let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
+        let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, m, v, sampler })
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. Reads back two numbers (loss and gradient norm): the
+    /// metrics the user asked for, and the NaN check.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let gpu = self.gpu;
+        let start = Instant::now();
+        gpu.reset_peak();
+        let (b, t, accum) = (self.cfg.batch, self.cfg.seq_len, self.cfg.grad_accum);
+        self.model.zero_grad(gpu)?;
+        let loss_sum = elementwise::zeros(gpu, &[1])?;
+        for _ in 0..accum {
+            let (inputs, targets) = self.sampler.next_batch();
+            // The mean over the whole accumulated batch: each micro-batch's mean scaled by 1/accum.
+            let w: Vec<f32> = mean_weights(&targets).iter().map(|w| w / accum as f32).collect();
+            let targets = gpu.upload_i32(&targets, &[b, t])?;
+            let weights = gpu.upload(&w, &[b * t])?;
+            let mut tape = Tape::new(gpu);
+            let f = self.model.forward(&mut tape, &inputs, b, t, &targets, &weights)?;
+            elementwise::add_inplace(gpu, &loss_sum, tape.value(f.loss), 1.0)?;
+            tape.backward(f.loss)?;
+        }
+        self.step += 1;
+        let grads: Vec<&Tensor> = self.model.params.iter().map(|p| &p.grad).collect();
+        let norm_t = reduce::global_norm(gpu, &grads)?;
+        let loss = gpu.read(&loss_sum)?[0];
+        let grad_norm = gpu.read(&norm_t)?[0];
+        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+            if !value.is_finite() {
+                return Err(ModelError::NonFinite { what, value, step: self.step });
+            }
+        }
+        if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
+            let scale = self.cfg.grad_clip / grad_norm;
+            for g in &grads {
+                elementwise::scale_inplace(gpu, g, scale)?;
+            }
+        }
+        let lr = self.cfg.lr_at(self.step);
+        let decay = AdamW { lr, beta1: self.cfg.beta1, beta2: self.cfg.beta2, eps: self.cfg.eps, weight_decay: self.cfg.weight_decay };
+        let no_decay = AdamW { weight_decay: 0.0, ..decay };
+        for ((p, m), v) in self.model.params.iter().zip(&self.m).zip(&self.v) {
+            // Decay matrices only: biases and LayerNorm gains are not pulled toward zero.
+            let cfg = if p.value.shape().len() >= 2 { &decay } else { &no_decay };
+            adamw_step(gpu, &p.value, &p.grad, m, v, cfg, self.step as u32)?;
+        }
+        gpu.sync()?;
+        let tokens = (b * t * accum) as u64;
+        self.tokens_seen += tokens;
+        let secs = start.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.step,
+            lr,
+            loss,
+            grad_norm,
+            tokens_per_s: tokens as f64 / secs,
+            ms_per_step: secs * 1e3,
+            peak_bytes: gpu.pool_stats().peak_bytes,
+        })
+    }
+
+    /// Everything needed to continue exactly: weights, AdamW moments, step, data position.
+    pub fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
+        let gpu = self.gpu;
+        let mut optimizer = Vec::new();
+        for ((p, m), v) in self.model.params.iter().zip(&self.m).zip(&self.v) {
+            let shape = p.value.shape().to_vec();
+            optimizer.push(HostTensor { name: format!("{}.m", p.name), shape: shape.clone(), data: gpu.read(m)? });
+            optimizer.push(HostTensor { name: format!("{}.v", p.name), shape, data: gpu.read(v)? });
+        }
+        let state = TrainState {
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            sampler: serde_json::to_value(self.sampler.state()).map_err(|e| ModelError::Data(e.to_string()))?,
+            rng: serde_json::Value::Null,
+            extra: serde_json::to_value(&self.cfg).map_err(|e| ModelError::Data(e.to_string()))?,
+        };
+        Ok(Checkpoint {
+            config: self.model.config.clone(),
+            model: self.model.to_host(gpu)?,
+            optimizer,
+            state: Some(state),
+            tokenizer_json,
+        })
+    }
+
+    /// Continue from a checkpoint written by `checkpoint`: same weights, moments, step and data stream.
+    pub fn resume(gpu: &'g Gpu, ckpt: Checkpoint, cfg: TrainConfig, train: Arc<Vec<u32>>) -> Result<Trainer<'g>> {
+        let path = std::path::PathBuf::from("<checkpoint>");
+        let state = ckpt.state.clone().ok_or_else(|| ModelError::Checkpoint {
+            path: path.clone(),
+            message: "it holds no training state (train_state.json): a weights-only export cannot be resumed".into(),
+        })?;
+        let model = Gpt::from_host(gpu, &ckpt.config, ckpt.model)?;
+        let mut tr = Trainer::new(gpu, model, cfg, train)?;
+        let moments: std::collections::HashMap<String, HostTensor> =
+            ckpt.optimizer.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for ((p, m), v) in tr.model.params.iter().zip(&tr.m).zip(&tr.v) {
+            for (suffix, dst) in [("m", m), ("v", v)] {
+                let name = format!("{}.{suffix}", p.name);
+                let t = moments.get(&name).ok_or_else(|| ModelError::Checkpoint {
+                    path: path.clone(),
+                    message: format!("optimizer state lacks {name}"),
+                })?;
+                gpu.write(dst, &t.data)?;
+            }
+        }
+        let sampler: SamplerState =
+            serde_json::from_value(state.sampler).map_err(|e| ModelError::Checkpoint { path, message: e.to_string() })?;
+        tr.sampler.restore(&sampler)?;
+        tr.step = state.step;
+        tr.tokens_seen = state.tokens_seen;
+        Ok(tr)
+    }
+}
+
+/// Mean per-token loss (nats) of `model` over sequential windows of `tokens`, at most `max_batches` of them.
+pub fn eval_loss(gpu: &Gpu, model: &Gpt, tokens: &[u32], batch: usize, time: usize, max_batches: usize) -> Result<f32> {
+    let batches = sequential_batches(tokens, batch, time);
+    if batches.is_empty() {
+        return Err(ModelError::Data(format!(
+            "evaluation needs at least {} tokens for one {batch}×{time} batch, the text has {}",
+            batch * time + 1,
+            tokens.len()
+        )));
+    }
+    let total = elementwise::zeros(gpu, &[1])?;
+    let n = batches.len().min(max_batches.max(1));
+    for (inputs, targets) in batches.into_iter().take(n) {
+        let w = vec![1.0 / (n * batch * time) as f32; batch * time];
+        let targets = gpu.upload_i32(&targets, &[batch, time])?;
+        let weights = gpu.upload(&w, &[batch * time])?;
+        let mut tape = Tape::no_grad(gpu);
+        let f = model.forward(&mut tape, &inputs, batch, time, &targets, &weights)?;
+        elementwise::add_inplace(gpu, &total, tape.value(f.loss), 1.0)?;
+    }
+    Ok(gpu.read(&total)?[0])
+}
