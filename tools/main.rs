@@ -1,7 +1,11 @@
-//! The `kiln` command line. Today: `devices` (what GPUs wgpu sees) and `quickstart` (device report plus a
-//! self-check of every kernel against its CPU reference). Training commands arrive with the model issues.
+//! The `kiln` command line: `quickstart` (prepare the bundled corpus, pretrain a tiny GPT, sample from it),
+//! `prepare`, `pretrain`, `eval`, `generate`, plus `devices` and `selfcheck` for the GPU itself.
 //!
-//! Run: `cargo run --release -- quickstart`, `cargo run --release -- devices`.
+//! Run: `cargo run --release -- quickstart`, `cargo run --release -- --help`.
+
+mod commands;
+
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -16,10 +20,118 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prepare the bundled corpus, pretrain the `tiny` preset for a few minutes, compare its validation loss with
+    /// the unigram baseline, and sample text from it.
+    Quickstart {
+        #[arg(long, default_value = "runs/quickstart")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        steps: u64,
+    },
+    /// Tokenize a corpus into train/val shards (training a byte-level BPE tokenizer unless one is given).
+    Prepare {
+        /// Text files (UTF-8); none = the bundled Shakespeare corpus.
+        #[arg(long = "input")]
+        inputs: Vec<PathBuf>,
+        #[arg(long, default_value = "runs/data")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+        /// Use this tokenizer.json instead of training one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+    },
+    /// Pretrain a GPT on prepared shards; metrics to OUT/metrics.jsonl, checkpoints to OUT/checkpoint.
+    Pretrain {
+        #[arg(long, default_value = "runs/data")]
+        data: PathBuf,
+        #[arg(long, default_value = "runs/pretrain")]
+        out: PathBuf,
+        /// tiny, small or gpt2 (vocabulary from the data).
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// A TOML model config (vocab_size, n_ctx, n_layer, n_head, n_embd) instead of a preset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Continue from OUT/checkpoint exactly where it stopped.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f32,
+        #[arg(long, default_value_t = 1e-4)]
+        min_lr: f32,
+        #[arg(long, default_value_t = 50)]
+        warmup: u64,
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f32,
+        #[arg(long, default_value_t = 1.0)]
+        grad_clip: f32,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        #[arg(long, default_value_t = 100)]
+        eval_every: u64,
+        #[arg(long, default_value_t = 20)]
+        eval_batches: usize,
+        #[arg(long, default_value_t = 500)]
+        ckpt_every: u64,
+    },
+    /// Mean per-token loss and perplexity of a checkpoint on a text file.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Window length (default: the model's context).
+        #[arg(long)]
+        seq_len: Option<usize>,
+    },
+    /// Sample text from a checkpoint (KV cache and sampling on the GPU; seeded).
+    Generate {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// 0 turns top-k off.
+        #[arg(long, default_value_t = 40)]
+        top_k: u32,
+        /// 1.0 turns top-p off.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Write the logits, loss and every parameter's gradient for a token batch (JSON rows) to a safetensors file.
+    Inspect {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// JSON array of equal-length rows of token ids; inputs row[..-1], targets row[1..].
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List every GPU adapter wgpu can see, with backend, type, driver, key limits and features.
     Devices,
-    /// Report the chosen device and check every kernel against its CPU f64 reference (max error, speed).
-    Quickstart,
+    /// Check every kernel against its CPU f64 reference on this device (max error, speed).
+    Selfcheck,
 }
 
 fn main() -> Result<()> {
@@ -37,8 +149,75 @@ fn main() -> Result<()> {
     }
     match Cli::parse().command {
         Command::Devices => devices(),
-        Command::Quickstart => quickstart(),
+        Command::Selfcheck => selfcheck(),
+        Command::Quickstart { out, steps } => commands::quickstart_cmd(&open_gpu()?, &out, steps),
+        Command::Prepare { inputs, out, vocab, tokenizer, val_fraction } => {
+            commands::prepare_cmd(&inputs, &out, vocab, tokenizer.as_deref(), val_fraction).map(|_| ())
+        }
+        Command::Pretrain {
+            data,
+            out,
+            preset,
+            config,
+            resume,
+            steps,
+            batch,
+            seq_len,
+            grad_accum,
+            lr,
+            min_lr,
+            warmup,
+            weight_decay,
+            grad_clip,
+            seed,
+            eval_every,
+            eval_batches,
+            ckpt_every,
+        } => {
+            let cfg = kiln_model::train::TrainConfig {
+                steps,
+                batch,
+                seq_len,
+                grad_accum,
+                lr,
+                min_lr,
+                warmup,
+                weight_decay,
+                grad_clip,
+                seed,
+                ..Default::default()
+            };
+            let model = match &config {
+                Some(p) => commands::ModelChoice::Toml(p),
+                None => commands::ModelChoice::Preset(&preset),
+            };
+            let opts = commands::PretrainOpts {
+                data: &data,
+                out: &out,
+                model,
+                resume,
+                eval_every: eval_every.max(1),
+                eval_batches,
+                ckpt_every: ckpt_every.max(1),
+            };
+            commands::pretrain_cmd(&open_gpu()?, &opts, cfg).map(|_| ())
+        }
+        Command::Inspect { checkpoint, tokens, out } => commands::inspect_cmd(&open_gpu()?, &checkpoint, &tokens, &out),
+        Command::Eval { checkpoint, text, batch, seq_len } => {
+            commands::eval_cmd(&open_gpu()?, &checkpoint, &text, batch.max(1), seq_len)
+        }
+        Command::Generate { checkpoint, prompt, max_tokens, temperature, top_k, top_p, samples, seed } => {
+            let prompt = prompt.replace("\\n", "\n");
+            let sampling = kiln_engine::ops::sampling::SamplingParams { temperature, top_k, top_p };
+            let cfg =
+                kiln_model::generate::GenerateConfig { max_new_tokens: max_tokens, sampling, seed, stop_token: None };
+            commands::generate_cmd(&open_gpu()?, &checkpoint, &prompt, samples, cfg)
+        }
     }
+}
+
+fn open_gpu() -> Result<Gpu> {
+    Gpu::new().context("opening the GPU")
 }
 
 fn mib(bytes: u64) -> String {
@@ -71,9 +250,9 @@ fn devices() -> Result<()> {
     Ok(())
 }
 
-fn quickstart() -> Result<()> {
-    let gpu = Gpu::new().context("opening the GPU")?;
-    println!("Kiln quickstart on {}", gpu.report());
+fn selfcheck() -> Result<()> {
+    let gpu = open_gpu()?;
+    println!("Kiln self-check on {}", gpu.report());
     let lim = gpu.limits();
     println!(
         "limits: storage binding {}, buffer {}, workgroup memory {} KiB; timestamps: {}; subgroups: {}",
@@ -83,7 +262,7 @@ fn quickstart() -> Result<()> {
         gpu.has_timestamps(),
         gpu.has_subgroups()
     );
-    println!("Self-check: every kernel against its CPU f64 reference (the model and trainers come next).\n");
+    println!("Every kernel against its CPU f64 reference:\n");
     let rows = selfcheck::run(&gpu).context("running the kernel self-check")?;
     println!("{:<16} {:<36} {:>12} {:>10} {:>12}  result", "kernel", "shape", "max |err|", "tolerance", "speed");
     let mut failed = 0;

@@ -36,3 +36,6 @@ shader!(LOSS, "loss.wgsl");
 shader!(EMBEDDING, "embedding.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(OPTIMIZER, "optimizer.wgsl");
+shader!(SAMPLING, "sampling.wgsl");
+// Attention over a KV cache (generation): its own module, since it needs immediates attention.wgsl lacks.
+shader!(ATTENTION_CACHED, "attention_cached.wgsl");

@@ -90,8 +90,11 @@ impl Gpt {
             let t = by_name.remove(name).expect("checked by check_gpt2_tensors");
             params.push(Param::new(gpu, name.clone(), gpu.upload(&t.data, shape)?)?);
         }
-        let index = |name: String| -> usize { order.iter().position(|(n, _)| *n == name).expect("name from the same list") };
-        let pair = |i: usize, part: &str| (index(format!("transformer.h.{i}.{part}.weight")), index(format!("transformer.h.{i}.{part}.bias")));
+        let index =
+            |name: String| -> usize { order.iter().position(|(n, _)| *n == name).expect("name from the same list") };
+        let pair = |i: usize, part: &str| {
+            (index(format!("transformer.h.{i}.{part}.weight")), index(format!("transformer.h.{i}.{part}.bias")))
+        };
         let blocks = (0..config.n_layer)
             .map(|i| Block {
                 ln_1: pair(i, "ln_1"),
@@ -109,7 +112,9 @@ impl Gpt {
     pub fn to_host(&self, gpu: &Gpu) -> Result<Vec<HostTensor>> {
         self.params
             .iter()
-            .map(|p| Ok(HostTensor { name: p.name.clone(), shape: p.value.shape().to_vec(), data: gpu.read(&p.value)? }))
+            .map(|p| {
+                Ok(HostTensor { name: p.name.clone(), shape: p.value.shape().to_vec(), data: gpu.read(&p.value)? })
+            })
             .collect()
     }
 
@@ -120,13 +125,23 @@ impl Gpt {
     /// Check a token batch before it reaches the GPU: ids in range, sequence within the context.
     pub fn check_tokens(&self, tokens: &[i32], batch: usize, time: usize) -> Result<()> {
         if batch == 0 || time == 0 || tokens.len() != batch * time {
-            return Err(ModelError::Data(format!("a batch of {batch}×{time} needs {} tokens, got {}", batch * time, tokens.len())));
+            return Err(ModelError::Data(format!(
+                "a batch of {batch}×{time} needs {} tokens, got {}",
+                batch * time,
+                tokens.len()
+            )));
         }
         if time > self.config.n_ctx {
-            return Err(ModelError::Data(format!("sequence length {time} exceeds the model's context n_ctx = {}", self.config.n_ctx)));
+            return Err(ModelError::Data(format!(
+                "sequence length {time} exceeds the model's context n_ctx = {}",
+                self.config.n_ctx
+            )));
         }
         if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= self.config.vocab_size) {
-            return Err(ModelError::Data(format!("token id {t} at position {i} is outside the vocabulary (size {})", self.config.vocab_size)));
+            return Err(ModelError::Data(format!(
+                "token id {t} at position {i} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )));
         }
         Ok(())
     }

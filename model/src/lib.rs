@@ -3,11 +3,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
-pub mod train;
+pub mod generate;
 pub mod gpt;
 pub mod tokenizer;
-pub mod data;
+pub mod train;
 
 pub use config::GptConfig;
 pub use error::{ModelError, Result};

@@ -74,7 +74,7 @@ impl TrainConfig {
         if self.batch == 0 || self.seq_len == 0 || self.grad_accum == 0 || self.steps == 0 {
             return bad("steps, batch, seq_len and grad_accum must all be at least 1".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+        if !(self.lr > 0.0 && self.lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad(format!("need 0 < lr ({}) and 0 <= min_lr ({}) <= lr", self.lr, self.min_lr));
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
@@ -165,7 +165,13 @@ impl<'g> Trainer<'g> {
             }
         }
         let lr = self.cfg.lr_at(self.step);
-        let decay = AdamW { lr, beta1: self.cfg.beta1, beta2: self.cfg.beta2, eps: self.cfg.eps, weight_decay: self.cfg.weight_decay };
+        let decay = AdamW {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+        };
         let no_decay = AdamW { weight_decay: 0.0, ..decay };
         for ((p, m), v) in self.model.params.iter().zip(&self.m).zip(&self.v) {
             // Decay matrices only: biases and LayerNorm gains are not pulled toward zero.
@@ -233,8 +239,8 @@ impl<'g> Trainer<'g> {
                 gpu.write(dst, &t.data)?;
             }
         }
-        let sampler: SamplerState =
-            serde_json::from_value(state.sampler).map_err(|e| ModelError::Checkpoint { path, message: e.to_string() })?;
+        let sampler: SamplerState = serde_json::from_value(state.sampler)
+            .map_err(|e| ModelError::Checkpoint { path, message: e.to_string() })?;
         tr.sampler.restore(&sampler)?;
         tr.step = state.step;
         tr.tokens_seen = state.tokens_seen;

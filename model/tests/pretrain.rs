@@ -83,7 +83,7 @@ fn checkpoint_round_trip_gives_identical_logits() {
     let gpu = gpu();
     let config = tiny_config(97);
     let model = Gpt::new(gpu, &config, 3).unwrap();
-    let tokens: Vec<i32> = (0..2 * 17).map(|i| (i * 31 % 97) as i32).collect();
+    let tokens: Vec<i32> = (0..2 * 17).map(|i: i32| i * 31 % 97).collect();
     let logits = |m: &Gpt| {
         let mut tape = Tape::no_grad(gpu);
         let l = m.logits(&mut tape, &tokens, 2, 17).unwrap();

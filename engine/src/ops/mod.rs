@@ -5,10 +5,12 @@ pub mod adamw;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod kv_cache;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod reduce;
+pub mod sampling;
 
 use crate::{Error, Result, Tensor};
 

@@ -1,0 +1,310 @@
+//! The training-side commands: prepare, pretrain, eval, generate, and the quickstart that strings them together.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_engine::ops::sampling::SamplingParams;
+use kiln_engine::Gpu;
+use kiln_model::checkpoint::{load_checkpoint, save_checkpoint};
+use kiln_model::data::{bundled_corpus, prepare, read_corpus, read_shard, PrepareReport};
+use kiln_model::generate::{generate, GenerateConfig};
+use kiln_model::gpt::Gpt;
+use kiln_model::tokenizer::Tokenizer;
+use kiln_model::train::{eval_loss, TrainConfig, Trainer};
+use kiln_model::GptConfig;
+
+/// `kiln prepare`: train (or load) a tokenizer and write train/val token shards.
+pub fn prepare_cmd(
+    inputs: &[PathBuf],
+    out: &Path,
+    vocab: usize,
+    tokenizer: Option<&Path>,
+    val_fraction: f64,
+) -> Result<PrepareReport> {
+    let text = if inputs.is_empty() {
+        println!("prepare: using the bundled corpus (Shakespeare's plays, data/README.md)");
+        bundled_corpus()?
+    } else {
+        read_corpus(inputs)?
+    };
+    let tok = match tokenizer {
+        Some(p) => Tokenizer::from_file(p).with_context(|| format!("loading tokenizer {}", p.display()))?,
+        None => {
+            println!("prepare: training a byte-level BPE tokenizer with {vocab} tokens on {} bytes", text.len());
+            Tokenizer::train(&text, vocab, &["<|endoftext|>"])?
+        }
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let report = prepare(&text, &tok, out, val_fraction, 4096)?;
+    println!(
+        "prepare: {} train / {} val tokens, vocab {}, unigram entropy {:.3} bits/token → {}",
+        report.train_tokens,
+        report.val_tokens,
+        report.vocab_size,
+        report.unigram_entropy_bits,
+        out.display()
+    );
+    Ok(report)
+}
+
+/// Options of `kiln pretrain` beyond the optimisation settings.
+pub struct PretrainOpts<'a> {
+    pub data: &'a Path,
+    pub out: &'a Path,
+    pub model: ModelChoice<'a>,
+    pub resume: bool,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub ckpt_every: u64,
+}
+
+pub enum ModelChoice<'a> {
+    Preset(&'a str),
+    Toml(&'a Path),
+}
+
+/// `kiln pretrain`; returns the final validation loss.
+pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<f32> {
+    let train = read_shard(&opts.data.join("train.bin")).context("reading train.bin (run `kiln prepare` first)")?;
+    let val = read_shard(&opts.data.join("val.bin")).context("reading val.bin")?;
+    let tok_json = std::fs::read_to_string(opts.data.join("tokenizer.json")).context("reading tokenizer.json")?;
+    let config = match opts.model {
+        ModelChoice::Preset(name) => GptConfig::preset(name, train.vocab_size)?,
+        ModelChoice::Toml(p) => {
+            GptConfig::from_toml(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?
+        }
+    };
+    if config.vocab_size < train.vocab_size {
+        bail!(
+            "the model's vocab_size {} is smaller than the data's vocabulary {}",
+            config.vocab_size,
+            train.vocab_size
+        );
+    }
+    let train_tokens = Arc::new(train.tokens);
+    let ckpt_dir = opts.out.join("checkpoint");
+    let mut trainer = if opts.resume {
+        let ckpt = load_checkpoint(&ckpt_dir).with_context(|| format!("resuming from {}", ckpt_dir.display()))?;
+        println!("pretrain: resuming at step {}", ckpt.state.as_ref().map_or(0, |s| s.step));
+        Trainer::resume(gpu, ckpt, cfg.clone(), train_tokens)?
+    } else {
+        Trainer::new(gpu, Gpt::new(gpu, &config, cfg.seed)?, cfg.clone(), train_tokens)?
+    };
+    println!(
+        "pretrain: {} parameters ({} layers, {} heads, width {}, context {}), batch {}×{}×{} tokens, {} steps on {}",
+        config.num_params(),
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.n_ctx,
+        cfg.batch,
+        cfg.seq_len,
+        cfg.grad_accum,
+        cfg.steps,
+        gpu.adapter_name()
+    );
+    std::fs::create_dir_all(opts.out)?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let bar = ProgressBar::new(cfg.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(trainer.step);
+    let val_eval =
+        |trainer: &Trainer| eval_loss(gpu, &trainer.model, &val.tokens, cfg.batch, cfg.seq_len, opts.eval_batches);
+    let mut val_loss = f32::NAN;
+    while trainer.step < cfg.steps {
+        let m = trainer.step()?;
+        let mut record = serde_json::to_value(&m)?;
+        if m.step % opts.eval_every == 0 || m.step == cfg.steps {
+            val_loss = val_eval(&trainer)?;
+            record["val_loss"] = serde_json::json!(val_loss);
+        }
+        writeln!(metrics, "{record}")?;
+        bar.set_position(m.step);
+        bar.set_message(format!(
+            "loss {:.3} val {:.3} | {:.0} tok/s | {:.0} ms/step | lr {:.1e}",
+            m.loss, val_loss, m.tokens_per_s, m.ms_per_step, m.lr
+        ));
+        if m.step % opts.ckpt_every == 0 || m.step == cfg.steps {
+            save_checkpoint(&ckpt_dir, &trainer.checkpoint(Some(tok_json.clone()))?)?;
+        }
+    }
+    bar.finish();
+    if val_loss.is_nan() {
+        val_loss = val_eval(&trainer)?;
+    }
+    println!("pretrain: final validation loss {val_loss:.4} nats/token; checkpoint in {}", ckpt_dir.display());
+    Ok(val_loss)
+}
+
+fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Gpt, Tokenizer)> {
+    let ckpt = load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let tok = match &ckpt.tokenizer_json {
+        Some(_) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+        None => bail!("{} has no tokenizer.json", dir.display()),
+    };
+    Ok((Gpt::from_host(gpu, &ckpt.config, ckpt.model)?, tok))
+}
+
+/// `kiln eval`: mean per-token loss and perplexity of a checkpoint on a text file.
+pub fn eval_cmd(gpu: &Gpu, checkpoint: &Path, text: &Path, batch: usize, seq_len: Option<usize>) -> Result<()> {
+    let (model, tok) = load_model(gpu, checkpoint)?;
+    let body = read_corpus(&[text.to_path_buf()])?;
+    let ids = tok.encode(&body)?;
+    let t = seq_len.unwrap_or(model.config.n_ctx).min(model.config.n_ctx);
+    let batch = batch.min((ids.len().saturating_sub(1) / t).max(1));
+    let loss = eval_loss(gpu, &model, &ids, batch, t, usize::MAX)?;
+    let covered = ((ids.len() - 1) / (batch * t)) * batch * t;
+    println!(
+        "{}: {} tokens evaluated (of {}), loss {:.4} nats/token, perplexity {:.2}, {:.4} bits/byte",
+        text.display(),
+        covered,
+        ids.len(),
+        loss,
+        (loss as f64).exp(),
+        // bits per byte: nats → bits, scaled by tokens per byte of this text.
+        loss as f64 / std::f64::consts::LN_2 * ids.len() as f64 / body.len() as f64
+    );
+    Ok(())
+}
+
+/// `kiln generate`: sample continuations of a prompt, streaming the first sample.
+pub fn generate_cmd(gpu: &Gpu, checkpoint: &Path, prompt: &str, samples: usize, cfg: GenerateConfig) -> Result<()> {
+    let (model, tok) = load_model(gpu, checkpoint)?;
+    let ids = tok.encode(prompt)?;
+    print!("{prompt}");
+    std::io::stdout().flush()?;
+    let mut shown = Vec::new();
+    let outs = generate(gpu, &model, &ids, samples, &cfg, |s, id| {
+        if s == 0 {
+            // Decode the growing sample and print what is new: byte-level tokens may split a character.
+            shown.push(id);
+            if let Ok(text) = tok.decode(&shown) {
+                if !text.ends_with('\u{fffd}') {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                    shown.clear();
+                }
+            }
+        }
+    })?;
+    println!();
+    for (i, o) in outs.iter().enumerate().skip(1) {
+        println!("--- sample {i} ---\n{prompt}{}", tok.decode(o)?);
+    }
+    Ok(())
+}
+
+pub fn default_sampling() -> SamplingParams {
+    SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95 }
+}
+
+/// `kiln quickstart`: prepare the bundled corpus, pretrain the tiny preset briefly, compare with the unigram
+/// baseline, and sample.
+pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
+    println!("Kiln quickstart on {}\n", gpu.report());
+    let data = out.join("data");
+    let report =
+        if data.join("train.bin").exists() && data.join("val.bin").exists() && data.join("tokenizer.json").exists() {
+            println!("quickstart: reusing the prepared data in {}", data.display());
+            None
+        } else {
+            Some(prepare_cmd(&[], &data, 2048, None, 0.1)?)
+        };
+    let cfg = TrainConfig {
+        steps,
+        batch: 8,
+        seq_len: 128,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup: steps / 20 + 1,
+        ..TrainConfig::default()
+    };
+    let run = out.join("tiny");
+    let _ = std::fs::remove_file(run.join("metrics.jsonl"));
+    let opts = PretrainOpts {
+        data: &data,
+        out: &run,
+        model: ModelChoice::Preset("tiny"),
+        resume: false,
+        eval_every: (steps / 5).max(1),
+        eval_batches: 16,
+        ckpt_every: steps,
+    };
+    let val = pretrain_cmd(gpu, &opts, cfg)?;
+    if let Some(r) = report {
+        let unigram_nats = r.unigram_entropy_bits * std::f64::consts::LN_2;
+        println!(
+            "quickstart: validation loss {val:.3} nats/token vs the unigram baseline {unigram_nats:.3} ({:.1}% lower)",
+            100.0 * (1.0 - val as f64 / unigram_nats)
+        );
+    }
+    println!("\nquickstart: a sample from the model (temperature 0.8, top-k 40):\n");
+    let cfg = GenerateConfig { max_new_tokens: 120, sampling: default_sampling(), seed: 7, stop_token: None };
+    generate_cmd(gpu, &run.join("checkpoint"), "ROMEO.\n", 1, cfg)?;
+    println!("\nNext: `kiln generate --checkpoint {} --prompt \"...\"`", run.join("checkpoint").display());
+    Ok(())
+}
+
+/// `kiln inspect`: logits, loss and every parameter's gradient for one token batch, as safetensors, so Kiln can be
+/// compared with another implementation. `tokens` is a JSON array of equal-length rows; inputs are row[..-1],
+/// targets row[1..]; the loss is the mean over all positions.
+pub fn inspect_cmd(gpu: &Gpu, checkpoint: &Path, tokens: &Path, out: &Path) -> Result<()> {
+    use kiln_engine::autograd::{mean_weights, Tape};
+    use kiln_model::checkpoint::{save_safetensors, HostTensor};
+    let (model, _) = load_model(gpu, checkpoint)?;
+    let text = std::fs::read_to_string(tokens).with_context(|| format!("reading {}", tokens.display()))?;
+    let rows: Vec<Vec<i64>> = serde_json::from_str(&text).with_context(|| {
+        format!("{}: expected a JSON array of token-id rows, e.g. [[1,2,3],[4,5,6]]", tokens.display())
+    })?;
+    let len = rows.first().map_or(0, |r| r.len());
+    if rows.is_empty() || len < 2 || rows.iter().any(|r| r.len() != len) {
+        bail!(
+            "{}: need at least one row, all of the same length ≥ 2 (inputs row[..-1], targets row[1..])",
+            tokens.display()
+        );
+    }
+    let (b, t) = (rows.len(), len - 1);
+    let to_i32 = |v: i64| i32::try_from(v).map_err(|_| anyhow::anyhow!("token id {v} does not fit i32"));
+    let inputs: Vec<i32> = rows.iter().flat_map(|r| r[..t].iter().map(|&v| to_i32(v))).collect::<Result<_>>()?;
+    let targets: Vec<i32> = rows.iter().flat_map(|r| r[1..].iter().map(|&v| to_i32(v))).collect::<Result<_>>()?;
+    model.check_tokens(&targets, b, t)?;
+    let targets_t = gpu.upload_i32(&targets, &[b, t])?;
+    let weights = gpu.upload(&mean_weights(&targets), &[b * t])?;
+    model.zero_grad(gpu)?;
+    let mut tape = Tape::new(gpu);
+    let f = model.forward(&mut tape, &inputs, b, t, &targets_t, &weights)?;
+    let v = model.config.vocab_size;
+    let mut tensors = vec![
+        HostTensor::new("logits", vec![b, t, v], gpu.read(tape.value(f.logits))?),
+        HostTensor::new("loss", vec![1], gpu.read(tape.value(f.loss))?),
+    ];
+    tape.backward(f.loss)?;
+    for p in &model.params {
+        tensors.push(HostTensor::new(p.name.clone(), p.grad.shape().to_vec(), gpu.read(&p.grad)?));
+    }
+    let meta = [
+        ("format".to_string(), "pt".to_string()),
+        ("contents".to_string(), "logits, loss, gradients by parameter name".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    save_safetensors(out, &tensors, &meta)?;
+    println!(
+        "inspect: loss {:.6} over {b}×{t} tokens; logits and {} gradients → {}",
+        tensors[1].data[0],
+        model.params.len(),
+        out.display()
+    );
+    Ok(())
+}
