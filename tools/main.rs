@@ -134,7 +134,19 @@ enum Command {
     Selfcheck,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // Errors print as one chain of causes ("reading train.bin: runs/data/train.bin: No such file ..."), without the
+    // backtrace anyhow would add when RUST_BACKTRACE is set: they are about the user's input, not our code.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     // Mesa warns when XDG_RUNTIME_DIR is unset; the warning is harmless but alarming, so give it a private dir.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = std::env::temp_dir().join(format!("kiln-xdg-{}", std::process::id()));

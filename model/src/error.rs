@@ -7,8 +7,9 @@ pub enum ModelError {
     #[error(transparent)]
     Engine(#[from] kiln_engine::Error),
 
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is part of the message, not a `source`, so a printed cause chain does not repeat it.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 
     #[error("invalid model configuration: {0}")]
     Config(String),
@@ -31,5 +32,5 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 /// Attach the path to an I/O error.
 pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ModelError {
     let path = path.into();
-    move |source| ModelError::Io { path, source }
+    move |error| ModelError::Io { path, error }
 }
