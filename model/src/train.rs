@@ -121,6 +121,7 @@ impl<'g> Trainer<'g> {
                 cfg.seq_len, model.config.n_ctx
             )));
         }
+        check_fits(gpu, &model.config, cfg.batch, cfg.seq_len)?;
         let sampler = BatchSampler::new(train, cfg.batch, cfg.seq_len, cfg.seed)?;
         let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
         let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
@@ -246,6 +247,28 @@ impl<'g> Trainer<'g> {
         tr.tokens_seen = state.tokens_seen;
         Ok(tr)
     }
+}
+
+/// Refuse, before any work, a model and batch whose largest tensors exceed what one storage binding of this
+/// adapter holds (the kernels would refuse them mid-step otherwise), naming the setting to change.
+pub fn check_fits(gpu: &Gpu, c: &crate::config::GptConfig, batch: usize, seq_len: usize) -> Result<()> {
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    let tokens = (batch * seq_len) as u64;
+    let largest = [
+        (tokens * c.vocab_size as u64 * 4, "the logits (batch × seq_len × vocab_size)"),
+        (c.vocab_size as u64 * c.n_embd as u64 * 4, "the token embedding (vocab_size × n_embd)"),
+        (tokens * 4 * c.n_embd as u64 * 4, "the MLP activations (batch × seq_len × 4·n_embd)"),
+    ];
+    for (bytes, what) in largest {
+        if bytes > limit {
+            return Err(ModelError::Config(format!(
+                "{what} take {bytes} bytes, more than one storage binding of {} allows ({limit} bytes): lower the \
+                 batch, seq_len or vocabulary, or use a GPU with larger limits",
+                gpu.adapter_name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Mean per-token loss (nats) of `model` over sequential windows of `tokens`, at most `max_batches` of them.

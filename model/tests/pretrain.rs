@@ -110,4 +110,10 @@ fn bad_batches_are_clear_errors() {
     assert!(e.contains("n_ctx"), "{e}");
     let short = Trainer::new(gpu, Gpt::new(gpu, &tiny_config(50), 4).unwrap(), train_cfg(1), Arc::new(vec![1; 10]));
     assert!(short.is_err(), "a shard shorter than one window must be refused");
+    // A batch whose logits exceed one storage binding is refused up front, naming the setting.
+    let limit = gpu.limits().max_storage_buffer_binding_size as usize;
+    let huge = TrainConfig { batch: limit / (64 * 50 * 4) + 1, ..train_cfg(1) };
+    let e =
+        Trainer::new(gpu, Gpt::new(gpu, &tiny_config(50), 4).unwrap(), huge, Arc::new(vec![1; 100_000])).err().unwrap();
+    assert!(e.to_string().contains("logits"), "{e}");
 }
