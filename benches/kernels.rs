@@ -14,6 +14,18 @@ use kiln_engine::ops::matmul::{matmul_shape, matmul_with, MatmulSpec, MatmulVari
 use kiln_engine::testing::{gpu, random_vec};
 use kiln_engine::{DType, Tensor};
 
+/// Wall time of `iters` calls recorded back to back, from an idle GPU until the GPU has finished them all.
+fn gpu_time(iters: u64, mut call: impl FnMut()) -> Duration {
+    let gpu = gpu();
+    gpu.sync().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        call();
+    }
+    gpu.sync().unwrap();
+    start.elapsed()
+}
+
 /// (name, m, n, k): square sizes and the GPT-2 MLP shape (B·T = 4096 tokens, C = 768, 4C = 3072).
 const MATMUL_SIZES: &[(&str, usize, usize, usize)] = &[
     ("256", 256, 256, 256),
@@ -48,15 +60,9 @@ fn bench_matmul(c: &mut Criterion) {
                 continue;
             }
             group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
-                bch.iter_custom(|iters| {
-                    gpu.sync().unwrap();
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        matmul_with(gpu, v, &a, &b, None, &out, MatmulSpec::nn()).unwrap();
-                    }
-                    gpu.sync().unwrap(); // the GPU has finished inside the timed region
-                    t.elapsed()
-                })
+                bch.iter_custom(|iters| gpu_time(iters, || {
+                    matmul_with(gpu, v, &a, &b, None, &out, MatmulSpec::nn()).unwrap();
+                }))
             });
         }
         let mut cv = vec![0f32; m * n];
@@ -95,15 +101,9 @@ fn bench_attention(c: &mut Criterion) {
         group.throughput(Throughput::Elements(2 * (b * t * t * ch) as u64));
         let qkv = gpu.upload(&random_vec(b * t * 3 * ch, 3), &[b, t, 3 * ch]).unwrap();
         group.bench_function(BenchmarkId::new("attention_forward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
-            bch.iter_custom(|iters| {
-                gpu.sync().unwrap();
-                let start = Instant::now();
-                for _ in 0..iters {
-                    attention_forward(gpu, &qkv, nh).unwrap();
-                }
-                gpu.sync().unwrap();
-                start.elapsed()
-            })
+            bch.iter_custom(|iters| gpu_time(iters, || {
+                attention_forward(gpu, &qkv, nh).unwrap();
+            }))
         });
     }
     group.finish();
@@ -152,15 +152,9 @@ fn bench_matmul_backward(c: &mut Criterion) {
                 continue; // seconds per call on a software GPU (see bench_matmul)
             }
             group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
-                bch.iter_custom(|iters| {
-                    gpu.sync().unwrap();
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        matmul_with(gpu, v, a, b, None, out, spec).unwrap();
-                    }
-                    gpu.sync().unwrap();
-                    t.elapsed()
-                })
+                bch.iter_custom(|iters| gpu_time(iters, || {
+                    matmul_with(gpu, v, a, b, None, out, spec).unwrap();
+                }))
             });
         }
         let mut cv = vec![0f32; m * n];
@@ -201,15 +195,9 @@ fn bench_attention_backward(c: &mut Criterion) {
         let dy = gpu.upload(&random_vec(b * t * ch, 8), &[b, t, ch]).unwrap();
         let (y, lse) = attention_forward(gpu, &qkv, nh).unwrap();
         group.bench_function(BenchmarkId::new("attention_backward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
-            bch.iter_custom(|iters| {
-                gpu.sync().unwrap();
-                let start = Instant::now();
-                for _ in 0..iters {
-                    attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
-                }
-                gpu.sync().unwrap();
-                start.elapsed()
-            })
+            bch.iter_custom(|iters| gpu_time(iters, || {
+                attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
+            }))
         });
     }
     group.finish();
@@ -286,15 +274,9 @@ fn bench_block_step(c: &mut Criterion) {
     };
     group.throughput(Throughput::Elements((b * t) as u64));
     group.bench_function(BenchmarkId::new("fwd_bwd_adamw", format!("B{b}_T{t}_C{ch}_NH{nh}_V{vocab}")), |bch| {
-        bch.iter_custom(|iters| {
-            gpu.sync().unwrap();
-            let start = Instant::now();
-            for _ in 0..iters {
-                run_step();
-            }
-            gpu.sync().unwrap();
-            start.elapsed()
-        })
+        bch.iter_custom(|iters| gpu_time(iters, || {
+            run_step();
+        }))
     });
     group.finish();
 }
