@@ -60,9 +60,11 @@ fn bench_matmul(c: &mut Criterion) {
                 continue;
             }
             group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
-                bch.iter_custom(|iters| gpu_time(iters, || {
-                    matmul_with(gpu, v, &a, &b, None, &out, MatmulSpec::nn()).unwrap();
-                }))
+                bch.iter_custom(|iters| {
+                    gpu_time(iters, || {
+                        matmul_with(gpu, v, &a, &b, None, &out, MatmulSpec::nn()).unwrap();
+                    })
+                })
             });
         }
         let mut cv = vec![0f32; m * n];
@@ -101,9 +103,11 @@ fn bench_attention(c: &mut Criterion) {
         group.throughput(Throughput::Elements(2 * (b * t * t * ch) as u64));
         let qkv = gpu.upload(&random_vec(b * t * 3 * ch, 3), &[b, t, 3 * ch]).unwrap();
         group.bench_function(BenchmarkId::new("attention_forward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
-            bch.iter_custom(|iters| gpu_time(iters, || {
-                attention_forward(gpu, &qkv, nh).unwrap();
-            }))
+            bch.iter_custom(|iters| {
+                gpu_time(iters, || {
+                    attention_forward(gpu, &qkv, nh).unwrap();
+                })
+            })
         });
     }
     group.finish();
@@ -152,9 +156,11 @@ fn bench_matmul_backward(c: &mut Criterion) {
                 continue; // seconds per call on a software GPU (see bench_matmul)
             }
             group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
-                bch.iter_custom(|iters| gpu_time(iters, || {
-                    matmul_with(gpu, v, a, b, None, out, spec).unwrap();
-                }))
+                bch.iter_custom(|iters| {
+                    gpu_time(iters, || {
+                        matmul_with(gpu, v, a, b, None, out, spec).unwrap();
+                    })
+                })
             });
         }
         let mut cv = vec![0f32; m * n];
@@ -195,9 +201,11 @@ fn bench_attention_backward(c: &mut Criterion) {
         let dy = gpu.upload(&random_vec(b * t * ch, 8), &[b, t, ch]).unwrap();
         let (y, lse) = attention_forward(gpu, &qkv, nh).unwrap();
         group.bench_function(BenchmarkId::new("attention_backward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
-            bch.iter_custom(|iters| gpu_time(iters, || {
-                attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
-            }))
+            bch.iter_custom(|iters| {
+                gpu_time(iters, || {
+                    attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
+                })
+            })
         });
     }
     group.finish();
@@ -274,9 +282,11 @@ fn bench_block_step(c: &mut Criterion) {
     };
     group.throughput(Throughput::Elements((b * t) as u64));
     group.bench_function(BenchmarkId::new("fwd_bwd_adamw", format!("B{b}_T{t}_C{ch}_NH{nh}_V{vocab}")), |bch| {
-        bch.iter_custom(|iters| gpu_time(iters, || {
-            run_step();
-        }))
+        bch.iter_custom(|iters| {
+            gpu_time(iters, || {
+                run_step();
+            })
+        })
     });
     group.finish();
 }

@@ -249,6 +249,7 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
             100.0 * (1.0 - val as f64 / unigram_nats)
         );
     }
+    crate::plot::plot_cmd(&run.join("metrics.jsonl"), &run.join("loss.png"))?;
     println!("\nquickstart: a sample from the model (temperature 0.8, top-k 40):\n");
     let cfg = GenerateConfig { max_new_tokens: 120, sampling: default_sampling(), seed: 7, stop_token: None };
     generate_cmd(gpu, &run.join("checkpoint"), "ROMEO.\n", 1, cfg)?;

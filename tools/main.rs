@@ -4,6 +4,7 @@
 //! Run: `cargo run --release -- quickstart`, `cargo run --release -- --help`.
 
 mod commands;
+mod plot;
 
 use std::path::PathBuf;
 
@@ -128,6 +129,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Draw the loss curves of a metrics.jsonl (training and validation loss against step) as a PNG.
+    Plot {
+        #[arg(long, default_value = "runs/pretrain/metrics.jsonl")]
+        metrics: PathBuf,
+        #[arg(long, default_value = "runs/pretrain/loss.png")]
+        out: PathBuf,
+    },
     /// List every GPU adapter wgpu can see, with backend, type, driver, key limits and features.
     Devices,
     /// Check every kernel against its CPU f64 reference on this device (max error, speed).
@@ -214,6 +222,7 @@ fn run() -> Result<()> {
             };
             commands::pretrain_cmd(&open_gpu()?, &opts, cfg).map(|_| ())
         }
+        Command::Plot { metrics, out } => plot::plot_cmd(&metrics, &out),
         Command::Inspect { checkpoint, tokens, out } => commands::inspect_cmd(&open_gpu()?, &checkpoint, &tokens, &out),
         Command::Eval { checkpoint, text, batch, seq_len } => {
             commands::eval_cmd(&open_gpu()?, &checkpoint, &text, batch.max(1), seq_len)
