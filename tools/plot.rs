@@ -8,8 +8,11 @@ use plotters::prelude::*;
 /// DejaVu Sans, bundled so charts render the same on machines without system fonts (data/fonts/README.md).
 static FONT: &[u8] = include_bytes!("../data/fonts/DejaVuSans.ttf");
 
+/// (step, value) points of one curve.
+type Series = Vec<(f64, f64)>;
+
 /// (step, value) series read from JSONL records: training loss, and validation loss where it was measured.
-fn read_series(metrics: &Path) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+fn read_series(metrics: &Path) -> Result<(Series, Series)> {
     let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
