@@ -16,12 +16,18 @@ use kiln_model::tokenizer::Tokenizer;
 use kiln_model::train::{eval_loss, TrainConfig, Trainer};
 use kiln_model::GptConfig;
 
+/// Where `prepare` gets its tokenizer: trained on the corpus, a tokenizer.json, or GPT-2's vocab.json + merges.txt.
+pub enum TokenizerSource<'a> {
+    Train(usize),
+    Json(&'a Path),
+    Gpt2 { vocab_json: &'a Path, merges: &'a Path },
+}
+
 /// `kiln prepare`: train (or load) a tokenizer and write train/val token shards.
 pub fn prepare_cmd(
     inputs: &[PathBuf],
     out: &Path,
-    vocab: usize,
-    tokenizer: Option<&Path>,
+    source: TokenizerSource,
     val_fraction: f64,
 ) -> Result<PrepareReport> {
     let text = if inputs.is_empty() {
@@ -30,9 +36,13 @@ pub fn prepare_cmd(
     } else {
         read_corpus(inputs)?
     };
-    let tok = match tokenizer {
-        Some(p) => Tokenizer::from_file(p).with_context(|| format!("loading tokenizer {}", p.display()))?,
-        None => {
+    let tok = match source {
+        TokenizerSource::Json(p) => {
+            Tokenizer::from_file(p).with_context(|| format!("loading tokenizer {}", p.display()))?
+        }
+        TokenizerSource::Gpt2 { vocab_json, merges } => Tokenizer::from_gpt2_files(vocab_json, merges)
+            .with_context(|| format!("loading {} and {}", vocab_json.display(), merges.display()))?,
+        TokenizerSource::Train(vocab) => {
             println!("prepare: training a byte-level BPE tokenizer with {vocab} tokens on {} bytes", text.len());
             Tokenizer::train(&text, vocab, &["<|endoftext|>"])?
         }
@@ -219,7 +229,7 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
             println!("quickstart: reusing the prepared data in {}", data.display());
             None
         } else {
-            Some(prepare_cmd(&[], &data, 2048, None, 0.1)?)
+            Some(prepare_cmd(&[], &data, TokenizerSource::Train(2048), 0.1)?)
         };
     let cfg = TrainConfig {
         steps,

@@ -38,9 +38,15 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 4096)]
         vocab: usize,
-        /// Use this tokenizer.json instead of training one.
-        #[arg(long)]
+        /// Use this tokenizer.json (any, GPT-2's included) instead of training one.
+        #[arg(long, conflicts_with = "gpt2_vocab")]
         tokenizer: Option<PathBuf>,
+        /// GPT-2's vocab.json (encoder.json) — with --gpt2-merges — instead of training a tokenizer.
+        #[arg(long, requires = "gpt2_merges")]
+        gpt2_vocab: Option<PathBuf>,
+        /// GPT-2's merges.txt (vocab.bpe).
+        #[arg(long, requires = "gpt2_vocab")]
+        gpt2_merges: Option<PathBuf>,
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
     },
@@ -171,8 +177,13 @@ fn run() -> Result<()> {
         Command::Devices => devices(),
         Command::Selfcheck => selfcheck(),
         Command::Quickstart { out, steps } => commands::quickstart_cmd(&open_gpu()?, &out, steps),
-        Command::Prepare { inputs, out, vocab, tokenizer, val_fraction } => {
-            commands::prepare_cmd(&inputs, &out, vocab, tokenizer.as_deref(), val_fraction).map(|_| ())
+        Command::Prepare { inputs, out, vocab, tokenizer, gpt2_vocab, gpt2_merges, val_fraction } => {
+            let source = match (&tokenizer, &gpt2_vocab, &gpt2_merges) {
+                (Some(p), _, _) => commands::TokenizerSource::Json(p),
+                (None, Some(v), Some(m)) => commands::TokenizerSource::Gpt2 { vocab_json: v, merges: m },
+                _ => commands::TokenizerSource::Train(vocab),
+            };
+            commands::prepare_cmd(&inputs, &out, source, val_fraction).map(|_| ())
         }
         Command::Pretrain {
             data,
