@@ -1,29 +1,8 @@
 //! Tests of the data pipeline: corpora, shard files, the train/val split, and the batch samplers.
 
-use std::path::PathBuf;
-
 use super::*;
 
-/// A scratch directory unique to this process and test, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("kiln-data-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_util::Scratch;
 
 fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
     r.unwrap_err().to_string()
@@ -39,7 +18,7 @@ fn bundled_corpus_is_the_plays() {
 
 #[test]
 fn read_corpus_joins_documents() {
-    let dir = Scratch::new("read_corpus");
+    let dir = Scratch::new("data", "read_corpus");
     let (a, b) = (dir.path("a.txt"), dir.path("b.txt"));
     std::fs::write(&a, "\u{feff}first doc\nline two\n\n").unwrap();
     std::fs::write(&b, "second doc ✓").unwrap();
@@ -49,7 +28,7 @@ fn read_corpus_joins_documents() {
 
 #[test]
 fn read_corpus_errors_name_the_file() {
-    let dir = Scratch::new("read_corpus_errors");
+    let dir = Scratch::new("data", "read_corpus_errors");
     assert!(err(read_corpus(&[])).contains("no corpus"));
     let missing = dir.path("missing.txt");
     assert!(err(read_corpus(&[missing])).contains("missing.txt"));
@@ -65,7 +44,7 @@ fn read_corpus_errors_name_the_file() {
 
 #[test]
 fn shard_round_trips_both_widths() {
-    let dir = Scratch::new("shard_round_trip");
+    let dir = Scratch::new("data", "shard_round_trip");
     let path = dir.path("s.bin");
     for (vocab, tokens) in
         [(50257, vec![0, 1, 50256, 7, 65535 % 50257]), (65536, vec![65535, 0]), (70000, vec![69999, 3, 65536])]
@@ -85,7 +64,7 @@ fn shard_round_trips_both_widths() {
 
 #[test]
 fn shard_rejects_corruption() {
-    let dir = Scratch::new("shard_corrupt");
+    let dir = Scratch::new("data", "shard_corrupt");
     let path = dir.path("s.bin");
     write_shard(&path, &[1, 2, 3, 4], 100).unwrap();
     let good = std::fs::read(&path).unwrap();
@@ -134,7 +113,7 @@ fn small_tokenizer() -> Tokenizer {
 
 #[test]
 fn prepare_splits_across_the_corpus() {
-    let dir = Scratch::new("prepare");
+    let dir = Scratch::new("data", "prepare");
     let tok = small_tokenizer();
     // Numbered lines: each encodes to distinct tokens, so where val came from is visible in its text.
     let text: String = (0..400).map(|i| format!("line {i} of the quick brown fox\n")).collect();
@@ -165,7 +144,7 @@ fn prepare_splits_across_the_corpus() {
 
 #[test]
 fn prepare_small_corpus_shrinks_chunks() {
-    let dir = Scratch::new("prepare_small");
+    let dir = Scratch::new("data", "prepare_small");
     let tok = small_tokenizer();
     let text: String = (0..10).map(|i| format!("line {i} of the fox\n")).collect();
     let n = tok.encode(&text).unwrap().len();
@@ -176,7 +155,7 @@ fn prepare_small_corpus_shrinks_chunks() {
 
 #[test]
 fn prepare_errors() {
-    let dir = Scratch::new("prepare_errors");
+    let dir = Scratch::new("data", "prepare_errors");
     let tok = small_tokenizer();
     assert!(err(prepare("", &tok, &dir.0, 0.1, 64)).contains("empty"));
     assert!(err(prepare("the fox", &tok, &dir.0, 0.0, 64)).contains("val_fraction"));

@@ -10,5 +10,8 @@ pub mod gpt;
 pub mod tokenizer;
 pub mod train;
 
+#[cfg(test)]
+mod test_util;
+
 pub use config::GptConfig;
 pub use error::{ModelError, Result};

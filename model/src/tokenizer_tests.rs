@@ -1,33 +1,14 @@
 //! Tests of the tokenizer: round trips, determinism, persistence, the GPT-2 file formats and bad input.
 
-use std::path::PathBuf;
-
 use super::*;
 
 const SAMPLE: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n\
 First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n\
 First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n";
 
-/// A scratch directory unique to this process and test, removed on drop.
-struct Scratch(PathBuf);
+use std::path::PathBuf;
 
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("kiln-tok-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_util::Scratch;
 
 fn sample_tokenizer() -> Tokenizer {
     Tokenizer::train(&SAMPLE.repeat(4), 300, &["<|endoftext|>"]).unwrap()
@@ -85,7 +66,7 @@ fn training_is_deterministic() {
 
 #[test]
 fn save_and_load_give_identical_ids() {
-    let dir = Scratch::new("save_load");
+    let dir = Scratch::new("tok", "save_load");
     let tok = sample_tokenizer();
     let path = dir.path("tokenizer.json");
     tok.save(&path).unwrap();
@@ -141,7 +122,7 @@ fn write_gpt2_files(dir: &Scratch, merges_header: bool) -> (PathBuf, PathBuf) {
 
 #[test]
 fn gpt2_vocab_and_merges_load_and_encode() {
-    let dir = Scratch::new("gpt2_files");
+    let dir = Scratch::new("tok", "gpt2_files");
     for header in [true, false] {
         let (v, m) = write_gpt2_files(&dir, header);
         let tok = Tokenizer::from_gpt2_files(&v, &m).unwrap();
@@ -177,7 +158,7 @@ fn gpt2_style_json(merges_json: &str) -> String {
 
 #[test]
 fn tokenizer_json_merges_as_strings_and_as_pairs() {
-    let dir = Scratch::new("merges_variants");
+    let dir = Scratch::new("tok", "merges_variants");
     let strings = r#"["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or"]"#;
     let pairs = r#"[["h","e"], ["l","l"], ["he","ll"], ["hell","o"], ["Ġ","w"], ["o","r"], ["Ġw","or"]]"#;
     for (name, merges) in [("strings.json", strings), ("pairs.json", pairs)] {
@@ -203,7 +184,7 @@ fn bad_input_gives_errors() {
     let e = tok.decode(&[5, 300]).unwrap_err().to_string();
     assert!(e.contains("300") && e.contains("vocabulary"), "{e}");
 
-    let dir = Scratch::new("bad_input");
+    let dir = Scratch::new("tok", "bad_input");
     let missing = dir.path("missing.json");
     assert!(msg(Tokenizer::from_file(&missing)).contains("missing.json"));
     let garbage = dir.path("garbage.json");
