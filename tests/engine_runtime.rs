@@ -144,3 +144,16 @@ fn broken_shader_is_a_typed_error() {
     elementwise::fill(&gpu, &t, 1.0).unwrap();
     assert_eq!(gpu.read(&t).unwrap(), vec![1.0; 4]);
 }
+
+#[test]
+fn uploads_between_kernels_keep_program_order_without_submitting() {
+    let gpu = private_gpu();
+    let t = gpu.upload(&[1.0, 2.0, 3.0], &[3]).unwrap();
+    let before = elementwise::scale(&gpu, &t, 10.0).unwrap(); // recorded, reads t = [1, 2, 3]
+    let (s0, _) = gpu.submit_counts();
+    gpu.write(&t, &[5.0, 6.0, 7.0]).unwrap(); // recorded after the scale: must not change what it read
+    let after = elementwise::scale(&gpu, &t, 10.0).unwrap();
+    assert_eq!(gpu.submit_counts().0, s0, "an upload mid-recording must not submit");
+    assert_eq!(gpu.read(&before).unwrap(), vec![10.0, 20.0, 30.0]);
+    assert_eq!(gpu.read(&after).unwrap(), vec![50.0, 60.0, 70.0]);
+}

@@ -122,6 +122,8 @@ pub struct Gpu {
     limits: wgpu::Limits,
     features: wgpu::Features,
     pub(crate) pool: Arc<Pool>,
+    /// Staging buffers for uploads recorded mid-encoder (never bound to a kernel; see `write_bytes`).
+    uploads: Arc<Pool>,
     pub(crate) caches: Caches,
     pub(crate) recorder: Mutex<Recorder>,
     /// Validation errors wgpu reports asynchronously; surfaced as `Error::Gpu` at the next flush.
@@ -180,6 +182,7 @@ impl Gpu {
             limits,
             features,
             pool: Pool::new(),
+            uploads: Pool::new(),
             caches: Caches::default(),
             recorder,
             gpu_error,
@@ -294,10 +297,27 @@ impl Gpu {
                 got: format!("{len} values"),
             });
         }
-        // A queued write runs before any command recorded but not yet submitted; submit those first so a kernel
-        // recorded earlier never sees data written later (buffers are reused across tensors).
-        self.flush()?;
-        self.queue.write_buffer(t.buffer(), 0, bytes);
+        let mut rec = self.recorder.lock().unwrap();
+        if !rec.is_recording() {
+            self.queue.write_buffer(t.buffer(), 0, bytes);
+            return Ok(());
+        }
+        // A queued write runs before every command recorded but not yet submitted, and `t`'s buffer may still be
+        // read by one of them (buffers are reused across tensors). So the data goes to a staging buffer that no
+        // kernel ever binds, and a copy recorded in order moves it into place: the step stays one submission.
+        let device = &self.device;
+        let (id, class_bytes, buffer) = self.uploads.take(bytes.len() as u64, |size| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kiln upload staging"),
+                size,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        self.queue.write_buffer(&buffer, 0, bytes);
+        rec.encoder(device).copy_buffer_to_buffer(&buffer, 0, t.buffer(), 0, bytes.len() as u64);
+        let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.uploads.clone() };
+        rec.staging.push(Tensor::new(Arc::new(storage), vec![len], t.dtype()));
         Ok(())
     }
 

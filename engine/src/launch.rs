@@ -134,11 +134,24 @@ pub(crate) struct Recorder {
     /// Command buffers submitted and kernels recorded so far (tests and step reports count them).
     pub(crate) submits: u64,
     pub(crate) dispatches: u64,
+    /// Staging buffers of uploads recorded into the open encoder; released (to the upload pool) only after the
+    /// encoder is submitted, so a later queued write can never land in one before its copy has run.
+    pub(crate) staging: Vec<Tensor>,
 }
 
 impl Recorder {
     pub(crate) fn new(device: &wgpu::Device, queue: &wgpu::Queue, features: wgpu::Features) -> Recorder {
-        Recorder { encoder: None, profiler: Profiler::new(device, queue, features), submits: 0, dispatches: 0 }
+        Recorder {
+            encoder: None,
+            profiler: Profiler::new(device, queue, features),
+            submits: 0,
+            dispatches: 0,
+            staging: Vec::new(),
+        }
+    }
+
+    pub(crate) fn is_recording(&self) -> bool {
+        self.encoder.is_some()
     }
 
     pub(crate) fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
@@ -260,6 +273,7 @@ impl Gpu {
             let resolved = rec.profiler.resolve(&mut enc);
             self.queue.submit([enc.finish()]);
             rec.submits += 1;
+            rec.staging.clear();
             if let Some((buffer, size)) = resolved {
                 let bytes = self.map_read(&buffer, size)?;
                 rec.profiler.accumulate(&bytes);

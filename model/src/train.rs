@@ -129,8 +129,9 @@ impl<'g> Trainer<'g> {
         Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, m, v, sampler })
     }
 
-    /// One optimizer step over `grad_accum` micro-batches. Reads back two numbers (loss and gradient norm): the
-    /// metrics the user asked for, and the NaN check.
+    /// One optimizer step over `grad_accum` micro-batches: two submissions (forward/backward/norm, then clipping
+    /// and AdamW) around one readback of two numbers, the loss and the gradient norm (the metrics the user asked
+    /// for, the NaN check, and the clipping decision).
     pub fn step(&mut self) -> Result<StepMetrics> {
         let gpu = self.gpu;
         let start = Instant::now();
@@ -152,8 +153,14 @@ impl<'g> Trainer<'g> {
         self.step += 1;
         let grads: Vec<&Tensor> = self.model.params.iter().map(|p| &p.grad).collect();
         let norm_t = reduce::global_norm(gpu, &grads)?;
-        let loss = gpu.read(&loss_sum)?[0];
-        let grad_norm = gpu.read(&norm_t)?[0];
+        // One readback for both numbers: the step so far is a single submission.
+        let both = gpu.alloc(&[2], kiln_engine::DType::F32)?;
+        gpu.copy_elements(&loss_sum, 0, &both, 0, 1)?;
+        gpu.copy_elements(&norm_t, 0, &both, 1, 1)?;
+        let (loss, grad_norm) = match gpu.read(&both)?[..] {
+            [l, n] => (l, n),
+            _ => unreachable!("a [2] tensor reads back two values"),
+        };
         for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
             if !value.is_finite() {
                 return Err(ModelError::NonFinite { what, value, step: self.step });

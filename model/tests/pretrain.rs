@@ -100,6 +100,22 @@ fn checkpoint_round_trip_gives_identical_logits() {
 }
 
 #[test]
+fn a_training_step_is_two_submissions_and_allocates_no_new_buffers() {
+    let gpu = kiln_engine::Gpu::new().unwrap(); // private: exact counts
+    let (train, _, vocab) = tiny_data();
+    let cfg = TrainConfig { grad_accum: 2, ..train_cfg(10) };
+    let mut tr = Trainer::new(&gpu, Gpt::new(&gpu, &tiny_config(vocab), 7).unwrap(), cfg, Arc::new(train)).unwrap();
+    tr.step().unwrap(); // warm-up: the pool learns the step's sizes
+    let (submits, _) = gpu.submit_counts();
+    let created = gpu.pool_stats().buffers_created;
+    for _ in 0..3 {
+        tr.step().unwrap();
+    }
+    assert_eq!(gpu.submit_counts().0 - submits, 6, "two command buffers per step, micro-batches included");
+    assert_eq!(gpu.pool_stats().buffers_created, created, "steady-state steps reuse pooled buffers");
+}
+
+#[test]
 fn bad_batches_are_clear_errors() {
     let gpu = gpu();
     let model = Gpt::new(gpu, &tiny_config(50), 4).unwrap();
