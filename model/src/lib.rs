@@ -7,6 +7,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gpt;
+pub mod tasks;
 pub mod tokenizer;
 pub mod train;
 
