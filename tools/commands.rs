@@ -44,7 +44,7 @@ pub fn prepare_cmd(
             .with_context(|| format!("loading {} and {}", vocab_json.display(), merges.display()))?,
         TokenizerSource::Train(vocab) => {
             println!("prepare: training a byte-level BPE tokenizer with {vocab} tokens on {} bytes", text.len());
-            Tokenizer::train(&text, vocab, &["<|endoftext|>"])?
+            Tokenizer::train(&text, vocab, &kiln_model::chat::SPECIAL_TOKENS)?
         }
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

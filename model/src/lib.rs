@@ -1,6 +1,7 @@
 //! kiln-model: the GPT model, tokenizer, data pipeline, checkpoints, generation and trainers, built on
 //! kiln-engine's kernels and autodiff tape.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
