@@ -18,41 +18,11 @@ var<immediate> p: Params;
 @group(0) @binding(3) var<storage, read> dloss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dlogits: array<f32>;
 
-const WG: u32 = 256u;
-// WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.
-const NEG_BIG: f32 = -3.4028235e38;
 const IGNORE: i32 = -1;
-
-var<workgroup> red: array<f32, WG>;
 
 // naga rejects NaN literals and cannot constant-fold bitcast, so this stays a runtime value.
 fn nan() -> f32 {
     return bitcast<f32>(0x7fc00000u);
-}
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    // Every thread must read the result before the next reduction overwrites red[0].
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
 }
 
 // Pass 1: row max. Pass 2: sum of exp(x - max), every term in (0, 1]. Then one thread forms the loss.
@@ -60,7 +30,7 @@ fn reduce_max(lid: u32, v: f32) -> f32 {
 // ids without a readback and a NaN loss is caught downstream.
 @compute @workgroup_size(256)
 fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wg.y * nwg.x + wg.x;
+    let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.v;
     var m = NEG_BIG;
@@ -90,7 +60,7 @@ fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
 // other out-of-range targets write NaN, as the forward's loss does.
 @compute @workgroup_size(256)
 fn cross_entropy_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wg.y * nwg.x + wg.x;
+    let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.v;
     let t = targets[row];

@@ -31,29 +31,7 @@ var<immediate> p: Params;
 @group(0) @binding(1) var<storage, read> sm_dy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sm_dx: array<f32>;
 
-const WG: u32 = 256u;
-// WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.
-const NEG_BIG: f32 = -3.4028235e38;
-
-var<workgroup> red: array<f32, WG>;
 var<workgroup> red2: array<vec2<f32>, WG>;
-
-fn row_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wg.y * nwg.x + wg.x;
-}
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    // Every thread must read the result before the next reduction overwrites red[0].
-    workgroupBarrier();
-    return r;
-}
 
 // Two sums in one tree: half the barriers of two reduce_sum calls.
 fn reduce_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
@@ -64,18 +42,6 @@ fn reduce_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
         workgroupBarrier();
     }
     let r = red2[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
     workgroupBarrier();
     return r;
 }

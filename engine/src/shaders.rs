@@ -31,8 +31,18 @@ pub static MATMUL_REGISTER: ShaderSource = ShaderSource {
     trusted: true,
 };
 shader!(ATTENTION, "attention.wgsl");
-shader!(NORM, "norm.wgsl");
-shader!(LOSS, "loss.wgsl");
+/// The row kernels share rows.wgsl (WG, the reduction trees, row folding), prepended to each family's file: WGSL
+/// has no includes, and one copy of the trees is one place to fix.
+pub static NORM: ShaderSource = ShaderSource {
+    name: "norm.wgsl",
+    source: concat!(include_str!("../../shaders/rows.wgsl"), include_str!("../../shaders/norm.wgsl")),
+    trusted: false,
+};
+pub static LOSS: ShaderSource = ShaderSource {
+    name: "loss.wgsl",
+    source: concat!(include_str!("../../shaders/rows.wgsl"), include_str!("../../shaders/loss.wgsl")),
+    trusted: false,
+};
 shader!(EMBEDDING, "embedding.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(OPTIMIZER, "optimizer.wgsl");
