@@ -19,6 +19,49 @@ struct Cli {
     command: Command,
 }
 
+/// Optimisation settings of `kiln pretrain` (see `TrainConfig`).
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 1e-4)]
+    min_lr: f32,
+    #[arg(long, default_value_t = 50)]
+    warmup: u64,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+impl From<TrainArgs> for kiln_model::train::TrainConfig {
+    fn from(a: TrainArgs) -> Self {
+        kiln_model::train::TrainConfig {
+            steps: a.steps,
+            batch: a.batch,
+            seq_len: a.seq_len,
+            grad_accum: a.grad_accum,
+            lr: a.lr,
+            min_lr: a.min_lr,
+            warmup: a.warmup,
+            weight_decay: a.weight_decay,
+            grad_clip: a.grad_clip,
+            seed: a.seed,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Prepare the bundled corpus, pretrain the `tiny` preset for a few minutes, compare its validation loss with
@@ -65,32 +108,14 @@ enum Command {
         /// Continue from OUT/checkpoint exactly where it stopped.
         #[arg(long)]
         resume: bool,
-        #[arg(long, default_value_t = 1000)]
-        steps: u64,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 1)]
-        grad_accum: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f32,
-        #[arg(long, default_value_t = 1e-4)]
-        min_lr: f32,
-        #[arg(long, default_value_t = 50)]
-        warmup: u64,
-        #[arg(long, default_value_t = 0.1)]
-        weight_decay: f32,
-        #[arg(long, default_value_t = 1.0)]
-        grad_clip: f32,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
         #[arg(long, default_value_t = 100)]
         eval_every: u64,
         #[arg(long, default_value_t = 20)]
         eval_batches: usize,
         #[arg(long, default_value_t = 500)]
         ckpt_every: u64,
+        #[command(flatten)]
+        train: TrainArgs,
     },
     /// Mean per-token loss and perplexity of a checkpoint on a text file.
     Eval {
@@ -185,39 +210,8 @@ fn run() -> Result<()> {
             };
             commands::prepare_cmd(&inputs, &out, source, val_fraction).map(|_| ())
         }
-        Command::Pretrain {
-            data,
-            out,
-            preset,
-            config,
-            resume,
-            steps,
-            batch,
-            seq_len,
-            grad_accum,
-            lr,
-            min_lr,
-            warmup,
-            weight_decay,
-            grad_clip,
-            seed,
-            eval_every,
-            eval_batches,
-            ckpt_every,
-        } => {
-            let cfg = kiln_model::train::TrainConfig {
-                steps,
-                batch,
-                seq_len,
-                grad_accum,
-                lr,
-                min_lr,
-                warmup,
-                weight_decay,
-                grad_clip,
-                seed,
-                ..Default::default()
-            };
+        Command::Pretrain { data, out, preset, config, resume, eval_every, eval_batches, ckpt_every, train } => {
+            let cfg = kiln_model::train::TrainConfig::from(train);
             let model = match &config {
                 Some(p) => commands::ModelChoice::Toml(p),
                 None => commands::ModelChoice::Preset(&preset),
