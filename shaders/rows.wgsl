@@ -1,6 +1,6 @@
-// Shared by the row kernels (norm.wgsl, loss.wgsl), prepended to each at load time (engine/src/shaders.rs): one
-// workgroup of WG threads per row, rows folded over the x/y grid, and fixed-order tree reductions in workgroup
-// memory (no atomics, so results are bit-reproducible).
+// Shared by the row kernels (norm.wgsl, loss.wgsl, policy.wgsl), prepended to each at load time
+// (engine/src/shaders.rs): one workgroup of WG threads per row, rows folded over the x/y grid, and fixed-order tree
+// reductions in workgroup memory (no atomics, so results are bit-reproducible).
 
 const WG: u32 = 256u;
 // WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.

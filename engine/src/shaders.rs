@@ -43,6 +43,12 @@ pub static LOSS: ShaderSource = ShaderSource {
     source: concat!(include_str!("../../shaders/rows.wgsl"), include_str!("../../shaders/loss.wgsl")),
     trusted: false,
 };
+/// RL objectives (policy loss, entropy, KL): rows.wgsl prepended, as the other row kernels.
+pub static POLICY: ShaderSource = ShaderSource {
+    name: "policy.wgsl",
+    source: concat!(include_str!("../../shaders/rows.wgsl"), include_str!("../../shaders/policy.wgsl")),
+    trusted: false,
+};
 shader!(EMBEDDING, "embedding.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(OPTIMIZER, "optimizer.wgsl");

@@ -35,9 +35,15 @@ pub struct Session<'m> {
 
 impl<'m> Session<'m> {
     pub fn new(gpu: &Gpu, model: &'m Gpt, batch: usize) -> Result<Session<'m>> {
+        Session::with_capacity(gpu, model, batch, model.config.n_ctx)
+    }
+
+    /// A session whose caches hold `max_len` (≤ n_ctx) positions: less memory when the length is known.
+    pub fn with_capacity(gpu: &Gpu, model: &'m Gpt, batch: usize, max_len: usize) -> Result<Session<'m>> {
         let c = &model.config;
+        let max_len = max_len.clamp(1, c.n_ctx);
         let caches = (0..c.n_layer)
-            .map(|_| KvCache::new(gpu, batch, c.n_head, c.head_size(), c.n_ctx))
+            .map(|_| KvCache::new(gpu, batch, c.n_head, c.head_size(), max_len))
             .collect::<kiln_engine::Result<Vec<_>>>()?;
         Ok(Session { model, caches, batch, len: 0 })
     }
@@ -53,12 +59,22 @@ impl<'m> Session<'m> {
     /// Run `tokens` ([batch, t] row-major) at positions len..len+t through the model, caching keys and values;
     /// returns the logits of every fed position [batch, t, V].
     pub fn feed(&mut self, gpu: &Gpu, tokens: &[i32], t: usize) -> Result<Tensor> {
+        self.feed_rows(gpu, tokens, self.batch, t)
+    }
+
+    /// Like `feed` for batch rows 0..rows only (rows ≤ the session's batch): prefill one prompt in row 0, then
+    /// `fan_out`. Returns logits [rows, t, V]. Every row advances together, so use it for the first feed only.
+    pub fn feed_rows(&mut self, gpu: &Gpu, tokens: &[i32], rows: usize, t: usize) -> Result<Tensor> {
         let m = self.model;
         let c = &m.config;
-        m.check_tokens(tokens, self.batch, t)?;
-        if self.len + t > c.n_ctx {
+        if rows > self.batch {
+            return Err(ModelError::Data(format!("{rows} rows fed to a session of batch {}", self.batch)));
+        }
+        m.check_tokens(tokens, rows, t)?;
+        let cap = self.caches.first().map_or(c.n_ctx, |k| k.max_len);
+        if self.len + t > cap {
             return Err(ModelError::Data(format!(
-                "generation would reach position {} but the model's context is n_ctx = {}",
+                "generation would reach position {} but this session holds {cap} positions (n_ctx = {})",
                 self.len + t,
                 c.n_ctx
             )));
@@ -67,7 +83,7 @@ impl<'m> Session<'m> {
         // Position rows len..len+t of wpe, so the embedding kernel (which adds wpe[0..t]) sees absolute positions.
         let wpe = gpu.alloc(&[t, c.n_embd], DType::F32)?;
         gpu.copy_elements(p(1), self.len * c.n_embd, &wpe, 0, t * c.n_embd)?;
-        let ids = gpu.upload_i32(tokens, &[self.batch, t])?;
+        let ids = gpu.upload_i32(tokens, &[rows, t])?;
         let mut x = embedding::embedding(gpu, &ids, p(0), &wpe)?;
         let nn = MatmulSpec::nn();
         for (b, cache) in m.blocks.iter().zip(&self.caches) {
@@ -98,7 +114,118 @@ impl<'m> Session<'m> {
     }
 }
 
-/// `samples` continuations of one prompt. Calls `on_token(sample, id)` as each token is chosen (for streaming).
+/// One sampled continuation. `stopped` is true when it ended with the stop token (kept as its last token), false
+/// when it ran out of room (max_new_tokens or the context).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub tokens: Vec<u32>,
+    pub stopped: bool,
+}
+
+/// The seed of sample `sample` of prompt `prompt` under `seed` (SplitMix64 over the three): every sample has its
+/// own stream, so a completion does not depend on how many others run beside it or when they stop.
+pub fn stream_seed(seed: u64, prompt: u64, sample: u64) -> u64 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    mix(mix(mix(seed) ^ prompt) ^ sample)
+}
+
+/// `samples` completions of each prompt ([prompt][sample]), all prompts decoded in lockstep so a step costs one
+/// readback however many prompts there are. Each prompt is prefilled once, in batch row 0, and its KV cache copied
+/// to the other rows; every sample then draws its own first token from the shared last-position logits. Sample s
+/// of prompt p uses the stream `stream_seed(cfg.seed, p, s)`. `on_token(prompt, sample, id)` sees each token as
+/// it is chosen.
+pub fn rollouts(
+    gpu: &Gpu,
+    model: &Gpt,
+    prompts: &[Vec<u32>],
+    samples: usize,
+    cfg: &GenerateConfig,
+    mut on_token: impl FnMut(usize, usize, u32),
+) -> Result<Vec<Vec<Completion>>> {
+    let (v, n_ctx) = (model.config.vocab_size, model.config.n_ctx);
+    if samples == 0 {
+        return Err(ModelError::Data("samples must be at least 1".into()));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ModelError::Data(format!("prompt {i} is empty: give at least one token")));
+        }
+        if p.len() >= n_ctx {
+            return Err(ModelError::Data(format!(
+                "prompt {i} is {} tokens long, but the model's context n_ctx = {n_ctx} leaves no room to generate \
+                 (prompts must be shorter than n_ctx)",
+                p.len()
+            )));
+        }
+    }
+    let mut sessions = Vec::with_capacity(prompts.len());
+    let mut last = Vec::with_capacity(prompts.len());
+    let mut budget = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let room = cfg.max_new_tokens.min(n_ctx - p.len());
+        // The cache holds what this prompt will ever reach, not the whole context.
+        let mut session = Session::with_capacity(gpu, model, samples, p.len() + room.max(1))?;
+        let ids: Vec<i32> = p.iter().map(|&t| t as i32).collect();
+        let logits = session.feed_rows(gpu, &ids, 1, p.len())?;
+        session.fan_out(gpu)?;
+        let first = gpu.alloc(&[samples, v], DType::F32)?;
+        for row in 0..samples {
+            gpu.copy_elements(&logits, (p.len() - 1) * v, &first, row * v, v)?;
+        }
+        sessions.push(session);
+        last.push(first);
+        budget.push(room);
+    }
+    let mut rngs: Vec<Vec<ChaCha8Rng>> = (0..prompts.len())
+        .map(|p| (0..samples).map(|s| ChaCha8Rng::seed_from_u64(stream_seed(cfg.seed, p as u64, s as u64))).collect())
+        .collect();
+    let mut out = vec![vec![Completion { tokens: Vec::new(), stopped: false }; samples]; prompts.len()];
+    let mut live: Vec<usize> = (0..prompts.len()).filter(|&p| budget[p] > 0).collect();
+    while !live.is_empty() {
+        let all_ids = gpu.alloc(&[live.len() * samples], DType::I32)?;
+        for (j, &p) in live.iter().enumerate() {
+            // Finished rows draw nothing, so a stream's numbers never depend on its neighbours.
+            let u: Vec<f32> = (0..samples)
+                .map(|s| if done(&out[p][s], budget[p]) { 0.0 } else { rngs[p][s].random_range(0.0f32..1.0) })
+                .collect();
+            let ids = sample(gpu, &last[p], &gpu.upload(&u, &[samples])?, cfg.sampling)?;
+            gpu.copy_elements(&ids, 0, &all_ids, j * samples, samples)?;
+        }
+        let ids = gpu.read_i32(&all_ids)?;
+        let mut next = Vec::with_capacity(live.len());
+        for (j, &p) in live.iter().enumerate() {
+            let row_ids = &ids[j * samples..(j + 1) * samples];
+            for (s, &id) in row_ids.iter().enumerate() {
+                let c = &mut out[p][s];
+                if !done(c, budget[p]) {
+                    c.tokens.push(id as u32);
+                    c.stopped = cfg.stop_token == Some(id as u32);
+                    on_token(p, s, id as u32);
+                }
+            }
+            if out[p].iter().all(|c| done(c, budget[p])) {
+                continue;
+            }
+            let logits = sessions[p].feed(gpu, row_ids, 1)?;
+            last[p] = logits.reshape(&[samples, v])?;
+            next.push(p);
+        }
+        live = next;
+    }
+    Ok(out)
+}
+
+fn done(c: &Completion, budget: usize) -> bool {
+    c.stopped || c.tokens.len() >= budget
+}
+
+/// `samples` continuations of one prompt (see [`rollouts`]). Calls `on_token(sample, id)` as each token is chosen
+/// (for streaming).
 pub fn generate(
     gpu: &Gpu,
     model: &Gpt,
@@ -107,48 +234,6 @@ pub fn generate(
     cfg: &GenerateConfig,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Vec<Vec<u32>>> {
-    if prompt.is_empty() {
-        return Err(ModelError::Data("the prompt is empty: give at least one token".into()));
-    }
-    if samples == 0 {
-        return Err(ModelError::Data("samples must be at least 1".into()));
-    }
-    let v = model.config.vocab_size;
-    let mut session = Session::new(gpu, model, samples)?;
-    // Prefill every row with the prompt (simple and exact; `fan_out` serves callers that prefill one row).
-    let prompt_i32: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let rows: Vec<i32> = (0..samples).flat_map(|_| prompt_i32.iter().copied()).collect();
-    let logits = session.feed(gpu, &rows, prompt.len())?;
-    let mut last = last_position(gpu, &logits, samples, prompt.len(), v)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut out = vec![Vec::new(); samples];
-    let mut done = vec![false; samples];
-    let room = model.config.n_ctx - prompt.len();
-    for _ in 0..cfg.max_new_tokens.min(room) {
-        let u: Vec<f32> = (0..samples).map(|_| rng.random_range(0.0f32..1.0)).collect();
-        let ids = sample(gpu, &last, &gpu.upload(&u, &[samples])?, cfg.sampling)?;
-        let ids = gpu.read_i32(&ids)?;
-        for (s, &id) in ids.iter().enumerate() {
-            if !done[s] {
-                out[s].push(id as u32);
-                on_token(s, id as u32);
-                done[s] = cfg.stop_token == Some(id as u32);
-            }
-        }
-        if done.iter().all(|&d| d) {
-            break;
-        }
-        let logits = session.feed(gpu, &ids, 1)?;
-        last = logits.reshape(&[samples, v])?;
-    }
-    Ok(out)
-}
-
-/// Logits of the last position of each row: [B, T, V] → [B, V].
-fn last_position(gpu: &Gpu, logits: &Tensor, b: usize, t: usize, v: usize) -> Result<Tensor> {
-    let out = gpu.alloc(&[b, v], DType::F32)?;
-    for row in 0..b {
-        gpu.copy_elements(logits, (row * t + t - 1) * v, &out, row * v, v)?;
-    }
-    Ok(out)
+    let mut out = rollouts(gpu, model, &[prompt.to_vec()], samples, cfg, |_, s, id| on_token(s, id))?;
+    Ok(out.pop().expect("one prompt").into_iter().map(|c| c.tokens).collect())
 }

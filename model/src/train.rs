@@ -95,11 +95,134 @@ pub struct StepMetrics {
     pub loss: f32,
     pub grad_norm: f32,
     pub tokens_per_s: f64,
+    /// Tokens whose targets were trained (all of them in pretraining; the responses in SFT).
+    pub trained_tokens: u64,
     pub ms_per_step: f64,
     /// Peak bytes the buffer pool held during the step.
     pub peak_bytes: u64,
 }
 
+/// Where a trainer's batches come from: (inputs, targets) of B·T tokens each, targets -1 where untrained, and a
+/// position that a checkpoint saves and `restore` continues exactly.
+pub trait BatchSource {
+    fn next_batch(&mut self) -> (Vec<i32>, Vec<i32>);
+    fn state(&self) -> Result<serde_json::Value>;
+    fn restore(&mut self, state: serde_json::Value) -> Result<()>;
+}
+
+impl BatchSource for BatchSampler {
+    fn next_batch(&mut self) -> (Vec<i32>, Vec<i32>) {
+        BatchSampler::next_batch(self)
+    }
+    fn state(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(BatchSampler::state(self)).map_err(|e| ModelError::Data(e.to_string()))
+    }
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        let s: SamplerState = serde_json::from_value(state).map_err(|e| ModelError::Data(e.to_string()))?;
+        BatchSampler::restore(self, &s)
+    }
+}
+
+/// AdamW moments of every parameter plus the step count, and the end of every optimizer step: global gradient
+/// norm, one readback, NaN check, clipping, update. Pretraining, SFT and RL all finish their steps here.
+pub struct Optimizer {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+}
+
+impl Optimizer {
+    pub fn new(gpu: &Gpu, model: &Gpt) -> Result<Optimizer> {
+        let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
+        let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        Ok(Optimizer { m, v, step: 0 })
+    }
+
+    /// Update `model` from the gradients it holds. `report` tensors (scalars the caller wants, such as the loss)
+    /// are read back together with the gradient norm in one readback, the only one of the step; returns
+    /// (learning rate, gradient norm, the reported values in order). A non-finite norm is an error naming the step.
+    pub fn apply(
+        &mut self,
+        gpu: &Gpu,
+        model: &Gpt,
+        cfg: &TrainConfig,
+        report: &[&Tensor],
+    ) -> Result<(f32, f32, Vec<f32>)> {
+        self.step += 1;
+        let grads: Vec<&Tensor> = model.params.iter().map(|p| &p.grad).collect();
+        let norm_t = reduce::global_norm(gpu, &grads)?;
+        let n: usize = report.iter().map(|t| t.numel()).sum();
+        let all = gpu.alloc(&[n + 1], kiln_engine::DType::F32)?;
+        gpu.copy_elements(&norm_t, 0, &all, 0, 1)?;
+        let mut at = 1;
+        for t in report {
+            gpu.copy_elements(t, 0, &all, at, t.numel())?;
+            at += t.numel();
+        }
+        let values = gpu.read(&all)?;
+        let grad_norm = values[0];
+        if !grad_norm.is_finite() {
+            return Err(ModelError::NonFinite { what: "gradient norm", value: grad_norm, step: self.step });
+        }
+        if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
+            let scale = cfg.grad_clip / grad_norm;
+            for g in &grads {
+                elementwise::scale_inplace(gpu, g, scale)?;
+            }
+        }
+        let lr = cfg.lr_at(self.step);
+        let decay = AdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay };
+        let no_decay = AdamW { weight_decay: 0.0, ..decay };
+        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
+            // Decay matrices only: biases and LayerNorm gains are not pulled toward zero.
+            let cfg = if p.value.shape().len() >= 2 { &decay } else { &no_decay };
+            adamw_step(gpu, &p.value, &p.grad, m, v, cfg, self.step as u32)?;
+        }
+        gpu.sync()?;
+        Ok((lr, grad_norm, values[1..].to_vec()))
+    }
+
+    /// The moments as host tensors named `<param>.m` / `<param>.v` (the checkpoint's optimizer file).
+    pub fn to_host(&self, gpu: &Gpu, model: &Gpt) -> Result<Vec<HostTensor>> {
+        let mut out = Vec::new();
+        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
+            let shape = p.value.shape().to_vec();
+            out.push(HostTensor { name: format!("{}.m", p.name), shape: shape.clone(), data: gpu.read(m)? });
+            out.push(HostTensor { name: format!("{}.v", p.name), shape, data: gpu.read(v)? });
+        }
+        Ok(out)
+    }
+
+    /// Load moments written by `to_host`; every parameter's pair must be present.
+    pub fn restore(&mut self, gpu: &Gpu, model: &Gpt, tensors: Vec<HostTensor>, step: u64) -> Result<()> {
+        let moments: std::collections::HashMap<String, HostTensor> =
+            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
+            for (suffix, dst) in [("m", m), ("v", v)] {
+                let name = format!("{}.{suffix}", p.name);
+                let t = moments.get(&name).ok_or_else(|| ModelError::Checkpoint {
+                    path: "<checkpoint>".into(),
+                    message: format!("optimizer state lacks {name}"),
+                })?;
+                gpu.write(dst, &t.data)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// The training state a checkpoint must hold to be resumed, or a clear error.
+pub fn resumable_state(ckpt: &Checkpoint) -> Result<TrainState> {
+    ckpt.state.clone().ok_or_else(|| ModelError::Checkpoint {
+        path: "<checkpoint>".into(),
+        message: "it holds no training state (train_state.json): a weights-only export cannot be resumed".into(),
+    })
+}
+
+/// Next-token training (pretraining and SFT: they differ only in the batches and which targets are masked).
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
     pub model: Gpt,
@@ -107,13 +230,24 @@ pub struct Trainer<'g> {
     /// Optimizer steps taken so far.
     pub step: u64,
     pub tokens_seen: u64,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    sampler: BatchSampler,
+    opt: Optimizer,
+    source: Box<dyn BatchSource>,
 }
 
 impl<'g> Trainer<'g> {
+    /// Pretraining on random windows of `train`.
     pub fn new(gpu: &'g Gpu, model: Gpt, cfg: TrainConfig, train: Arc<Vec<u32>>) -> Result<Trainer<'g>> {
+        let sampler = BatchSampler::new(train, cfg.batch, cfg.seq_len, cfg.seed)?;
+        Trainer::with_source(gpu, model, cfg, Box::new(sampler))
+    }
+
+    /// Training on any batch source whose batches are cfg.batch × cfg.seq_len.
+    pub fn with_source(
+        gpu: &'g Gpu,
+        model: Gpt,
+        cfg: TrainConfig,
+        source: Box<dyn BatchSource>,
+    ) -> Result<Trainer<'g>> {
         cfg.validate()?;
         if cfg.seq_len > model.config.n_ctx {
             return Err(ModelError::Config(format!(
@@ -122,16 +256,13 @@ impl<'g> Trainer<'g> {
             )));
         }
         check_fits(gpu, &model.config, cfg.batch, cfg.seq_len)?;
-        let sampler = BatchSampler::new(train, cfg.batch, cfg.seq_len, cfg.seed)?;
-        let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
-        let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
-        let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
-        Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, m, v, sampler })
+        let opt = Optimizer::new(gpu, &model)?;
+        Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, opt, source })
     }
 
     /// One optimizer step over `grad_accum` micro-batches: two submissions (forward/backward/norm, then clipping
     /// and AdamW) around one readback of two numbers, the loss and the gradient norm (the metrics the user asked
-    /// for, the NaN check, and the clipping decision).
+    /// for, the NaN check, and the clipping decision). The loss is the mean over trained (target ≠ -1) tokens.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let gpu = self.gpu;
         let start = Instant::now();
@@ -139,8 +270,10 @@ impl<'g> Trainer<'g> {
         let (b, t, accum) = (self.cfg.batch, self.cfg.seq_len, self.cfg.grad_accum);
         self.model.zero_grad(gpu)?;
         let loss_sum = elementwise::zeros(gpu, &[1])?;
+        let mut trained = 0u64;
         for _ in 0..accum {
-            let (inputs, targets) = self.sampler.next_batch();
+            let (inputs, targets) = self.source.next_batch();
+            trained += targets.iter().filter(|&&x| x >= 0).count() as u64;
             // The mean over the whole accumulated batch: each micro-batch's mean scaled by 1/accum.
             let w: Vec<f32> = mean_weights(&targets).iter().map(|w| w / accum as f32).collect();
             let targets = gpu.upload_i32(&targets, &[b, t])?;
@@ -150,43 +283,12 @@ impl<'g> Trainer<'g> {
             elementwise::add_inplace(gpu, &loss_sum, tape.value(f.loss), 1.0)?;
             tape.backward(f.loss)?;
         }
-        self.step += 1;
-        let grads: Vec<&Tensor> = self.model.params.iter().map(|p| &p.grad).collect();
-        let norm_t = reduce::global_norm(gpu, &grads)?;
-        // One readback for both numbers: the step so far is a single submission.
-        let both = gpu.alloc(&[2], kiln_engine::DType::F32)?;
-        gpu.copy_elements(&loss_sum, 0, &both, 0, 1)?;
-        gpu.copy_elements(&norm_t, 0, &both, 1, 1)?;
-        let (loss, grad_norm) = match gpu.read(&both)?[..] {
-            [l, n] => (l, n),
-            _ => unreachable!("a [2] tensor reads back two values"),
-        };
-        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
-            if !value.is_finite() {
-                return Err(ModelError::NonFinite { what, value, step: self.step });
-            }
+        let (lr, grad_norm, reported) = self.opt.apply(gpu, &self.model, &self.cfg, &[&loss_sum])?;
+        self.step = self.opt.step;
+        let loss = reported[0];
+        if !loss.is_finite() {
+            return Err(ModelError::NonFinite { what: "loss", value: loss, step: self.step });
         }
-        if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
-            let scale = self.cfg.grad_clip / grad_norm;
-            for g in &grads {
-                elementwise::scale_inplace(gpu, g, scale)?;
-            }
-        }
-        let lr = self.cfg.lr_at(self.step);
-        let decay = AdamW {
-            lr,
-            beta1: self.cfg.beta1,
-            beta2: self.cfg.beta2,
-            eps: self.cfg.eps,
-            weight_decay: self.cfg.weight_decay,
-        };
-        let no_decay = AdamW { weight_decay: 0.0, ..decay };
-        for ((p, m), v) in self.model.params.iter().zip(&self.m).zip(&self.v) {
-            // Decay matrices only: biases and LayerNorm gains are not pulled toward zero.
-            let cfg = if p.value.shape().len() >= 2 { &decay } else { &no_decay };
-            adamw_step(gpu, &p.value, &p.grad, m, v, cfg, self.step as u32)?;
-        }
-        gpu.sync()?;
         let tokens = (b * t * accum) as u64;
         self.tokens_seen += tokens;
         let secs = start.elapsed().as_secs_f64();
@@ -196,6 +298,7 @@ impl<'g> Trainer<'g> {
             loss,
             grad_norm,
             tokens_per_s: tokens as f64 / secs,
+            trained_tokens: trained,
             ms_per_step: secs * 1e3,
             peak_bytes: gpu.pool_stats().peak_bytes,
         })
@@ -204,52 +307,42 @@ impl<'g> Trainer<'g> {
     /// Everything needed to continue exactly: weights, AdamW moments, step, data position.
     pub fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
         let gpu = self.gpu;
-        let mut optimizer = Vec::new();
-        for ((p, m), v) in self.model.params.iter().zip(&self.m).zip(&self.v) {
-            let shape = p.value.shape().to_vec();
-            optimizer.push(HostTensor { name: format!("{}.m", p.name), shape: shape.clone(), data: gpu.read(m)? });
-            optimizer.push(HostTensor { name: format!("{}.v", p.name), shape, data: gpu.read(v)? });
-        }
         let state = TrainState {
             step: self.step,
             tokens_seen: self.tokens_seen,
-            sampler: serde_json::to_value(self.sampler.state()).map_err(|e| ModelError::Data(e.to_string()))?,
+            sampler: self.source.state()?,
             rng: serde_json::Value::Null,
             extra: serde_json::to_value(&self.cfg).map_err(|e| ModelError::Data(e.to_string()))?,
         };
         Ok(Checkpoint {
             config: self.model.config.clone(),
             model: self.model.to_host(gpu)?,
-            optimizer,
+            optimizer: self.opt.to_host(gpu, &self.model)?,
             state: Some(state),
             tokenizer_json,
         })
     }
 
-    /// Continue from a checkpoint written by `checkpoint`: same weights, moments, step and data stream.
+    /// Continue pretraining from a checkpoint written by `checkpoint`: same weights, moments, step and data.
     pub fn resume(gpu: &'g Gpu, ckpt: Checkpoint, cfg: TrainConfig, train: Arc<Vec<u32>>) -> Result<Trainer<'g>> {
-        let path = std::path::PathBuf::from("<checkpoint>");
-        let state = ckpt.state.clone().ok_or_else(|| ModelError::Checkpoint {
-            path: path.clone(),
-            message: "it holds no training state (train_state.json): a weights-only export cannot be resumed".into(),
-        })?;
+        let sampler = BatchSampler::new(train, cfg.batch, cfg.seq_len, cfg.seed)?;
+        Trainer::resume_with_source(gpu, ckpt, cfg, Box::new(sampler))
+    }
+
+    /// Continue from a checkpoint with any batch source (restored to the saved position).
+    pub fn resume_with_source(
+        gpu: &'g Gpu,
+        ckpt: Checkpoint,
+        cfg: TrainConfig,
+        source: Box<dyn BatchSource>,
+    ) -> Result<Trainer<'g>> {
+        let state = resumable_state(&ckpt)?;
         let model = Gpt::from_host(gpu, &ckpt.config, ckpt.model)?;
-        let mut tr = Trainer::new(gpu, model, cfg, train)?;
-        let moments: std::collections::HashMap<String, HostTensor> =
-            ckpt.optimizer.into_iter().map(|t| (t.name.clone(), t)).collect();
-        for ((p, m), v) in tr.model.params.iter().zip(&tr.m).zip(&tr.v) {
-            for (suffix, dst) in [("m", m), ("v", v)] {
-                let name = format!("{}.{suffix}", p.name);
-                let t = moments.get(&name).ok_or_else(|| ModelError::Checkpoint {
-                    path: path.clone(),
-                    message: format!("optimizer state lacks {name}"),
-                })?;
-                gpu.write(dst, &t.data)?;
-            }
-        }
-        let sampler: SamplerState = serde_json::from_value(state.sampler)
-            .map_err(|e| ModelError::Checkpoint { path, message: e.to_string() })?;
-        tr.sampler.restore(&sampler)?;
+        let mut tr = Trainer::with_source(gpu, model, cfg, source)?;
+        tr.opt.restore(gpu, &tr.model, ckpt.optimizer, state.step)?;
+        tr.source
+            .restore(state.sampler)
+            .map_err(|e| ModelError::Checkpoint { path: "<checkpoint>".into(), message: e.to_string() })?;
         tr.step = state.step;
         tr.tokens_seen = state.tokens_seen;
         Ok(tr)

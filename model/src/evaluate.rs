@@ -1,0 +1,242 @@
+//! The post-training evaluation suite: task accuracy (greedy pass@1, sampled pass@k with confidence intervals,
+//! mean reward), general text loss in bits per byte, and the exact KL divergence between two models over the full
+//! vocabulary at chosen positions. `kiln study` runs it on every checkpoint; `kiln sft`/`kiln rl` use parts.
+
+use serde::Serialize;
+
+use kiln_engine::autograd::Tape;
+use kiln_engine::ops::policy::kl_rows;
+use kiln_engine::ops::sampling::SamplingParams;
+
+use crate::chat::{prompt_tokens, ChatTokens};
+use crate::error::{ModelError, Result};
+use crate::generate::{rollouts, Completion, GenerateConfig};
+use crate::gpt::Gpt;
+use crate::tasks::{reward, Example};
+use crate::tokenizer::Tokenizer;
+use crate::train::eval_loss;
+use kiln_engine::Gpu;
+
+/// A proportion with its 95% confidence interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Estimate {
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// Wilson score interval (95%) of a proportion `p` observed over `n` trials: unlike p ± 1.96·SE it stays inside
+/// [0, 1] and is sensible at p = 0 or 1, which small evaluation sets hit.
+pub fn wilson(p: f64, n: usize) -> Estimate {
+    if n == 0 {
+        return Estimate { value: f64::NAN, lo: 0.0, hi: 1.0 };
+    }
+    let z = 1.96f64;
+    let n = n as f64;
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    Estimate { value: p, lo: (centre - half).max(0.0), hi: (centre + half).min(1.0) }
+}
+
+/// Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 − C(n−c, k)/C(n, k).
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    if k > n {
+        return f64::NAN;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    // Π_{i=n−c+1}^{n} (1 − k/i): the ratio of binomials without overflow.
+    1.0 - (n - c + 1..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
+}
+
+/// A completion as text: its tokens without the end marker.
+pub fn completion_text(tok: &Tokenizer, ct: ChatTokens, c: &Completion) -> Result<String> {
+    let ids: Vec<u32> = c.tokens.iter().copied().filter(|&t| t != ct.end).collect();
+    tok.decode(&ids)
+}
+
+/// Chat prompts of `examples` as tokens, each checked to leave room in the context.
+pub fn chat_prompts(tok: &Tokenizer, ct: ChatTokens, examples: &[Example], n_ctx: usize) -> Result<Vec<Vec<u32>>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let p = prompt_tokens(tok, ct, &e.prompt)?;
+            if p.len() >= n_ctx {
+                return Err(ModelError::Data(format!(
+                    "prompt {i} ({:?}) is {} tokens in the chat format, but the model's context is n_ctx = {n_ctx}",
+                    e.prompt,
+                    p.len()
+                )));
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Rewards [prompt][sample] and the completions they score.
+pub type Scored = (Vec<Vec<f32>>, Vec<Vec<Completion>>);
+
+/// Rewards [prompt][sample] of `samples` completions per example (the completions too), generated with `gen`
+/// (its stop token is set to the chat end marker).
+pub fn sample_rewards(
+    gpu: &Gpu,
+    model: &Gpt,
+    tok: &Tokenizer,
+    examples: &[Example],
+    samples: usize,
+    gen: GenerateConfig,
+) -> Result<Scored> {
+    let ct = ChatTokens::from_tokenizer(tok)?;
+    let prompts = chat_prompts(tok, ct, examples, model.config.n_ctx)?;
+    let cfg = GenerateConfig { stop_token: Some(ct.end), ..gen };
+    let outs = rollouts(gpu, model, &prompts, samples, &cfg, |_, _, _| {})?;
+    let mut rewards = Vec::with_capacity(examples.len());
+    for (e, group) in examples.iter().zip(&outs) {
+        let r =
+            group.iter().map(|c| Ok(reward(&completion_text(tok, ct, c)?, &e.answer))).collect::<Result<Vec<f32>>>()?;
+        rewards.push(r);
+    }
+    Ok((rewards, outs))
+}
+
+/// Accuracy of greedy decoding (pass@1 at temperature 0) on `examples`, with its Wilson interval.
+pub fn greedy_accuracy(
+    gpu: &Gpu,
+    model: &Gpt,
+    tok: &Tokenizer,
+    examples: &[Example],
+    max_new_tokens: usize,
+) -> Result<Estimate> {
+    let gen = GenerateConfig { max_new_tokens, sampling: SamplingParams::GREEDY, seed: 0, stop_token: None };
+    let (rewards, _) = sample_rewards(gpu, model, tok, examples, 1, gen)?;
+    let correct = rewards.iter().filter(|r| r[0] >= 1.0).count();
+    Ok(wilson(correct as f64 / examples.len().max(1) as f64, examples.len()))
+}
+
+/// pass@k and the mean reward of sampled completions.
+#[derive(Clone, Debug, Serialize)]
+pub struct SampledScores {
+    pub pass_at: Vec<(usize, Estimate)>,
+    pub mean_reward: f64,
+}
+
+/// Plain sampling at temperature 1: the policy's own distribution, what pass@k and RL rewards are measured on.
+pub const TEMPERATURE_1: SamplingParams = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0 };
+
+/// pass@k for k in `ks` (those ≤ `samples`) from `samples` completions per prompt drawn with `gen` (use
+/// [`TEMPERATURE_1`]), and the mean reward of those samples. The interval of each pass@k treats the per-prompt
+/// estimates as trials of a proportion (Wilson).
+pub fn sampled_scores(
+    gpu: &Gpu,
+    model: &Gpt,
+    tok: &Tokenizer,
+    examples: &[Example],
+    samples: usize,
+    ks: &[usize],
+    gen: GenerateConfig,
+) -> Result<SampledScores> {
+    let (rewards, _) = sample_rewards(gpu, model, tok, examples, samples, gen)?;
+    let n = examples.len().max(1);
+    let pass_at = ks
+        .iter()
+        .filter(|&&k| k >= 1 && k <= samples)
+        .map(|&k| {
+            let mean =
+                rewards.iter().map(|r| pass_at_k(samples, r.iter().filter(|&&x| x >= 1.0).count(), k)).sum::<f64>()
+                    / n as f64;
+            (k, wilson(mean, examples.len()))
+        })
+        .collect();
+    let mean_reward = rewards.iter().flatten().map(|&r| r as f64).sum::<f64>() / (n * samples) as f64;
+    Ok(SampledScores { pass_at, mean_reward })
+}
+
+/// Held-out loss in bits per byte: nats per token over windows of `tokens` (the encoding of `bytes` bytes of
+/// text), converted with the text's own tokens-per-byte ratio, so models with different tokenizers compare.
+pub fn bits_per_byte(
+    gpu: &Gpu,
+    model: &Gpt,
+    tokens: &[u32],
+    bytes: usize,
+    batch: usize,
+    time: usize,
+    max_batches: usize,
+) -> Result<f64> {
+    let nats = eval_loss(gpu, model, tokens, batch, time, max_batches)? as f64;
+    Ok(nats / std::f64::consts::LN_2 * tokens.len() as f64 / bytes.max(1) as f64)
+}
+
+/// Mean exact KL(P‖Q) per position, P = `model`, Q = `base`, over the full vocabulary: rows are token sequences
+/// (any lengths ≤ n_ctx + 1), and `counted[r][i]` says whether position i of row r (whose distribution predicts
+/// token i + 1) is counted. Rows run `batch` at a time, padded to the longest.
+pub fn mean_kl(
+    gpu: &Gpu,
+    model: &Gpt,
+    base: &Gpt,
+    rows: &[Vec<u32>],
+    counted: &[Vec<bool>],
+    batch: usize,
+) -> Result<f64> {
+    if model.config != base.config {
+        return Err(ModelError::Config(format!(
+            "KL needs two models of one shape: {:?} vs {:?}",
+            model.config, base.config
+        )));
+    }
+    let (mut total, mut n) = (0.0f64, 0usize);
+    for (chunk, mask) in rows.chunks(batch.max(1)).zip(counted.chunks(batch.max(1))) {
+        let t = chunk.iter().map(|r| r.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let b = chunk.len();
+        let mut inputs = vec![0i32; b * t];
+        for (r, row) in chunk.iter().enumerate() {
+            for (i, &id) in row.iter().take(t).enumerate() {
+                inputs[r * t + i] = id as i32;
+            }
+        }
+        let mut tape = Tape::no_grad(gpu);
+        let p = model.logits(&mut tape, &inputs, b, t)?;
+        let q = base.logits(&mut tape, &inputs, b, t)?;
+        let kl = gpu.read(&kl_rows(gpu, tape.value(p), tape.value(q))?)?;
+        for (r, m) in mask.iter().enumerate() {
+            for (i, &c) in m.iter().enumerate().take(t) {
+                if c && i + 1 < chunk[r].len() {
+                    total += kl[r * t + i] as f64;
+                    n += 1;
+                }
+            }
+        }
+    }
+    if n == 0 {
+        return Err(ModelError::Data("KL: no positions were selected".into()));
+    }
+    Ok(total / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_at_k_matches_its_definition() {
+        // All correct, none correct, and a hand-checked middle case: n = 4, c = 1, k = 2 → 1 − C(3,2)/C(4,2) = 1/2.
+        assert_eq!(pass_at_k(4, 4, 2), 1.0);
+        assert_eq!(pass_at_k(4, 0, 2), 0.0);
+        assert!((pass_at_k(4, 1, 2) - 0.5).abs() < 1e-12);
+        assert!((pass_at_k(16, 3, 1) - 3.0 / 16.0).abs() < 1e-12, "pass@1 is the fraction correct");
+        assert!(pass_at_k(4, 1, 5).is_nan(), "k > n cannot be estimated");
+    }
+
+    #[test]
+    fn wilson_interval_is_inside_unit_range_and_shrinks_with_n() {
+        let a = wilson(0.0, 10);
+        assert_eq!(a.lo, 0.0);
+        assert!(a.hi > 0.2 && a.hi < 0.35, "{a:?}"); // 0.278 for 0/10
+        let b = wilson(0.5, 100);
+        let c = wilson(0.5, 1000);
+        assert!(b.lo < 0.5 && b.hi > 0.5);
+        assert!(c.hi - c.lo < b.hi - b.lo);
+    }
+}

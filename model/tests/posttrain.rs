@@ -1,0 +1,147 @@
+//! Post-training end to end on the software GPU: a short SFT run on 1-digit addition lifts greedy exact-match
+//! accuracy on the held-out prompts from 0 to ~1 (measured: 0.00 → 1.00), a short GRPO run from that model raises
+//! its mean sampled reward, and bad RL inputs are clear errors.
+
+use std::sync::OnceLock;
+
+use kiln_engine::testing::gpu;
+use kiln_model::chat::SPECIAL_TOKENS;
+use kiln_model::evaluate::{greedy_accuracy, sampled_scores, TEMPERATURE_1};
+use kiln_model::generate::GenerateConfig;
+use kiln_model::gpt::Gpt;
+use kiln_model::rl::{RlConfig, RlTrainer};
+use kiln_model::sft::SftSource;
+use kiln_model::tasks::{reward, Example, Split, Task};
+use kiln_model::tokenizer::Tokenizer;
+use kiln_model::train::{TrainConfig, Trainer};
+use kiln_model::GptConfig;
+
+const TASK: Task = Task::Addition { digits: 1 };
+
+/// A byte-level tokenizer with the chat tokens and only a few merges, so digits stay single tokens.
+fn tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let text: String =
+            TASK.examples(Split::Train, 300, 5).iter().map(|e| format!("{}{}\n", e.prompt, e.answer)).collect();
+        Tokenizer::train(&text, 264, &SPECIAL_TOKENS).unwrap()
+    })
+}
+
+fn config() -> GptConfig {
+    GptConfig { vocab_size: tokenizer().vocab_size(), n_ctx: 32, n_layer: 2, n_head: 4, n_embd: 64 }
+}
+
+/// The model after a short SFT run on addition, with its accuracy before and after (trained once, shared).
+fn sft_model() -> &'static (Vec<kiln_model::checkpoint::HostTensor>, f64, f64) {
+    static SFT: OnceLock<(Vec<kiln_model::checkpoint::HostTensor>, f64, f64)> = OnceLock::new();
+    SFT.get_or_init(|| {
+        let gpu = gpu();
+        let tok = tokenizer();
+        let train = TASK.examples(Split::Train, 2000, 1);
+        let eval = held_out();
+        let model = Gpt::new(gpu, &config(), 3).unwrap();
+        let before = greedy_accuracy(gpu, &model, tok, &eval, 4).unwrap().value;
+        let cfg = TrainConfig {
+            steps: 300,
+            batch: 16,
+            seq_len: 32,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 10,
+            ..TrainConfig::default()
+        };
+        let source = SftSource::new(tok, &train, cfg.batch, cfg.seq_len, 7, None).unwrap();
+        let mut tr = Trainer::with_source(gpu, model, cfg.clone(), Box::new(source)).unwrap();
+        let mut first = 0.0;
+        for i in 0..cfg.steps {
+            let m = tr.step().unwrap();
+            if i == 0 {
+                first = m.loss;
+            }
+            assert!(m.trained_tokens > 0 && m.trained_tokens < (cfg.batch * cfg.seq_len) as u64 / 2);
+        }
+        let after = greedy_accuracy(gpu, &tr.model, tok, &eval, 4).unwrap().value;
+        eprintln!("SFT: first loss {first:.3}, held-out greedy accuracy {before:.3} → {after:.3}");
+        (tr.model.to_host(gpu).unwrap(), before, after)
+    })
+}
+
+/// Every prompt of the task outside the training split (1-digit addition has 100 prompts in all).
+fn held_out() -> Vec<Example> {
+    let mut e = TASK.examples(Split::Eval, 60, 11);
+    e.sort_by(|a, b| a.prompt.cmp(&b.prompt));
+    e.dedup();
+    e
+}
+
+#[test]
+fn short_sft_lifts_addition_accuracy() {
+    let (_, before, after) = sft_model();
+    assert!(*before < 0.1, "an untrained model should not add: {before}");
+    assert!(*after > 0.3, "SFT should teach 1-digit addition, accuracy only {after}");
+}
+
+#[test]
+fn short_rl_from_the_sft_model_raises_mean_reward() {
+    let gpu = gpu();
+    let tok = tokenizer();
+    let (weights, _, _) = sft_model();
+    let policy = Gpt::from_host(gpu, &config(), weights.clone()).unwrap();
+    let reference = Gpt::from_host(gpu, &config(), weights.clone()).unwrap();
+    let prompts = TASK.examples(Split::Train, 200, 21);
+    let probe: Vec<Example> = prompts[..48].to_vec();
+    let gen = GenerateConfig { max_new_tokens: 4, sampling: TEMPERATURE_1, seed: 99, stop_token: None };
+    let before = sampled_scores(gpu, &policy, tok, &probe, 8, &[1], gen).unwrap().mean_reward;
+    let cfg = RlConfig {
+        steps: 30,
+        prompts_per_step: 32,
+        group_size: 8,
+        max_new_tokens: 4,
+        lr: 3e-4,
+        min_lr: 1e-5,
+        warmup: 10,
+        beta: 0.0,
+        epochs: 2,
+        ..RlConfig::default()
+    };
+    let mut tr = RlTrainer::new(gpu, policy, reference, tok.clone(), prompts, reward, cfg.clone()).unwrap();
+    let mut log = Vec::new();
+    for _ in 0..cfg.steps {
+        let m = tr.step().unwrap();
+        assert!(m.kl.is_finite() && m.entropy > 0.0 && (0.0..=1.0).contains(&m.clip_fraction), "{m:?}");
+        log.push(m.mean_reward);
+    }
+    let after = sampled_scores(gpu, &tr.policy, tok, &probe, 8, &[1], gen).unwrap().mean_reward;
+    eprintln!("RL: mean reward {before:.3} → {after:.3}; per step {log:?}");
+    // Measured on lavapipe: 0.503 → 0.578 (the probe is 384 seeded samples, so this is deterministic per device).
+    assert!(after > before + 0.04, "RL should raise the mean reward: {before:.3} → {after:.3}");
+}
+
+#[test]
+fn rl_rejects_bad_inputs_clearly() {
+    let gpu = gpu();
+    let tok = tokenizer();
+    let policy = || Gpt::new(gpu, &config(), 1).unwrap();
+    let prompts = TASK.examples(Split::Train, 10, 2);
+    let cfg = RlConfig { steps: 1, prompts_per_step: 2, group_size: 2, max_new_tokens: 2, ..RlConfig::default() };
+    // A reference of another shape.
+    let other = Gpt::new(gpu, &GptConfig { n_embd: 32, ..config() }, 1).unwrap();
+    let e = RlTrainer::new(gpu, policy(), other, tok.clone(), prompts.clone(), reward, cfg.clone()).err().unwrap();
+    assert!(e.to_string().contains("reference"), "{e}");
+    // A prompt longer than the context.
+    let long = vec![Example { prompt: "1+".repeat(40), answer: "0".into() }];
+    let e = RlTrainer::new(gpu, policy(), policy(), tok.clone(), long, reward, cfg.clone()).err().unwrap();
+    assert!(e.to_string().contains("n_ctx"), "{e}");
+    // A reward function that returns NaN: the step fails and says so.
+    let mut tr = RlTrainer::new(gpu, policy(), policy(), tok.clone(), prompts, |_, _| f32::NAN, cfg).unwrap();
+    let e = tr.step().unwrap_err().to_string();
+    assert!(e.contains("reward function returned NaN at step 1"), "{e}");
+    // A tokenizer without the chat tokens.
+    let plain = Tokenizer::train(&"1+2=3\n".repeat(20), 260, &["<|endoftext|>"]).unwrap();
+    let e =
+        RlTrainer::new(gpu, policy(), policy(), plain, TASK.examples(Split::Train, 4, 1), reward, RlConfig::default())
+            .err()
+            .unwrap();
+    assert!(e.to_string().contains("<|user|>"), "{e}");
+}
