@@ -5,6 +5,8 @@
 
 mod commands;
 mod plot;
+mod posttrain;
+mod study;
 
 use std::path::PathBuf;
 
@@ -62,6 +64,100 @@ impl From<TrainArgs> for kiln_model::train::TrainConfig {
     }
 }
 
+/// Where post-training examples come from.
+#[derive(clap::Args)]
+struct ExampleArgs {
+    /// Generated tasks (train split): addition[:digits], reverse[:words], count; repeatable.
+    #[arg(long = "task")]
+    tasks: Vec<String>,
+    /// JSONL instead of tasks: {"prompt","response"} lines for sft, {"prompt","answer"} for rl.
+    #[arg(long, conflicts_with = "tasks")]
+    data: Option<PathBuf>,
+    /// Examples generated per task.
+    #[arg(long, default_value_t = 5000)]
+    examples: usize,
+}
+
+impl ExampleArgs {
+    fn source(&self, seed: u64) -> posttrain::ExampleSource<'_> {
+        posttrain::ExampleSource { tasks: &self.tasks, data: self.data.as_deref(), per_task: self.examples, seed }
+    }
+}
+
+/// Settings of `kiln rl` (see `RlConfig`).
+#[derive(clap::Args)]
+struct RlArgs {
+    /// grpo or reinforce.
+    #[arg(long, default_value = "grpo")]
+    algorithm: String,
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    /// Completions per prompt (G).
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.2)]
+    clip_eps: f32,
+    /// KL penalty weight (0 turns it off).
+    #[arg(long, default_value_t = 0.04)]
+    beta: f32,
+    /// Optimisation passes per batch of rollouts.
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Do not divide advantages by the group's std.
+    #[arg(long)]
+    no_std_scale: bool,
+    /// Sequences per forward/backward micro-batch (0 = all).
+    #[arg(long, default_value_t = 0)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 3e-5)]
+    min_lr: f32,
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl RlArgs {
+    fn config(&self) -> Result<kiln_model::rl::RlConfig> {
+        use kiln_model::rl::{Algorithm, RlConfig};
+        let algorithm = match self.algorithm.as_str() {
+            "grpo" => Algorithm::Grpo,
+            "reinforce" => Algorithm::Reinforce,
+            other => anyhow::bail!("unknown --algorithm {other:?}: use grpo or reinforce"),
+        };
+        Ok(RlConfig {
+            algorithm,
+            steps: self.steps,
+            prompts_per_step: self.prompts,
+            group_size: self.group,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            clip_eps: self.clip_eps,
+            beta: self.beta,
+            epochs: self.epochs,
+            scale_by_std: !self.no_std_scale,
+            micro_batch: self.micro_batch,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup: self.warmup,
+            weight_decay: 0.0,
+            grad_clip: self.grad_clip,
+            seed: self.seed,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Prepare the bundled corpus, pretrain the `tiny` preset for a few minutes, compare its validation loss with
@@ -116,6 +212,80 @@ enum Command {
         ckpt_every: u64,
         #[command(flatten)]
         train: TrainArgs,
+    },
+    /// Supervised fine-tuning from a checkpoint on chat-formatted task examples (loss on responses only).
+    Sft {
+        /// The checkpoint to start from (e.g. runs/pretrain/checkpoint); its tokenizer must have the chat tokens.
+        #[arg(long)]
+        init: PathBuf,
+        #[arg(long, default_value = "runs/sft")]
+        out: PathBuf,
+        #[command(flatten)]
+        examples: ExampleArgs,
+        /// Prepared pretraining data (`kiln prepare` output): val.bin gives the general loss, train.bin the mix.
+        #[arg(long)]
+        pretrain_data: Option<PathBuf>,
+        /// Fraction of rows that are pretraining text instead of task examples (needs --pretrain-data).
+        #[arg(long, default_value_t = 0.0)]
+        mix_pretrain: f64,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value_t = 50)]
+        eval_every: u64,
+        /// Eval-split prompts per task for the greedy accuracy.
+        #[arg(long, default_value_t = 100)]
+        eval_examples: usize,
+        #[arg(long, default_value_t = 200)]
+        ckpt_every: u64,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+    /// Policy-gradient RL (GRPO or REINFORCE) from a checkpoint on tasks with exact-match rewards.
+    Rl {
+        #[arg(long)]
+        init: PathBuf,
+        /// Frozen reference of the KL penalty (default: --init).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        #[arg(long, default_value = "runs/rl")]
+        out: PathBuf,
+        #[command(flatten)]
+        examples: ExampleArgs,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value_t = 10)]
+        eval_every: u64,
+        #[arg(long, default_value_t = 100)]
+        eval_examples: usize,
+        #[arg(long, default_value_t = 50)]
+        ckpt_every: u64,
+        #[command(flatten)]
+        rl: RlArgs,
+    },
+    /// Pretrain → SFT → RL on the bundled corpus and tasks, scoring every checkpoint with one evaluation suite
+    /// (bits/byte on held-out text, greedy and pass@k accuracy, reward, exact KL from the base); writes a table,
+    /// OUT/study.json and OUT/study.png.
+    Study {
+        #[arg(long, default_value = "runs/study")]
+        out: PathBuf,
+        /// A few minutes on a software GPU instead of well under an hour.
+        #[arg(long)]
+        quick: bool,
+        /// Repeat the whole pipeline with seeds 1..=N and report mean ± std.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// Tasks (default: addition:2, reverse:3, count).
+        #[arg(long = "task")]
+        tasks: Vec<String>,
+        /// KL weight of the main RL run.
+        #[arg(long, default_value_t = 0.04)]
+        beta: f32,
+        /// Ablation: also run RL with β = 0.
+        #[arg(long)]
+        ablate_beta: bool,
+        /// Ablation: also run SFT with this fraction of pretraining text mixed in.
+        #[arg(long)]
+        ablate_mix: Option<f64>,
     },
     /// Mean per-token loss and perplexity of a checkpoint on a text file.
     Eval {
@@ -226,6 +396,56 @@ fn run() -> Result<()> {
                 ckpt_every: ckpt_every.max(1),
             };
             commands::pretrain_cmd(&open_gpu()?, &opts, cfg).map(|_| ())
+        }
+        Command::Sft {
+            init,
+            out,
+            examples,
+            pretrain_data,
+            mix_pretrain,
+            resume,
+            eval_every,
+            eval_examples,
+            ckpt_every,
+            train,
+        } => {
+            let cfg = kiln_model::train::TrainConfig::from(train);
+            let opts = posttrain::SftOpts {
+                init: &init,
+                out: &out,
+                examples: examples.source(cfg.seed),
+                pretrain_data: pretrain_data.as_deref(),
+                mix: mix_pretrain,
+                resume,
+                eval_every: eval_every.max(1),
+                eval_examples: eval_examples.max(1),
+                ckpt_every: ckpt_every.max(1),
+            };
+            posttrain::sft_cmd(&open_gpu()?, &opts, cfg)
+        }
+        Command::Rl { init, reference, out, examples, resume, eval_every, eval_examples, ckpt_every, rl } => {
+            let cfg = rl.config()?;
+            let opts = posttrain::RlOpts {
+                init: &init,
+                reference: reference.as_deref(),
+                out: &out,
+                examples: examples.source(cfg.seed),
+                resume,
+                eval_every: eval_every.max(1),
+                eval_examples: eval_examples.max(1),
+                ckpt_every: ckpt_every.max(1),
+            };
+            posttrain::rl_cmd(&open_gpu()?, &opts, cfg)
+        }
+        Command::Study { out, quick, seeds, tasks, beta, ablate_beta, ablate_mix } => {
+            let specs =
+                if tasks.is_empty() { vec!["addition:2".into(), "reverse:3".into(), "count".into()] } else { tasks };
+            let tasks = specs.iter().map(|t| kiln_model::tasks::Task::parse(t)).collect::<Result<Vec<_>, _>>()?;
+            if seeds == 0 {
+                anyhow::bail!("--seeds must be at least 1");
+            }
+            let opts = study::StudyOpts { out, quick, seeds, tasks, ablate_beta, ablate_mix, beta };
+            study::study_cmd(&open_gpu()?, &opts)
         }
         Command::Plot { metrics, out } => plot::plot_cmd(&metrics, &out),
         Command::Inspect { checkpoint, tokens, out } => commands::inspect_cmd(&open_gpu()?, &checkpoint, &tokens, &out),

@@ -34,10 +34,15 @@ fn read_series(metrics: &Path) -> Result<(Series, Series)> {
     Ok((train, val))
 }
 
+/// Make the bundled font the charts' "sans-serif".
+pub fn register_font() -> Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("the bundled font could not be loaded"))
+}
+
 pub fn plot_cmd(metrics: &Path, out: &Path) -> Result<()> {
     let (train, val) = read_series(metrics)?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| anyhow::anyhow!("the bundled font could not be loaded"))?;
+    register_font()?;
     let x_max = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
     let ys = train.iter().chain(&val).map(|p| p.1);
     let (y_min, y_max) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));

@@ -119,6 +119,56 @@ fn short_rl_from_the_sft_model_raises_mean_reward() {
 }
 
 #[test]
+fn groups_with_equal_rewards_give_exactly_zero_gradient() {
+    let gpu = gpu();
+    let tok = tokenizer();
+    let prompts = TASK.examples(Split::Train, 10, 2);
+    let cfg =
+        RlConfig { steps: 2, prompts_per_step: 3, group_size: 4, max_new_tokens: 3, beta: 0.0, ..RlConfig::default() };
+    let model = || Gpt::new(gpu, &config(), 4).unwrap();
+    let mut tr = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts.clone(), |_, _| 1.0, cfg.clone()).unwrap();
+    let m = tr.step().unwrap();
+    assert_eq!(m.equal_reward_groups, 1.0);
+    assert_eq!(m.grad_norm, 0.0, "equal rewards carry no signal: every gradient must be exactly zero");
+    // With rewards that differ within groups the same batch does produce a gradient.
+    let mut tr = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts, |c, _| c.len() as f32, cfg).unwrap();
+    let m = tr.step().unwrap();
+    assert!(m.grad_norm > 0.0 && m.equal_reward_groups < 1.0, "{m:?}");
+}
+
+#[test]
+fn rl_resumes_exactly_from_a_checkpoint() {
+    let gpu = gpu();
+    let tok = tokenizer();
+    let prompts = TASK.examples(Split::Train, 20, 3);
+    let cfg = RlConfig {
+        steps: 3,
+        prompts_per_step: 3,
+        group_size: 4,
+        max_new_tokens: 3,
+        epochs: 2,
+        lr: 1e-3,
+        ..RlConfig::default()
+    };
+    let model = || Gpt::new(gpu, &config(), 5).unwrap();
+    let mut a = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts.clone(), reward, cfg.clone()).unwrap();
+    let straight: Vec<_> = (0..3).map(|_| a.step().unwrap()).collect();
+    let mut b = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts.clone(), reward, cfg.clone()).unwrap();
+    b.step().unwrap();
+    b.step().unwrap();
+    let ckpt = b.checkpoint(None).unwrap();
+    drop(b);
+    let mut c = RlTrainer::resume(gpu, ckpt, model(), tok.clone(), prompts, reward, cfg).unwrap();
+    let resumed = c.step().unwrap();
+    assert_eq!(resumed.step, 3);
+    assert_eq!(
+        (resumed.mean_reward, resumed.objective, resumed.grad_norm, resumed.kl),
+        (straight[2].mean_reward, straight[2].objective, straight[2].grad_norm, straight[2].kl),
+        "the resumed step must equal the uninterrupted one"
+    );
+}
+
+#[test]
 fn rl_rejects_bad_inputs_clearly() {
     let gpu = gpu();
     let tok = tokenizer();

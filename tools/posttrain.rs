@@ -1,0 +1,241 @@
+//! `kiln sft` and `kiln rl`: post-training from a checkpoint, with the same progress bar, JSONL metrics and
+//! atomic checkpoints as pretraining, and the task evaluation of `kiln_model::evaluate` along the way.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_engine::Gpu;
+use kiln_model::chat::ChatTokens;
+use kiln_model::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+use kiln_model::data::read_shard;
+use kiln_model::evaluate::greedy_accuracy;
+use kiln_model::gpt::Gpt;
+use kiln_model::rl::{RlConfig, RlTrainer};
+use kiln_model::sft::SftSource;
+use kiln_model::tasks::{read_rl_jsonl, read_sft_jsonl, reward, Example, Split, Task};
+use kiln_model::tokenizer::Tokenizer;
+use kiln_model::train::{eval_loss, TrainConfig, Trainer};
+
+/// Where examples come from: generated tasks (train split) or a JSONL file.
+pub struct ExampleSource<'a> {
+    pub tasks: &'a [String],
+    pub data: Option<&'a Path>,
+    /// Examples per task.
+    pub per_task: usize,
+    pub seed: u64,
+}
+
+impl ExampleSource<'_> {
+    pub fn parsed_tasks(&self) -> Result<Vec<Task>> {
+        self.tasks.iter().map(|t| Ok(Task::parse(t)?)).collect()
+    }
+
+    fn load(&self, rl: bool) -> Result<Vec<Example>> {
+        if let Some(p) = self.data {
+            return Ok(if rl { read_rl_jsonl(p)? } else { read_sft_jsonl(p)? });
+        }
+        let tasks = self.parsed_tasks()?;
+        if tasks.is_empty() {
+            bail!("give --task (addition[:digits], reverse[:words], count) or --data FILE.jsonl");
+        }
+        Ok(tasks.iter().flat_map(|t| t.examples(Split::Train, self.per_task, self.seed)).collect())
+    }
+}
+
+/// A checkpoint's model and tokenizer (the tokenizer must carry the chat tokens).
+pub fn load_policy(dir: &Path) -> Result<(Checkpoint, Tokenizer)> {
+    let ckpt = load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    if ckpt.tokenizer_json.is_none() {
+        bail!("{} has no tokenizer.json: post-training needs the tokenizer the model was trained with", dir.display());
+    }
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    ChatTokens::from_tokenizer(&tok)?;
+    Ok((ckpt, tok))
+}
+
+fn bar(len: u64, at: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(at);
+    bar
+}
+
+fn metrics_file(out: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join("metrics.jsonl");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Greedy accuracy on each task's eval split: (task name, accuracy) pairs.
+pub fn task_accuracies(
+    gpu: &Gpu,
+    model: &Gpt,
+    tok: &Tokenizer,
+    tasks: &[Task],
+    n: usize,
+    max_new: usize,
+) -> Result<Vec<(String, f64)>> {
+    tasks
+        .iter()
+        .map(|t| {
+            let ex = t.examples(Split::Eval, n, 1234);
+            Ok((t.name(), greedy_accuracy(gpu, model, tok, &ex, max_new)?.value))
+        })
+        .collect()
+}
+
+pub struct SftOpts<'a> {
+    pub init: &'a Path,
+    pub out: &'a Path,
+    pub examples: ExampleSource<'a>,
+    /// Prepared pretraining data (val.bin for the general loss, train.bin for the mix).
+    pub pretrain_data: Option<&'a Path>,
+    pub mix: f64,
+    pub resume: bool,
+    pub eval_every: u64,
+    pub eval_examples: usize,
+    pub ckpt_every: u64,
+}
+
+/// `kiln sft`.
+pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
+    let ckpt_dir = opts.out.join("checkpoint");
+    let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
+    let examples = opts.examples.load(false)?;
+    let tasks = opts.examples.parsed_tasks()?;
+    let (val, train_tokens) = match opts.pretrain_data {
+        Some(d) => (
+            Some(read_shard(&d.join("val.bin")).context("reading val.bin of --pretrain-data")?.tokens),
+            if opts.mix > 0.0 {
+                Some(Arc::new(read_shard(&d.join("train.bin")).context("reading train.bin of --pretrain-data")?.tokens))
+            } else {
+                None
+            },
+        ),
+        None if opts.mix > 0.0 => bail!("--mix-pretrain needs --pretrain-data DIR (the output of `kiln prepare`)"),
+        None => (None, None),
+    };
+    let source =
+        SftSource::new(&tok, &examples, cfg.batch, cfg.seq_len, cfg.seed, train_tokens.map(|t| (t, opts.mix)))?;
+    println!(
+        "sft: {} examples packed into {} rows of {} tokens ({} response tokens per epoch), {} steps of {}×{} on {}",
+        examples.len(),
+        source.num_rows(),
+        cfg.seq_len,
+        source.trained_tokens(),
+        cfg.steps,
+        cfg.batch,
+        cfg.seq_len,
+        gpu.adapter_name()
+    );
+    let tok_json = start.tokenizer_json.clone();
+    let mut trainer = if opts.resume {
+        Trainer::resume_with_source(gpu, start, cfg.clone(), Box::new(source))?
+    } else {
+        let model = Gpt::from_host(gpu, &start.config, start.model)?;
+        Trainer::with_source(gpu, model, cfg.clone(), Box::new(source))?
+    };
+    let mut metrics = metrics_file(opts.out)?;
+    let bar = bar(cfg.steps, trainer.step);
+    let mut last_eval = String::new();
+    while trainer.step < cfg.steps {
+        let m = trainer.step()?;
+        let mut record = serde_json::to_value(&m)?;
+        if m.step % opts.eval_every == 0 || m.step == cfg.steps {
+            let acc = task_accuracies(gpu, &trainer.model, &tok, &tasks, opts.eval_examples, 16)?;
+            last_eval = acc.iter().map(|(t, a)| format!("{t} {a:.2}")).collect::<Vec<_>>().join(" ");
+            record["accuracy"] = serde_json::json!(acc.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
+            if let Some(v) = &val {
+                let t = cfg.seq_len.min(trainer.model.config.n_ctx);
+                record["val_loss"] = serde_json::json!(eval_loss(gpu, &trainer.model, v, cfg.batch, t, 16)?);
+            }
+        }
+        writeln!(metrics, "{record}")?;
+        bar.set_position(m.step);
+        bar.set_message(format!("loss {:.3} | {last_eval} | {:.0} tok/s", m.loss, m.tokens_per_s));
+        if m.step % opts.ckpt_every == 0 || m.step == cfg.steps {
+            save_checkpoint(&ckpt_dir, &trainer.checkpoint(tok_json.clone())?)?;
+        }
+    }
+    bar.finish();
+    println!("sft: done; checkpoint in {} ({last_eval})", ckpt_dir.display());
+    Ok(())
+}
+
+pub struct RlOpts<'a> {
+    pub init: &'a Path,
+    /// The frozen reference of the KL penalty (default: `init`).
+    pub reference: Option<&'a Path>,
+    pub out: &'a Path,
+    pub examples: ExampleSource<'a>,
+    pub resume: bool,
+    pub eval_every: u64,
+    pub eval_examples: usize,
+    pub ckpt_every: u64,
+}
+
+/// `kiln rl`.
+pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
+    let ckpt_dir = opts.out.join("checkpoint");
+    let reference_dir: PathBuf = opts.reference.unwrap_or(opts.init).to_path_buf();
+    let (reference, _) = load_policy(&reference_dir)?;
+    let reference = Gpt::from_host(gpu, &reference.config, reference.model)
+        .with_context(|| format!("loading the reference model {}", reference_dir.display()))?;
+    let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
+    let examples = opts.examples.load(true)?;
+    let tasks = opts.examples.parsed_tasks()?;
+    let tok_json = start.tokenizer_json.clone();
+    let mut trainer = if opts.resume {
+        RlTrainer::resume(gpu, start, reference, tok.clone(), examples, reward, cfg.clone())?
+    } else {
+        let policy = Gpt::from_host(gpu, &start.config, start.model)?;
+        RlTrainer::new(gpu, policy, reference, tok.clone(), examples, reward, cfg.clone())?
+    };
+    println!(
+        "rl: {:?}, {} steps of {} prompts × {} samples (≤ {} new tokens), β = {}, ε = {}, {} pass(es) per batch on {}",
+        cfg.algorithm,
+        cfg.steps,
+        cfg.prompts_per_step,
+        cfg.group_size,
+        cfg.max_new_tokens,
+        cfg.beta,
+        cfg.clip_eps,
+        cfg.passes(),
+        gpu.adapter_name()
+    );
+    let mut metrics = metrics_file(opts.out)?;
+    let bar = bar(cfg.steps, trainer.step);
+    let mut last_eval = String::new();
+    while trainer.step < cfg.steps {
+        let m = trainer.step()?;
+        let mut record = serde_json::to_value(&m)?;
+        if !tasks.is_empty() && (m.step % opts.eval_every == 0 || m.step == cfg.steps) {
+            let acc = task_accuracies(gpu, &trainer.policy, &tok, &tasks, opts.eval_examples, cfg.max_new_tokens)?;
+            last_eval = acc.iter().map(|(t, a)| format!("{t} {a:.2}")).collect::<Vec<_>>().join(" ");
+            record["eval_accuracy"] =
+                serde_json::json!(acc.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
+        }
+        writeln!(metrics, "{record}")?;
+        bar.set_position(m.step);
+        bar.set_message(format!(
+            "reward {:.2} kl {:.3} clip {:.2} H {:.2} | {last_eval} | {:.0} rollout tok/s",
+            m.mean_reward, m.kl, m.clip_fraction, m.entropy, m.rollout_tokens_per_s
+        ));
+        if m.step % opts.ckpt_every == 0 || m.step == cfg.steps {
+            save_checkpoint(&ckpt_dir, &trainer.checkpoint(tok_json.clone())?)?;
+        }
+    }
+    bar.finish();
+    println!("rl: done; checkpoint in {} ({last_eval})", ckpt_dir.display());
+    Ok(())
+}
