@@ -286,6 +286,22 @@ enum Command {
         /// Ablation: also run SFT with this fraction of pretraining text mixed in.
         #[arg(long)]
         ablate_mix: Option<f64>,
+        /// Prepared data (`kiln prepare` output) instead of the bundled corpus prepared into OUT/data.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Override the pretraining steps of the chosen size.
+        #[arg(long)]
+        pretrain_steps: Option<u64>,
+        #[arg(long)]
+        sft_steps: Option<u64>,
+        #[arg(long)]
+        rl_steps: Option<u64>,
+        /// Eval-split prompts per task.
+        #[arg(long)]
+        eval_prompts: Option<usize>,
+        /// Samples per prompt for pass@k (k = 1, 4, 16 up to this).
+        #[arg(long)]
+        samples: Option<usize>,
     },
     /// Mean per-token loss and perplexity of a checkpoint on a text file.
     Eval {
@@ -437,14 +453,29 @@ fn run() -> Result<()> {
             };
             posttrain::rl_cmd(&open_gpu()?, &opts, cfg)
         }
-        Command::Study { out, quick, seeds, tasks, beta, ablate_beta, ablate_mix } => {
+        Command::Study {
+            out,
+            quick,
+            seeds,
+            tasks,
+            beta,
+            ablate_beta,
+            ablate_mix,
+            data,
+            pretrain_steps,
+            sft_steps,
+            rl_steps,
+            eval_prompts,
+            samples,
+        } => {
             let specs =
                 if tasks.is_empty() { vec!["addition:2".into(), "reverse:3".into(), "count".into()] } else { tasks };
             let tasks = specs.iter().map(|t| kiln_model::tasks::Task::parse(t)).collect::<Result<Vec<_>, _>>()?;
             if seeds == 0 {
                 anyhow::bail!("--seeds must be at least 1");
             }
-            let opts = study::StudyOpts { out, quick, seeds, tasks, ablate_beta, ablate_mix, beta };
+            let sizes = study::Sizes { pretrain_steps, sft_steps, rl_steps, eval_prompts, samples };
+            let opts = study::StudyOpts { out, quick, seeds, tasks, ablate_beta, ablate_mix, beta, data, sizes };
             study::study_cmd(&open_gpu()?, &opts)
         }
         Command::Plot { metrics, out } => plot::plot_cmd(&metrics, &out),

@@ -36,6 +36,19 @@ pub struct StudyOpts {
     /// Also run SFT with this fraction of pretraining rows mixed in.
     pub ablate_mix: Option<f64>,
     pub beta: f32,
+    /// Prepared data (`kiln prepare` output) instead of preparing the bundled corpus into OUT/data.
+    pub data: Option<std::path::PathBuf>,
+    pub sizes: Sizes,
+}
+
+/// Overrides of the run sizes (`None` keeps the `--quick` or default value).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizes {
+    pub pretrain_steps: Option<u64>,
+    pub sft_steps: Option<u64>,
+    pub rl_steps: Option<u64>,
+    pub eval_prompts: Option<usize>,
+    pub samples: Option<usize>,
 }
 
 /// Run sizes: `--quick` finishes in a few minutes on a software GPU, the default in well under an hour there.
@@ -52,7 +65,18 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(quick: bool) -> Plan {
+    fn new(quick: bool, o: Sizes) -> Plan {
+        let mut p = Plan::preset(quick);
+        p.pretrain_steps = o.pretrain_steps.unwrap_or(p.pretrain_steps).max(1);
+        p.sft_steps = o.sft_steps.unwrap_or(p.sft_steps).max(1);
+        p.rl_steps = o.rl_steps.unwrap_or(p.rl_steps).max(1);
+        p.eval_prompts = o.eval_prompts.unwrap_or(p.eval_prompts).max(1);
+        p.samples = o.samples.unwrap_or(p.samples).max(1);
+        p.kl_rows = p.kl_rows.min(p.eval_prompts.max(4));
+        p
+    }
+
+    fn preset(quick: bool) -> Plan {
         if quick {
             Plan {
                 pretrain_steps: 100,
@@ -484,7 +508,7 @@ fn plot(runs: &[Vec<Scores>], path: &Path) -> Result<()> {
 }
 
 pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
-    let plan = Plan::new(opts.quick);
+    let plan = Plan::new(opts.quick, opts.sizes);
     println!(
         "Kiln study on {}: pretrain {} steps → SFT {} → RL {} (β = {}), {} seed(s), tasks {}",
         gpu.report(),
@@ -495,10 +519,16 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
         opts.seeds,
         opts.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
     );
-    let data = opts.out.join("data");
-    if !(data.join("train.bin").exists() && data.join("val.bin").exists() && data.join("tokenizer.json").exists()) {
+    let data = opts.data.clone().unwrap_or_else(|| opts.out.join("data"));
+    let prepared = ["train.bin", "val.bin", "tokenizer.json"].iter().all(|f| data.join(f).exists());
+    if opts.data.is_some() && !prepared {
+        anyhow::bail!("{} lacks train.bin, val.bin or tokenizer.json: run `kiln prepare --out` there", data.display());
+    }
+    if !prepared {
         prepare_cmd(&[], &data, TokenizerSource::Train(2048), 0.1)?;
     }
+    // Fail before pretraining, not after, when the tokenizer cannot hold the chat format.
+    ChatTokens::from_tokenizer(&Tokenizer::from_file(&data.join("tokenizer.json"))?)?;
     let mut runs = Vec::new();
     for seed in 1..=opts.seeds {
         println!("seed {seed}:");
