@@ -6,7 +6,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use kiln_engine::ops::kv_cache::{attention_cached, kv_append, kv_broadcast_row, KvCache};
+use kiln_engine::ops::kv_cache::{attention_cached, kv_append, kv_broadcast_row, kv_copy_rows, KvCache};
 use kiln_engine::ops::matmul::{matmul, MatmulSpec};
 use kiln_engine::ops::sampling::{sample, SamplingParams};
 use kiln_engine::ops::{elementwise, embedding, norm};
@@ -134,11 +134,24 @@ pub fn stream_seed(seed: u64, prompt: u64, sample: u64) -> u64 {
     mix(mix(mix(seed) ^ prompt) ^ sample)
 }
 
-/// `samples` completions of each prompt ([prompt][sample]), all prompts decoded in lockstep so a step costs one
-/// readback however many prompts there are. Each prompt is prefilled once, in batch row 0, and its KV cache copied
-/// to the other rows; every sample then draws its own first token from the shared last-position logits. Sample s
-/// of prompt p uses the stream `stream_seed(cfg.seed, p, s)`. `on_token(prompt, sample, id)` sees each token as
-/// it is chosen.
+/// Most batch rows one decoding session holds: bounds the per-step logits and activations.
+const MAX_SESSION_ROWS: usize = 256;
+
+/// Prompts of one length decoded together: prompt k of the group owns batch rows k·G..(k+1)·G.
+struct Group<'m> {
+    session: Session<'m>,
+    prompts: Vec<usize>,
+    /// Logits [rows, V] the next tokens are sampled from.
+    last: Tensor,
+    budget: usize,
+}
+
+/// `samples` completions of each prompt ([prompt][sample]). Prompts of equal length share one batched session
+/// (prefilled together, each prompt's KV cache then copied to its G rows), and all sessions decode in lockstep,
+/// so a generated position costs one readback however many prompts there are. Every sample draws its own first
+/// token from its prompt's last-position logits; sample s of prompt p uses the stream `stream_seed(cfg.seed, p,
+/// s)`, so its tokens do not depend on which prompts run beside it. `on_token(prompt, sample, id)` sees each
+/// token as it is chosen.
 pub fn rollouts(
     gpu: &Gpu,
     model: &Gpt,
@@ -163,61 +176,102 @@ pub fn rollouts(
             )));
         }
     }
-    let mut sessions = Vec::with_capacity(prompts.len());
-    let mut last = Vec::with_capacity(prompts.len());
-    let mut budget = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        let room = cfg.max_new_tokens.min(n_ctx - p.len());
-        // The cache holds what this prompt will ever reach, not the whole context.
-        let mut session = Session::with_capacity(gpu, model, samples, p.len() + room.max(1))?;
-        let ids: Vec<i32> = p.iter().map(|&t| t as i32).collect();
-        let logits = session.feed_rows(gpu, &ids, 1, p.len())?;
-        session.fan_out(gpu)?;
-        let first = gpu.alloc(&[samples, v], DType::F32)?;
-        for row in 0..samples {
-            gpu.copy_elements(&logits, (p.len() - 1) * v, &first, row * v, v)?;
+    // Rows per session: within MAX_SESSION_ROWS and so that the prefill logits [k, len, V] fit one binding.
+    let limit = gpu.limits().max_storage_buffer_binding_size as usize;
+    let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, p) in prompts.iter().enumerate() {
+        by_len.entry(p.len()).or_default().push(i);
+    }
+    let mut groups = Vec::new();
+    for (len, idx) in by_len {
+        let per = (MAX_SESSION_ROWS / samples).min(limit / (len * v * 4).max(1)).max(1);
+        for chunk in idx.chunks(per) {
+            groups.push(prefill_group(gpu, model, prompts, chunk, len, samples, cfg.max_new_tokens)?);
         }
-        sessions.push(session);
-        last.push(first);
-        budget.push(room);
     }
     let mut rngs: Vec<Vec<ChaCha8Rng>> = (0..prompts.len())
         .map(|p| (0..samples).map(|s| ChaCha8Rng::seed_from_u64(stream_seed(cfg.seed, p as u64, s as u64))).collect())
         .collect();
     let mut out = vec![vec![Completion { tokens: Vec::new(), stopped: false }; samples]; prompts.len()];
-    let mut live: Vec<usize> = (0..prompts.len()).filter(|&p| budget[p] > 0).collect();
+    let mut live: Vec<usize> = (0..groups.len()).filter(|&g| groups[g].budget > 0).collect();
     while !live.is_empty() {
-        let all_ids = gpu.alloc(&[live.len() * samples], DType::I32)?;
-        for (j, &p) in live.iter().enumerate() {
+        let rows: usize = live.iter().map(|&g| groups[g].prompts.len() * samples).sum();
+        let all_ids = gpu.alloc(&[rows], DType::I32)?;
+        let mut at = 0;
+        for &g in &live {
+            let grp = &groups[g];
             // Finished rows draw nothing, so a stream's numbers never depend on its neighbours.
-            let u: Vec<f32> = (0..samples)
-                .map(|s| if done(&out[p][s], budget[p]) { 0.0 } else { rngs[p][s].random_range(0.0f32..1.0) })
+            let u: Vec<f32> = grp
+                .prompts
+                .iter()
+                .flat_map(|&p| (0..samples).map(move |s| (p, s)))
+                .map(|(p, s)| if done(&out[p][s], grp.budget) { 0.0 } else { rngs[p][s].random_range(0.0f32..1.0) })
                 .collect();
-            let ids = sample(gpu, &last[p], &gpu.upload(&u, &[samples])?, cfg.sampling)?;
-            gpu.copy_elements(&ids, 0, &all_ids, j * samples, samples)?;
+            let ids = sample(gpu, &grp.last, &gpu.upload(&u, &[u.len()])?, cfg.sampling)?;
+            gpu.copy_elements(&ids, 0, &all_ids, at, u.len())?;
+            at += u.len();
         }
         let ids = gpu.read_i32(&all_ids)?;
         let mut next = Vec::with_capacity(live.len());
-        for (j, &p) in live.iter().enumerate() {
-            let row_ids = &ids[j * samples..(j + 1) * samples];
-            for (s, &id) in row_ids.iter().enumerate() {
-                let c = &mut out[p][s];
-                if !done(c, budget[p]) {
-                    c.tokens.push(id as u32);
-                    c.stopped = cfg.stop_token == Some(id as u32);
-                    on_token(p, s, id as u32);
+        let mut at = 0;
+        for &g in &live {
+            let grp = &mut groups[g];
+            let n = grp.prompts.len() * samples;
+            let group_ids = &ids[at..at + n];
+            at += n;
+            for (k, &p) in grp.prompts.iter().enumerate() {
+                for s in 0..samples {
+                    let (c, id) = (&mut out[p][s], group_ids[k * samples + s]);
+                    if !done(c, grp.budget) {
+                        c.tokens.push(id as u32);
+                        c.stopped = cfg.stop_token == Some(id as u32);
+                        on_token(p, s, id as u32);
+                    }
                 }
             }
-            if out[p].iter().all(|c| done(c, budget[p])) {
+            if grp.prompts.iter().all(|&p| out[p].iter().all(|c| done(c, grp.budget))) {
                 continue;
             }
-            let logits = sessions[p].feed(gpu, row_ids, 1)?;
-            last[p] = logits.reshape(&[samples, v])?;
-            next.push(p);
+            let logits = grp.session.feed(gpu, group_ids, 1)?;
+            grp.last = logits.reshape(&[n, v])?;
+            next.push(g);
         }
         live = next;
     }
     Ok(out)
+}
+
+/// One session for prompts `idx` (all `len` tokens long): prefill them in rows 0..k, copy prompt k's cache to its
+/// rows k·G..(k+1)·G, and give every row its prompt's last-position logits.
+fn prefill_group<'m>(
+    gpu: &Gpu,
+    model: &'m Gpt,
+    prompts: &[Vec<u32>],
+    idx: &[usize],
+    len: usize,
+    samples: usize,
+    max_new_tokens: usize,
+) -> Result<Group<'m>> {
+    let (v, n_ctx) = (model.config.vocab_size, model.config.n_ctx);
+    let budget = max_new_tokens.min(n_ctx - len);
+    let (k, rows) = (idx.len(), idx.len() * samples);
+    // The cache holds what these prompts will ever reach, not the whole context.
+    let mut session = Session::with_capacity(gpu, model, rows, len + budget.max(1))?;
+    let tokens: Vec<i32> = idx.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i32)).collect();
+    let logits = session.feed_rows(gpu, &tokens, k, len)?;
+    // Highest prompt first: its destination rows start at k·G ≥ k, past every source row not yet copied.
+    for j in (0..k).rev() {
+        for cache in &session.caches {
+            kv_copy_rows(gpu, cache, j, j * samples..(j + 1) * samples, len)?;
+        }
+    }
+    let last = gpu.alloc(&[rows, v], DType::F32)?;
+    for j in 0..k {
+        for s in 0..samples {
+            gpu.copy_elements(&logits, (j * len + len - 1) * v, &last, (j * samples + s) * v, v)?;
+        }
+    }
+    Ok(Group { session, prompts: idx.to_vec(), last, budget })
 }
 
 fn done(c: &Completion, budget: usize) -> bool {

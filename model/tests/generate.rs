@@ -3,7 +3,7 @@
 use kiln_engine::autograd::Tape;
 use kiln_engine::ops::sampling::SamplingParams;
 use kiln_engine::testing::gpu;
-use kiln_model::generate::{generate, GenerateConfig, Session};
+use kiln_model::generate::{generate, rollouts, GenerateConfig, Session};
 use kiln_model::gpt::Gpt;
 use kiln_model::GptConfig;
 
@@ -69,4 +69,42 @@ fn generation_is_seeded_and_greedy_is_deterministic() {
     assert_eq!(g[0], g[1], "greedy decoding ignores the random draws");
     assert!(generate(gpu, &model, &[], 1, &cfg(1, 1.0), |_, _| {}).is_err());
     assert!(generate(gpu, &model, &[99], 1, &cfg(1, 1.0), |_, _| {}).is_err(), "token outside the vocabulary");
+}
+
+#[test]
+fn batched_rollouts_equal_one_prompt_at_a_time_and_stop_per_sample() {
+    let gpu = gpu();
+    let model = Gpt::new(gpu, &config(), 8).unwrap();
+    let cfg = |temperature| GenerateConfig {
+        max_new_tokens: 9,
+        sampling: SamplingParams { temperature, top_k: 0, top_p: 1.0 },
+        seed: 3,
+        stop_token: None,
+    };
+    // Prompts 0 and 2 have one length (one batched session), prompt 1 another.
+    let prompts = vec![vec![1u32, 2, 3], vec![4, 5, 6, 7, 8], vec![9, 10, 11]];
+    let greedy = rollouts(gpu, &model, &prompts, 2, &cfg(0.0), |_, _, _| {}).unwrap();
+    for (p, group) in prompts.iter().zip(&greedy) {
+        let alone = generate(gpu, &model, p, 1, &cfg(0.0), |_, _| {}).unwrap();
+        for c in group {
+            assert_eq!(c.tokens, alone[0], "a prompt decodes the same batched with others as alone");
+        }
+    }
+    // Sampled: sample s of prompt p follows its own stream, whatever shares its session.
+    let a = rollouts(gpu, &model, &prompts, 3, &cfg(1.0), |_, _, _| {}).unwrap();
+    let other = vec![prompts[0].clone(), prompts[1].clone(), vec![20, 21, 22]];
+    let b = rollouts(gpu, &model, &other, 3, &cfg(1.0), |_, _, _| {}).unwrap();
+    assert_eq!(a[0], b[0]);
+    assert_eq!(a[1], b[1]);
+    assert_ne!(a[0][0].tokens, a[0][1].tokens, "samples of one prompt draw different tokens");
+    // A stop token ends each sample on its own and is kept.
+    let stop = a[0][0].tokens[2];
+    let s = rollouts(gpu, &model, &prompts, 3, &GenerateConfig { stop_token: Some(stop), ..cfg(1.0) }, |_, _, _| {})
+        .unwrap();
+    assert_eq!(s[0][0].tokens, a[0][0].tokens[..3].to_vec());
+    assert!(s[0][0].stopped);
+    for c in s.iter().flatten() {
+        assert_eq!(c.stopped, c.tokens.contains(&stop));
+        assert!(c.stopped || c.tokens.len() == 9);
+    }
 }

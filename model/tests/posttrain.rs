@@ -114,7 +114,7 @@ fn short_rl_from_the_sft_model_raises_mean_reward() {
     }
     let after = sampled_scores(gpu, &tr.policy, tok, &probe, 8, &[1], gen).unwrap().mean_reward;
     eprintln!("RL: mean reward {before:.3} → {after:.3}; per step {log:?}");
-    // Measured on lavapipe: 0.503 → 0.578 (the probe is 384 seeded samples, so this is deterministic per device).
+    // Measured on lavapipe: 0.484 → 0.589 (the probe is 384 seeded samples, so this is deterministic per device).
     assert!(after > before + 0.04, "RL should raise the mean reward: {before:.3} → {after:.3}");
 }
 
