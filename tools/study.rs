@@ -430,11 +430,11 @@ fn table(runs: &[Vec<Scores>], tasks: &[Task]) -> String {
         out += &format!("{name:<32}");
         for p in phases {
             let vals: Vec<f64> = runs.iter().filter_map(|r| last(r, p).and_then(f)).collect();
-            let deltas: Vec<f64> =
-                runs.iter().filter_map(|r| Some(f(last(r, p)?)? - f(last(r, "base")?).unwrap_or(f64::NAN))).collect();
+            // The change from base, where the base model has the metric (it has no KL from SFT).
+            let deltas: Vec<f64> = runs.iter().filter_map(|r| Some(f(last(r, p)?)? - f(last(r, "base")?)?)).collect();
             let text = if vals.is_empty() {
                 "—".to_string()
-            } else if p == "base" {
+            } else if p == "base" || deltas.is_empty() {
                 cell(&vals)
             } else {
                 format!("{} ({:+.4})", cell(&vals), mean_std(&deltas).0)
