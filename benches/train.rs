@@ -134,6 +134,26 @@ fn generate_without_cache(
     Ok(rows * new_tokens)
 }
 
+fn probe_matmul() {
+    use kiln_engine::ops::matmul::{matmul, MatmulSpec};
+    let gpu = gpu();
+    for (k, n, nt) in [(128usize, 384usize, false), (128, 2048, true), (384, 1152, false)] {
+        for m in [8usize, 16, 64, 256, 1024] {
+            let a = gpu.upload(&vec![0.01; m * k], &[m, k]).unwrap();
+            let b = if nt { gpu.upload(&vec![0.01; n * k], &[n, k]).unwrap() } else { gpu.upload(&vec![0.01; k * n], &[k, n]).unwrap() };
+            let spec = if nt { MatmulSpec::nt() } else { MatmulSpec::nn() };
+            for _ in 0..3 { let _ = matmul(gpu, &a, &b, None, spec).unwrap(); }
+            gpu.sync().unwrap();
+            let reps = 20;
+            let t = Instant::now();
+            for _ in 0..reps { let _ = matmul(gpu, &a, &b, None, spec).unwrap(); }
+            gpu.sync().unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            eprintln!("MM m={m} k={k} n={n} nt={nt}: {ms:.3} ms/call, {:.2} GFLOP/s", 2.0 * (m * n * k) as f64 / ms / 1e6);
+        }
+    }
+}
+
 fn probe_rollout() {
     let gpu = gpu();
     for (preset, vocab, p, g, cached) in [

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::ops::{adamw, attention, elementwise, embedding, loss, matmul, norm, reduce};
+use crate::ops::{adamw, attention, elementwise, embedding, loss, matmul, norm, policy, reduce};
 use crate::testing::{max_abs_diff, random_vec, rng, to_f64};
 use crate::{Gpu, Result, Tensor};
 use rand::Rng;
@@ -265,6 +265,71 @@ pub fn run(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         want: &pw,
         tolerance: 1e-6,
         work: 7.0 * f4 * nel as f64,
+        unit: "GB/s",
+        secs,
+    }));
+
+    // The RL family: entropy and exact KL per row of logits, and the clipped policy-gradient weights.
+    let (rows_p, vp) = (64, 2048);
+    let (lp, p_logits) = up(gpu, rows_p * vp, 13, &[rows_p, vp])?;
+    let (lq, q_logits) = up(gpu, rows_p * vp, 14, &[rows_p, vp])?;
+    let h = policy::token_entropy(gpu, &p_logits)?;
+    let want = policy::cpu::token_entropy(&to_f64(&lp), vp);
+    let secs = seconds_per_call(gpu, || policy::token_entropy(gpu, &p_logits).map(|_| ()))?;
+    let got = gpu.read(&h)?;
+    rows.push(row(Row {
+        kernel: "entropy",
+        shape: format!("{rows_p}×{vp}"),
+        got: &got,
+        want: &want,
+        tolerance: 1e-4,
+        work: f4 * (rows_p * vp) as f64,
+        unit: "GB/s",
+        secs,
+    }));
+    let kl = policy::kl_rows(gpu, &p_logits, &q_logits)?;
+    let want = policy::cpu::kl_rows(&to_f64(&lp), &to_f64(&lq), vp);
+    let secs = seconds_per_call(gpu, || policy::kl_rows(gpu, &p_logits, &q_logits).map(|_| ()))?;
+    let got = gpu.read(&kl)?;
+    rows.push(row(Row {
+        kernel: "kl",
+        shape: format!("{rows_p}×{vp}"),
+        got: &got,
+        want: &want,
+        tolerance: 1e-4,
+        work: 2.0 * f4 * (rows_p * vp) as f64,
+        unit: "GB/s",
+        secs,
+    }));
+    let nt = 1 << 16;
+    let losses: Vec<f32> = (0..nt).map(|_| r.random_range(0.5f32..3.0)).collect();
+    // Old log-probs within ±0.4 of the current ones, so both sides of the 0.2 clip occur.
+    let old: Vec<f32> = losses.iter().map(|l| -l + r.random_range(-0.4f32..0.4)).collect();
+    let refp: Vec<f32> = losses.iter().map(|l| -l + r.random_range(-0.3f32..0.3)).collect();
+    let adv: Vec<f32> = (0..nt).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let scale: Vec<f32> = (0..nt).map(|i| if i % 7 == 0 { 0.0 } else { 1.0 / nt as f32 }).collect();
+    let t = |v: &[f32]| gpu.upload(v, &[nt]);
+    let (lt, ot, rt, at, st) = (t(&losses)?, t(&old)?, t(&refp)?, t(&adv)?, t(&scale)?);
+    let cfg = policy::PolicyLossConfig { clip_eps: Some(0.2), beta: 0.04 };
+    let pl = policy::policy_loss(gpu, &lt, &ot, &rt, &at, &st, cfg)?;
+    let (want, _) = policy::cpu::policy_loss(
+        &to_f64(&losses),
+        &to_f64(&old),
+        &to_f64(&refp),
+        &to_f64(&adv),
+        &to_f64(&scale),
+        Some(0.2),
+        0.04,
+    );
+    let secs = seconds_per_call(gpu, || policy::policy_loss(gpu, &lt, &ot, &rt, &at, &st, cfg).map(|_| ()))?;
+    let got = gpu.read(&pl.weights)?;
+    rows.push(row(Row {
+        kernel: "policy loss",
+        shape: format!("{nt}"),
+        got: &got,
+        want: &want,
+        tolerance: 1e-9,
+        work: 6.0 * f4 * nt as f64,
         unit: "GB/s",
         secs,
     }));
