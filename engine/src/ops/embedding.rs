@@ -14,9 +14,14 @@ struct Params {
     c: u32,
     t: u32,
     v: u32,
-    /// Backward only: distinct token ids, and B.
+    /// Backward only: distinct token ids and positions.
     distinct: u32,
-    batch: u32,
+    pos_distinct: u32,
+    /// Forward only: read position ids instead of t, and the rows of wpe.
+    has_positions: u32,
+    max_t: u32,
+    /// Backward only: B·T.
+    batch_t: u32,
 }
 
 /// The two dims of a rank-2 tensor, or a Shape error naming the expected layout.
@@ -31,6 +36,18 @@ fn dims2(op: &'static str, what: &'static str, layout: &str, t: &Tensor) -> Resu
 /// A token id outside [0, V) makes its row NaN: ids live on the GPU and checking them on the host would cost a
 /// readback every step, so the NaN detection downstream reports the step instead.
 pub fn embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<Tensor> {
+    embedding_at(gpu, tokens, None, wte, wpe)
+}
+
+/// Like [`embedding`] with the position of each token given: `positions` I32 [B, T] (None = t), so sequences
+/// packed into one row each start at position 0. A position outside [0, maxT) makes its row NaN, like a bad id.
+pub fn embedding_at(
+    gpu: &Gpu,
+    tokens: &Tensor,
+    positions: Option<&Tensor>,
+    wte: &Tensor,
+    wpe: &Tensor,
+) -> Result<Tensor> {
     let op = "embedding";
     for (what, t, dtype) in [("tokens", tokens, DType::I32), ("wte", wte, DType::F32), ("wpe", wpe, DType::F32)] {
         nonempty(op, what, t)?;
@@ -55,16 +72,39 @@ pub fn embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor, wpe: &Tensor) -> Resu
             got: format!("{:?}", tokens.shape()),
         });
     }
+    if let Some(pos) = positions {
+        expect_dtype(op, "positions", pos, DType::I32)?;
+        shape_is(op, "positions", pos, &[b, t])?;
+    }
     fits_u32(op, "wte", wte.numel())?;
     let n = b * t * c;
-    let params = Params { n: fits_u32(op, "output", n)?, c: c as u32, t: t as u32, v: v as u32, distinct: 0, batch: 0 };
+    let params = Params {
+        n: fits_u32(op, "output", n)?,
+        c: c as u32,
+        t: t as u32,
+        v: v as u32,
+        distinct: 0,
+        pos_distinct: 0,
+        has_positions: positions.is_some() as u32,
+        max_t: max_t as u32,
+        batch_t: 0,
+    };
     let out = gpu.alloc(&[b, t, c], DType::F32)?;
+    // The kernel reads `positions` only when has_positions is set, but every binding needs a buffer.
+    let dummy;
+    let positions = match positions {
+        Some(p) => p,
+        None => {
+            dummy = gpu.placeholder()?;
+            &dummy
+        }
+    };
     gpu.dispatch(&Launch {
         op,
         shader: &EMBEDDING,
         entry: "embedding",
         overrides: &[],
-        args: &[tokens, wte, wpe, &out],
+        args: &[tokens, wte, wpe, &out, positions],
         params: bytemuck::bytes_of(&params),
         groups: grid_1d(n, WG_1D),
     })?;
@@ -77,6 +117,20 @@ pub fn embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor, wpe: &Tensor) -> Resu
 /// Σ_b dout[b, t] in b order: no float atomics, bit-reproducible. An id outside [0, V) is an `Error::Invalid`
 /// naming its position (nothing is recorded).
 pub fn embedding_backward(gpu: &Gpu, tokens: &[i32], dout: &Tensor, dwte: &Tensor, dwpe: &Tensor) -> Result<()> {
+    embedding_backward_at(gpu, tokens, None, dout, dwte, dwpe)
+}
+
+/// The backward of [`embedding_at`]: `positions` is the host copy of the position ids (None = t); dwpe[p] gets the
+/// sum of dout over the tokens at position p, in ascending flat index. A position outside [0, maxT) is an
+/// `Error::Invalid` naming it.
+pub fn embedding_backward_at(
+    gpu: &Gpu,
+    tokens: &[i32],
+    positions: Option<&[i32]>,
+    dout: &Tensor,
+    dwte: &Tensor,
+    dwpe: &Tensor,
+) -> Result<()> {
     let op = "embedding_backward";
     for (what, t) in [("dout", dout), ("dwte", dwte), ("dwpe", dwpe)] {
         nonempty(op, what, t)?;
@@ -117,10 +171,40 @@ pub fn embedding_backward(gpu: &Gpu, tokens: &[i32], dout: &Tensor, dwte: &Tenso
     }
     fits_u32(op, "dwte", dwte.numel())?;
     fits_u32(op, "dout", dout.numel())?;
-    let buckets = bucket_positions(op, tokens, v, t)?;
+    let mut buckets = bucket_positions(op, tokens, v, t)?;
     let distinct = (buckets.len() - 1 - tokens.len()) / 2;
-    let n = fits_u32(op, "work items ((distinct tokens + T) · C)", (distinct + t) * c)?;
-    let params = Params { n, c: c as u32, t: t as u32, v: v as u32, distinct: distinct as u32, batch: b as u32 };
+    let default_positions: Vec<i32>;
+    let positions = match positions {
+        Some(p) if p.len() != b * t => {
+            return Err(Error::Shape {
+                op,
+                what: "positions",
+                expected: format!("{} ids (B·T of dout {:?})", b * t, dout.shape()),
+                got: format!("{} ids", p.len()),
+            })
+        }
+        Some(p) => p,
+        None => {
+            default_positions = (0..b * t).map(|i| (i % t) as i32).collect();
+            &default_positions
+        }
+    };
+    let by_position = bucket_positions(op, positions, max_t, t)
+        .map_err(|e| Error::Invalid { op, message: format!("position ids: {e}") })?;
+    let pos_distinct = (by_position.len() - 1 - tokens.len()) / 2;
+    buckets.extend(by_position);
+    let n = fits_u32(op, "work items ((distinct tokens + positions) · C)", (distinct + pos_distinct) * c)?;
+    let params = Params {
+        n,
+        c: c as u32,
+        t: t as u32,
+        v: v as u32,
+        distinct: distinct as u32,
+        pos_distinct: pos_distinct as u32,
+        has_positions: 0,
+        max_t: max_t as u32,
+        batch_t: (b * t) as u32,
+    };
     let buckets = gpu.upload_i32(&buckets, &[buckets.len()])?;
     gpu.dispatch(&Launch {
         op,
@@ -168,16 +252,34 @@ fn bucket_positions(op: &'static str, tokens: &[i32], v: usize, t: usize) -> Res
 }
 
 pub mod cpu {
+    /// Position of flat index i: positions[i] if given, else i mod T.
+    fn pos(positions: Option<&[i32]>, i: usize, t: usize) -> i64 {
+        positions.map_or((i % t) as i64, |p| p[i] as i64)
+    }
+
     /// [B, T, C] flattened, for `tokens` [B, T] flattened; out-of-range ids give NaN rows, as the kernel.
     pub fn embedding(tokens: &[i32], t: usize, wte: &[f64], wpe: &[f64], c: usize) -> Vec<f64> {
-        let v = wte.len() / c;
+        embedding_at(tokens, None, t, wte, wpe, c)
+    }
+
+    /// [`embedding`] with position ids (None = t); a position outside [0, maxT) gives a NaN row, as the kernel.
+    pub fn embedding_at(
+        tokens: &[i32],
+        positions: Option<&[i32]>,
+        t: usize,
+        wte: &[f64],
+        wpe: &[f64],
+        c: usize,
+    ) -> Vec<f64> {
+        let (v, max_t) = ((wte.len() / c) as i64, (wpe.len() / c) as i64);
         let mut out = Vec::with_capacity(tokens.len() * c);
         for (i, &tok) in tokens.iter().enumerate() {
-            let pos = &wpe[(i % t) * c..][..c];
-            if tok < 0 || tok as usize >= v {
+            let p = pos(positions, i, t);
+            if tok < 0 || tok as i64 >= v || p < 0 || p >= max_t {
                 out.extend(std::iter::repeat_n(f64::NAN, c));
             } else {
-                out.extend(wte[tok as usize * c..][..c].iter().zip(pos).map(|(a, b)| a + b));
+                let row = &wpe[p as usize * c..][..c];
+                out.extend(wte[tok as usize * c..][..c].iter().zip(row).map(|(a, b)| a + b));
             }
         }
         out
@@ -186,12 +288,26 @@ pub mod cpu {
     /// Accumulates into `dwte` [V, C] and `dwpe` [maxT, C] the gradient of [`embedding`] given `dout` [B, T, C]
     /// flattened; ids must lie in [0, V) (the GPU launcher refuses others).
     pub fn embedding_backward(tokens: &[i32], t: usize, dout: &[f64], c: usize, dwte: &mut [f64], dwpe: &mut [f64]) {
+        embedding_backward_at(tokens, None, t, dout, c, dwte, dwpe)
+    }
+
+    /// The backward of [`embedding_at`].
+    pub fn embedding_backward_at(
+        tokens: &[i32],
+        positions: Option<&[i32]>,
+        t: usize,
+        dout: &[f64],
+        c: usize,
+        dwte: &mut [f64],
+        dwpe: &mut [f64],
+    ) {
         for (i, (&tok, d)) in tokens.iter().zip(dout.chunks(c)).enumerate() {
             let tok = usize::try_from(tok).expect("token ids are non-negative");
             for (w, g) in dwte[tok * c..][..c].iter_mut().zip(d) {
                 *w += g;
             }
-            for (w, g) in dwpe[(i % t) * c..][..c].iter_mut().zip(d) {
+            let p = usize::try_from(pos(positions, i, t)).expect("positions are non-negative");
+            for (w, g) in dwpe[p * c..][..c].iter_mut().zip(d) {
                 *w += g;
             }
         }

@@ -231,3 +231,73 @@ fn backward_bad_inputs_are_typed_errors() {
     }
     assert_eq!(gpu.read(&dwte).unwrap(), before);
 }
+
+/// Position ids of rows packed with sequences of the given lengths: each restarts at 0.
+fn packed_positions(rows: &[&[usize]], t: usize) -> Vec<i32> {
+    let mut out = Vec::new();
+    for lens in rows {
+        let mut row: Vec<i32> = lens.iter().flat_map(|&n| 0..n as i32).collect();
+        let tail = t - row.len();
+        row.extend(0..tail as i32);
+        out.extend(row);
+    }
+    out
+}
+
+#[test]
+fn position_ids_match_reference_forward_and_backward() {
+    let gpu = gpu();
+    let (b, t, max_t, v, c) = (3, 37, 40, 101, 13);
+    let mut r = rng(30);
+    let tokens: Vec<i32> = (0..b * t).map(|_| r.random_range(0..v as i32)).collect();
+    let positions = packed_positions(&[&[5, 1, 20, 11], &[37], &[2, 30]], t);
+    let (wte, wpe) = (random_vec(v * c, 31), random_vec(max_t * c, 32));
+    let tk = gpu.upload_i32(&tokens, &[b, t]).unwrap();
+    let ps = gpu.upload_i32(&positions, &[b, t]).unwrap();
+    let (wte_t, wpe_t) = (gpu.upload(&wte, &[v, c]).unwrap(), gpu.upload(&wpe, &[max_t, c]).unwrap());
+    let out = embedding_at(gpu, &tk, Some(&ps), &wte_t, &wpe_t).unwrap();
+    let want = cpu::embedding_at(&tokens, Some(&positions), t, &to_f64(&wte), &to_f64(&wpe), c);
+    assert_exact(&gpu.read(&out).unwrap(), &want, "embedding with position ids");
+    // Row 1 is one sequence: its positions are 0..T, the same as no position ids.
+    let plain = gpu.read(&embedding(gpu, &tk, &wte_t, &wpe_t).unwrap()).unwrap();
+    let got = gpu.read(&out).unwrap();
+    assert_eq!(got[t * c..2 * t * c], plain[t * c..2 * t * c]);
+    assert_ne!(got[..t * c], plain[..t * c], "packed rows use restarted positions");
+
+    let dout = random_vec(b * t * c, 33);
+    let (dwte, dwpe) = (zeros(gpu, &[v, c]).unwrap(), zeros(gpu, &[max_t, c]).unwrap());
+    let dout_t = gpu.upload(&dout, &[b, t, c]).unwrap();
+    embedding_backward_at(gpu, &tokens, Some(&positions), &dout_t, &dwte, &dwpe).unwrap();
+    let (mut we, mut wp) = (vec![0.0; v * c], vec![0.0; max_t * c]);
+    cpu::embedding_backward_at(&tokens, Some(&positions), t, &to_f64(&dout), c, &mut we, &mut wp);
+    assert_within(&gpu.read(&dwte).unwrap(), &we, &vec![1e-5; we.len()], "dwte with position ids");
+    assert_within(&gpu.read(&dwpe).unwrap(), &wp, &vec![1e-5; wp.len()], "dwpe with position ids");
+    assert!(gpu.read(&dwpe).unwrap()[37 * c..].iter().all(|&g| g == 0.0), "unused positions get exactly 0");
+
+    // The reference backward is the gradient of the reference forward.
+    let wte64 = to_f64(&wte);
+    let wpe64 = to_f64(&wpe);
+    let w = to_f64(&dout);
+    let fd =
+        numeric_gradient(|p| dot(&cpu::embedding_at(&tokens, Some(&positions), t, &wte64, p, c), &w), &wpe64, FD_H);
+    assert_close_f64(&wp, &fd, FD_RTOL, FD_ATOL, "reference dwpe with position ids");
+}
+
+#[test]
+fn bad_position_ids_are_errors_or_nan_rows() {
+    let gpu = gpu();
+    let (b, t, max_t, v, c) = (1, 3, 3, 5, 2);
+    let tokens = [1, 2, 3];
+    let tk = gpu.upload_i32(&tokens, &[b, t]).unwrap();
+    let (wte, wpe) =
+        (gpu.upload(&random_vec(v * c, 1), &[v, c]).unwrap(), gpu.upload(&random_vec(6, 2), &[max_t, c]).unwrap());
+    let ps = gpu.upload_i32(&[0, 3, -1], &[b, t]).unwrap();
+    let got = gpu.read(&embedding_at(gpu, &tk, Some(&ps), &wte, &wpe).unwrap()).unwrap();
+    assert!(got[..c].iter().all(|x| x.is_finite()) && got[c..].iter().all(|x| x.is_nan()));
+    let wrong = gpu.upload_i32(&[0, 1], &[1, 2]).unwrap();
+    assert!(matches!(embedding_at(gpu, &tk, Some(&wrong), &wte, &wpe), Err(Error::Shape { what: "positions", .. })));
+    let dout = gpu.upload(&[0.5; 6], &[b, t, c]).unwrap();
+    let (dwte, dwpe) = (zeros(gpu, &[v, c]).unwrap(), zeros(gpu, &[max_t, c]).unwrap());
+    let e = embedding_backward_at(gpu, &tokens, Some(&[0, 1, 3]), &dout, &dwte, &dwpe).unwrap_err().to_string();
+    assert!(e.contains("position ids"), "{e}");
+}
