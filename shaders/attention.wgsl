@@ -3,6 +3,12 @@
 // scores); the backward recomputes each probability as exp(score - lse) block by block (FlashAttention-2).
 // Grids: x = block of rows (queries, or keys for attention_backward_dkv), y = head, z = batch. Each invocation owns
 // one row, and every output element is written by exactly one invocation: no atomics, bit-reproducible results.
+//
+// Packed sequences (SEGMENTED): query i of batch row b sees keys st_i ..= i, st_i = starts[b, i] clamped to [0, i]
+// (the first position of its own sequence), so several sequences packed into one row never see each other. Every
+// mask below is the one unsigned compare (j - st_i) <= (i - st_i): a key before st_i wraps around to a huge value.
+// Causal attention is st_i = 0, and SEGMENTED = false folds every segment term away at pipeline creation, so the
+// causal kernels are the plain causal code.
 
 // One struct for every entry point: naga allows one `var<immediate>` per entry point, and one layout keeps the host
 // side to a single Params.
@@ -23,17 +29,20 @@ var<immediate> p: Params;
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> lse: array<f32>;
+// starts [B, T] (I32) when SEGMENTED; otherwise a placeholder that is never read.
+@group(0) @binding(3) var<storage, read> starts_fwd: array<i32>;
 
 // Backward. Each entry point binds 0..n in order, so some bindings are shared with the forward's variables; no
 // entry point uses two variables of one binding. Inputs are read-only so that they need no barriers.
 //   attention_backward_dsum: 0 y_saved, 1 dy, 2 dsum
-//   attention_backward_dq, attention_backward_dkv: 0 qkv, 1 dy, 2 dsum_in, 3 lse_in, 4 dqkv
+//   attention_backward_dq, attention_backward_dkv: 0 qkv, 1 dy, 2 dsum_in, 3 lse_in, 4 dqkv, 5 starts_bwd
 @group(0) @binding(0) var<storage, read> y_saved: array<f32>;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dsum: array<f32>;
 @group(0) @binding(2) var<storage, read> dsum_in: array<f32>;
 @group(0) @binding(3) var<storage, read> lse_in: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dqkv: array<f32>;
+@group(0) @binding(5) var<storage, read> starts_bwd: array<i32>;
 
 // Query rows per workgroup of the forward and dQ kernels (= invocations per workgroup).
 override BR: u32 = 64u;
@@ -44,6 +53,8 @@ override BR: u32 = 64u;
 override HS4: u32 = 16u;
 // Key rows per workgroup of attention_backward_dkv (= invocations per workgroup).
 override BKV: u32 = 64u;
+// Packed sequences: read per-query segment starts (the host sets it exactly when it binds a starts tensor).
+override SEGMENTED: bool = false;
 // Threads per workgroup of attention_backward_dsum (a 1-D launch folded into x/y like the elementwise kernels).
 const WG: u32 = 256u;
 // Private arrays need a constant size.
@@ -54,6 +65,9 @@ const TILE4: u32 = 512u;
 // The dK/dV kernel also stages lse and D per query: 2 × 496 × 16 + 2 × 64 × 4 bytes = 16 KiB.
 const TILE4_BW: u32 = 496u;
 const MAX_BQ: u32 = 64u;
+// When SEGMENTED, the dK/dV kernel stages at most SEG_AT queries per block and keeps their starts (as bits) in
+// lt[SEG_AT..]: no workgroup memory beyond the causal kernel's 16 KiB.
+const SEG_AT: u32 = 32u;
 // Finite stand-in for -inf: exp(NEG - NEG) would be NaN with a real infinity.
 const NEG: f32 = -3.0e38;
 
@@ -66,6 +80,32 @@ var<workgroup> qt: array<vec4<f32>, TILE4_BW>;
 var<workgroup> gt: array<vec4<f32>, TILE4_BW>;
 var<workgroup> lt: array<f32, MAX_BQ>;
 var<workgroup> dt: array<f32, MAX_BQ>;
+
+// Segment start of query `row` of batch row `bi`, clamped to [0, row] so that every query keeps at least its own
+// key (no empty softmax, whatever the input says).
+fn start_fwd(bi: u32, row: u32) -> u32 {
+    return min(u32(max(starts_fwd[bi * p.t + row], 0)), row);
+}
+
+fn start_bwd(bi: u32, row: u32) -> u32 {
+    return min(u32(max(starts_bwd[bi * p.t + row], 0)), row);
+}
+
+// The smallest `v` over the workgroup of the forward or dQ kernel (one per invocation), as a uniform value so that
+// it may bound the key-block loop. kt[0..BR] is scratch here: no block is staged yet, and the loop's first barrier
+// comes before kt is overwritten. Values travel as bits through the f32 tile.
+fn first_key(lid: u32, v: u32) -> u32 {
+    kt[lid].x = bitcast<f32>(v);
+    workgroupBarrier();
+    if (lid == 0u) {
+        var mn = v;
+        for (var i = 1u; i < BR; i++) {
+            mn = min(mn, bitcast<u32>(kt[i].x));
+        }
+        kt[BR].x = bitcast<f32>(mn);
+    }
+    return bitcast<u32>(workgroupUniformLoad(&kt[BR]).x);
+}
 
 // Channels d..d+3 of qkv starting at `at`, zero past the head size.
 fn load4(at: u32, d: u32, hs: u32) -> vec4<f32> {
@@ -115,9 +155,21 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     var l = 0.0;
     var s: array<f32, MAX_BC>;
 
-    // Keys above the workgroup's last row are masked for every row, so those blocks are never loaded.
+    // This row sees keys st ..= row. Rows past T keep st = 0 (they see every loaded key).
+    var st = 0u;
+    var first = 0u;
+    if (SEGMENTED) {
+        if (valid) {
+            st = start_fwd(bi, row);
+        }
+        first = first_key(lid, select(p.t, st, valid));
+    }
+    let span = row - st;
+
+    // Keys above the workgroup's last row are masked for every row, and keys before its smallest start too, so
+    // those blocks are never loaded.
     let last = min(q0 + BR, p.t);
-    for (var kb = 0u; kb < last; kb += p.bc) {
+    for (var kb = first; kb < last; kb += p.bc) {
         let nk = min(p.bc, p.t - kb);
         workgroupBarrier(); // the previous block's readers are done
         for (var i = lid; i < nk * hs4; i += BR) {
@@ -127,30 +179,34 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         }
         workgroupBarrier();
 
-        // Scores of the whole block first, so the accumulator is rescaled once per block, not once per key.
-        var mb = m;
-        for (var j = 0u; j < nk; j++) {
-            var sc = 0.0;
-            for (var d = 0u; d < hs4; d++) {
-                sc += dot(q[d], kt[j * hs4 + d]);
+        // A block wholly before this row's start would add nothing (all its scores masked): skipped.
+        if (!SEGMENTED || kb + nk > st) {
+            // Scores of the whole block first, so the accumulator is rescaled once per block, not once per key.
+            let kbs = kb - st; // wraps when the block begins before st: kbs + j > span for every key j < st
+            var mb = m;
+            for (var j = 0u; j < nk; j++) {
+                var sc = 0.0;
+                for (var d = 0u; d < hs4; d++) {
+                    sc += dot(q[d], kt[j * hs4 + d]);
+                }
+                s[j] = select(NEG, sc, kbs + j <= span);
+                mb = max(mb, s[j]);
             }
-            s[j] = select(NEG, sc, kb + j <= row);
-            mb = max(mb, s[j]);
-        }
-        // The first block always holds key 0 <= row, so mb is finite from here on.
-        let alpha = exp(m - mb);
-        l *= alpha;
-        for (var d = 0u; d < hs4; d++) {
-            acc[d] *= alpha;
-        }
-        for (var j = 0u; j < nk; j++) {
-            let pj = select(0.0, exp(s[j] - mb), kb + j <= row);
-            l += pj;
+            // The first block this row computes holds key st <= row, so mb is finite from here on.
+            let alpha = exp(m - mb);
+            l *= alpha;
             for (var d = 0u; d < hs4; d++) {
-                acc[d] += pj * vt[j * hs4 + d];
+                acc[d] *= alpha;
             }
+            for (var j = 0u; j < nk; j++) {
+                let pj = select(0.0, exp(s[j] - mb), kbs + j <= span);
+                l += pj;
+                for (var d = 0u; d < hs4; d++) {
+                    acc[d] += pj * vt[j * hs4 + d];
+                }
+            }
+            m = mb;
         }
-        m = mb;
     }
 
     if (valid) {
@@ -217,8 +273,19 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         di = dsum_in[stat];
     }
 
+    // Keys st ..= row, as in the forward.
+    var st = 0u;
+    var first = 0u;
+    if (SEGMENTED) {
+        if (valid) {
+            st = start_bwd(bi, row);
+        }
+        first = first_key(lid, select(p.t, st, valid));
+    }
+    let span = row - st;
+
     let last = min(q0 + BR, p.t);
-    for (var kb = 0u; kb < last; kb += p.bc) {
+    for (var kb = first; kb < last; kb += p.bc) {
         let nk = min(p.bc, p.t - kb);
         workgroupBarrier();
         for (var i = lid; i < nk * hs4; i += BR) {
@@ -228,18 +295,22 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         }
         workgroupBarrier();
 
-        for (var j = 0u; j < nk; j++) {
-            var sc = 0.0;
-            var dp = 0.0;
-            for (var d = 0u; d < hs4; d++) {
-                sc += dot(q[d], kt[j * hs4 + d]);
-                dp += dot(g[d], vt[j * hs4 + d]);
-            }
-            // s - lse <= 0 up to rounding, so exp cannot overflow.
-            let pj = select(0.0, exp(sc - li), kb + j <= row);
-            let ds = pj * (dp - di);
-            for (var d = 0u; d < hs4; d++) {
-                dq[d] += ds * kt[j * hs4 + d];
+        if (!SEGMENTED || kb + nk > st) {
+            let kbs = kb - st;
+            for (var j = 0u; j < nk; j++) {
+                var sc = 0.0;
+                var dp = 0.0;
+                for (var d = 0u; d < hs4; d++) {
+                    sc += dot(q[d], kt[j * hs4 + d]);
+                    dp += dot(g[d], vt[j * hs4 + d]);
+                }
+                // s - lse <= 0 up to rounding for the keys this row sees, so exp cannot overflow; a masked key's
+                // exp may, but select drops it.
+                let pj = select(0.0, exp(sc - li), kbs + j <= span);
+                let ds = pj * (dp - di);
+                for (var d = 0u; d < hs4; d++) {
+                    dq[d] += ds * kt[j * hs4 + d];
+                }
             }
         }
     }
@@ -255,6 +326,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
 // dK_j = scale Σ_i dS_ij Q_i and dV_j = Σ_i P_ij dO_i for a block of BKV key rows: the workgroup walks the query
 // blocks from its first key to T (earlier queries cannot see these keys), staging Q, dO, lse and D, and each
 // invocation accumulates its key's dK and dV privately, so no two workgroups ever add into the same element.
+// When SEGMENTED it stops after the last query whose segment reaches back into its keys, and stages each query's
+// start with its lse.
 @compute @workgroup_size(BKV)
 fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wg.y;
@@ -285,8 +358,31 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         }
     }
 
-    for (var qb = k0; qb < p.t; qb += p.bc) {
-        let nq = min(p.bc, p.t - qb);
+    // One past the last query that sees any of this block's keys: T for causal attention. Otherwise the largest
+    // i + 1 with st_i <= the block's last key, found by a strided scan of the starts and a max over the workgroup
+    // (lt is scratch before the first query block is staged; values travel as bits).
+    var end = p.t;
+    if (SEGMENTED) {
+        let kmax = min(k0 + BKV, p.t) - 1u;
+        var e = 0u;
+        for (var i = k0 + lid; i < p.t; i += BKV) {
+            if (start_bwd(bi, i) <= kmax) {
+                e = i + 1u;
+            }
+        }
+        lt[lid] = bitcast<f32>(e);
+        workgroupBarrier();
+        if (lid == 0u) {
+            for (var i = 1u; i < BKV; i++) {
+                e = max(e, bitcast<u32>(lt[i]));
+            }
+            dt[0] = bitcast<f32>(e);
+        }
+        end = bitcast<u32>(workgroupUniformLoad(&dt[0]));
+    }
+
+    for (var qb = k0; qb < end; qb += p.bc) {
+        let nq = min(p.bc, end - qb);
         workgroupBarrier();
         for (var i = lid; i < nq * hs4; i += BKV) {
             let row = qb + i / hs4;
@@ -297,6 +393,9 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         for (var i = lid; i < nq; i += BKV) {
             lt[i] = lse_in[stats + qb + i];
             dt[i] = dsum_in[stats + qb + i];
+            if (SEGMENTED) {
+                lt[SEG_AT + i] = bitcast<f32>(start_bwd(bi, qb + i)); // the host keeps nq <= SEG_AT
+            }
         }
         workgroupBarrier();
 
@@ -307,7 +406,12 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
                 sc += dot(qt[i * hs4 + d], k[d]);
                 dp += dot(gt[i * hs4 + d], v[d]);
             }
-            let pij = select(0.0, exp(sc - lt[i]), col <= qb + i);
+            // Query qb + i sees this key iff st <= col <= qb + i (keys past T: col > every query).
+            var st = 0u;
+            if (SEGMENTED) {
+                st = bitcast<u32>(lt[SEG_AT + i]);
+            }
+            let pij = select(0.0, exp(sc - lt[i]), col - st <= qb + i - st);
             let ds = pij * (dp - dt[i]);
             for (var d = 0u; d < hs4; d++) {
                 dv[d] += pij * gt[i * hs4 + d];

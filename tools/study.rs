@@ -266,12 +266,15 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
     };
     let mut tr = Trainer::new(gpu, Gpt::new(gpu, &config, seed)?, cfg.clone(), train.clone())?;
     let bar = progress(cfg.steps, "pretrain");
+    let (mut ms, mut last) = (0.0, f32::NAN);
     while tr.step < cfg.steps {
         let m = tr.step()?;
+        (ms, last) = (ms + m.ms_per_step, m.loss);
         bar.set_position(m.step);
         bar.set_message(format!("loss {:.3}", m.loss));
     }
-    bar.finish();
+    bar.finish_and_clear();
+    println!("  pretrain: {} steps in {:.0} s, final loss {:.3}", cfg.steps, ms / 1e3, last);
     let base = tr.model;
     save("base", &base)?;
     let base_host = base.to_host(gpu)?;
@@ -282,11 +285,17 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
     let mut scores = Vec::new();
     let score = |model: &Gpt, sft: Option<&Gpt>, label: &str, phase: &str, step: u64| -> Result<Scores> {
         let sp = spinner(format!("evaluating {label}"));
+        let start = std::time::Instant::now();
         let s = suite.score(gpu, model, sft, label, phase, step)?;
         sp.finish_and_clear();
         println!(
-            "  {label:<14} bits/byte {:.4}  accuracy {:.3}  reward {:.3}  KL(base) task {:.4} text {:.4}",
-            s.bits_per_byte, s.accuracy, s.mean_reward, s.kl_base_task, s.kl_base_text
+            "  {label:<14} bits/byte {:.4}  accuracy {:.3}  reward {:.3}  KL(base) task {:.4} text {:.4}  ({:.0} s)",
+            s.bits_per_byte,
+            s.accuracy,
+            s.mean_reward,
+            s.kl_base_task,
+            s.kl_base_text,
+            start.elapsed().as_secs_f64()
         );
         Ok(s)
     };
@@ -313,9 +322,11 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         let model = Gpt::from_host(gpu, &config, base_host.clone())?;
         let mut tr = Trainer::with_source(gpu, model, sft_cfg.clone(), Box::new(source))?;
         let bar = progress(sft_cfg.steps, phase);
+        let mut ms = 0.0;
         for at in snapshot_steps(sft_cfg.steps, plan.snapshots) {
             while tr.step < at {
                 let m = tr.step()?;
+                ms += m.ms_per_step;
                 bar.set_position(m.step);
                 bar.set_message(format!("loss {:.3}", m.loss));
             }
@@ -324,7 +335,8 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
                 Ok(())
             })?;
         }
-        bar.finish();
+        bar.finish_and_clear();
+        println!("  {phase}: {} steps trained in {:.0} s", sft_cfg.steps, ms / 1e3);
         if phase == "sft" {
             save("sft", &tr.model)?;
             sft_final = Some(tr.model.to_host(gpu)?);
@@ -355,9 +367,11 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         let reference = Gpt::from_host(gpu, &config, sft_host.clone())?;
         let mut tr = RlTrainer::new(gpu, policy, reference, tok.clone(), rl_examples.clone(), reward, rl_cfg.clone())?;
         let bar = progress(rl_cfg.steps, phase);
+        let mut ms = 0.0;
         for at in snapshot_steps(rl_cfg.steps, plan.snapshots) {
             while tr.step < at {
                 let m = tr.step()?;
+                ms += m.ms_per_step;
                 bar.set_position(m.step);
                 bar.set_message(format!("reward {:.3} kl {:.4}", m.mean_reward, m.kl));
             }
@@ -366,7 +380,8 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
                 Ok(())
             })?;
         }
-        bar.finish();
+        bar.finish_and_clear();
+        println!("  {phase}: {} steps trained in {:.0} s", rl_cfg.steps, ms / 1e3);
         if phase == "rl" {
             save("rl", &tr.policy)?;
         }

@@ -34,12 +34,12 @@ enum Op<'a> {
     Const,
     Param(&'a Param),
     Matmul { a: Var, b: Var, bias: Option<Var>, spec: MatmulSpec },
-    Attention { qkv: Var, lse: Tensor, n_head: usize },
+    Attention { qkv: Var, lse: Tensor, n_head: usize, starts: Option<Tensor> },
     LayerNorm { x: Var, gamma: Var, beta: Var, mean: Tensor, rstd: Tensor },
     Gelu { x: Var },
     Add { a: Var, b: Var },
     Scale { x: Var, alpha: f32 },
-    Embedding { tokens: Vec<i32>, wte: &'a Param, wpe: &'a Param },
+    Embedding { tokens: Vec<i32>, positions: Option<Vec<i32>>, wte: &'a Param, wpe: &'a Param },
     CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
     WeightedSum { x: Var, weights: Tensor },
 }
@@ -107,8 +107,14 @@ impl<'a> Tape<'a> {
 
     /// Causal self-attention over a packed qkv [B, T, 3C] → y [B, T, C].
     pub fn attention(&mut self, qkv: Var, n_head: usize) -> Result<Var> {
-        let (y, lse) = attention::attention_forward(self.gpu, self.value(qkv), n_head)?;
-        Ok(self.push(y, Op::Attention { qkv, lse, n_head }, &[qkv]))
+        self.attention_segments(qkv, n_head, None)
+    }
+
+    /// Self-attention over rows of packed sequences: starts (I32 [B, T], see `attention::segment_starts`) gives
+    /// each query the first key it may see, so no sequence attends to the ones packed before it. None = causal.
+    pub fn attention_segments(&mut self, qkv: Var, n_head: usize, starts: Option<&Tensor>) -> Result<Var> {
+        let (y, lse) = attention::attention_forward_segments(self.gpu, self.value(qkv), n_head, starts)?;
+        Ok(self.push(y, Op::Attention { qkv, lse, n_head, starts: starts.cloned() }, &[qkv]))
     }
 
     pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
@@ -132,6 +138,11 @@ impl<'a> Tape<'a> {
         Ok(self.push(y, Op::Scale { x, alpha }, &[x]))
     }
 
+    /// The GPU this tape records on.
+    pub fn gpu(&self) -> &'a Gpu {
+        self.gpu
+    }
+
     /// Token + position embedding of `tokens` ([batch, time], row-major host ids) → [batch, time, C].
     pub fn embedding(
         &mut self,
@@ -141,17 +152,34 @@ impl<'a> Tape<'a> {
         wte: &'a Param,
         wpe: &'a Param,
     ) -> Result<Var> {
-        if tokens.len() != batch * time {
-            return Err(Error::Shape {
-                op: "embedding",
-                what: "tokens",
-                expected: format!("{batch}×{time} = {} ids", batch * time),
-                got: format!("{} ids", tokens.len()),
-            });
+        self.embedding_at(tokens, None, batch, time, wte, wpe)
+    }
+
+    /// [`Tape::embedding`] with host position ids ([batch, time]; None = t), for packed sequences.
+    pub fn embedding_at(
+        &mut self,
+        tokens: &[i32],
+        positions: Option<&[i32]>,
+        batch: usize,
+        time: usize,
+        wte: &'a Param,
+        wpe: &'a Param,
+    ) -> Result<Var> {
+        for (what, n) in [("tokens", Some(tokens.len())), ("positions", positions.map(<[i32]>::len))] {
+            if let Some(n) = n.filter(|&n| n != batch * time) {
+                return Err(Error::Shape {
+                    op: "embedding",
+                    what,
+                    expected: format!("{batch}×{time} = {} ids", batch * time),
+                    got: format!("{n} ids"),
+                });
+            }
         }
         let ids = self.gpu.upload_i32(tokens, &[batch, time])?;
-        let y = embedding::embedding(self.gpu, &ids, &wte.value, &wpe.value)?;
-        Ok(self.push(y, Op::Embedding { tokens: tokens.to_vec(), wte, wpe }, &[]))
+        let pos = positions.map(|p| self.gpu.upload_i32(p, &[batch, time])).transpose()?;
+        let y = embedding::embedding_at(self.gpu, &ids, pos.as_ref(), &wte.value, &wpe.value)?;
+        let op = Op::Embedding { tokens: tokens.to_vec(), positions: positions.map(<[i32]>::to_vec), wte, wpe };
+        Ok(self.push(y, op, &[]))
     }
 
     /// Per-row softmax cross-entropy of logits [N, V] (or [B, T, V]) against I32 targets; -1 rows give 0.
@@ -234,9 +262,10 @@ impl<'a> Tape<'a> {
                     }
                 }
             }
-            Op::Attention { qkv, lse, n_head } => {
+            Op::Attention { qkv, lse, n_head, starts } => {
                 let y = value.expect("attention keeps its output until its backward");
-                let d = attention::attention_backward(gpu, self.value(qkv), &y, &lse, &g, n_head)?;
+                let q = self.value(qkv);
+                let d = attention::attention_backward_segments(gpu, q, &y, &lse, &g, n_head, starts.as_ref())?;
                 self.accumulate(qkv, d)?;
             }
             Op::LayerNorm { x, gamma, beta, mean, rstd } => {
@@ -257,8 +286,8 @@ impl<'a> Tape<'a> {
                 let dx = elementwise::scale(gpu, &g, alpha)?;
                 self.accumulate(x, dx)?;
             }
-            Op::Embedding { tokens, wte, wpe } => {
-                embedding::embedding_backward(gpu, &tokens, &g, &wte.grad, &wpe.grad)?;
+            Op::Embedding { tokens, positions, wte, wpe } => {
+                embedding::embedding_backward_at(gpu, &tokens, positions.as_deref(), &g, &wte.grad, &wpe.grad)?;
             }
             Op::CrossEntropy { logits, targets, lse } => {
                 let d = loss::cross_entropy_backward(gpu, self.value(logits), &targets, &lse, &g)?;

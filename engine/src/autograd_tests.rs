@@ -339,3 +339,40 @@ fn nan_poisoned_allocations_change_nothing() {
     assert!(poisoned.iter().flatten().all(|g| g.is_finite()), "a kernel read unwritten memory");
     assert_eq!(poisoned, gpu_grads(&cs, &values, 1.0), "poisoned and normal runs must agree bit for bit");
 }
+
+#[test]
+fn tape_attention_segments_backward_is_the_segmented_kernel() {
+    // qkv (a parameter) → attention over packed rows → Σ w·y: the parameter's gradient must be exactly the
+    // segmented backward kernel's for dy = w (so the tape keeps starts for the backward), agree with the f64
+    // reference, and differ from the causal gradient (the boundaries matter).
+    let gpu = gpu();
+    let (b, t, c, nh) = (2, 70, 48, 3);
+    let lengths = [vec![20, 1, 30], vec![70]];
+    let starts = gpu.upload_i32(&attention::segment_starts(&lengths, t), &[b, t]).unwrap();
+    let x = random_vec(b * t * 3 * c, 900);
+    let w = random_vec(b * t * c, 901);
+    let qkv = Param::new(gpu, "qkv", gpu.upload(&x, &[b, t, 3 * c]).unwrap()).unwrap();
+    let weights = gpu.upload(&w, &[b * t * c]).unwrap();
+    let mut tape = Tape::new(gpu);
+    let v = tape.param(&qkv);
+    let y = tape.attention_segments(v, nh, Some(&starts)).unwrap();
+    let loss = tape.weighted_sum(y, &weights).unwrap();
+    tape.backward(loss).unwrap();
+    let got = gpu.read(&qkv.grad).unwrap();
+
+    let (yk, lse) = attention::attention_forward_segments(gpu, &qkv.value, nh, Some(&starts)).unwrap();
+    let dy = gpu.upload(&w, &[b, t, c]).unwrap();
+    let direct = attention::attention_backward_segments(gpu, &qkv.value, &yk, &lse, &dy, nh, Some(&starts)).unwrap();
+    let direct = gpu.read(&direct).unwrap();
+    assert!(got.iter().zip(&direct).all(|(a, b)| a.to_bits() == b.to_bits()), "tape ≠ attention_backward_segments");
+
+    let host_starts = attention::segment_starts(&lengths, t);
+    let want = attention::cpu::attention_backward_segments(&to_f64(&x), &to_f64(&w), b, t, c, nh, &host_starts);
+    let scale = want.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+        assert!((g as f64 - r).abs() <= 1e-4 * scale, "dqkv[{i}]: tape {g}, f64 reference {r}");
+    }
+    let causal = attention::cpu::attention_backward(&to_f64(&x), &to_f64(&w), b, t, c, nh);
+    let off = got.iter().zip(&causal).map(|(&g, &r)| (g as f64 - r).abs()).fold(0.0, f64::max);
+    assert!(off > 1e-2 * scale, "the segmented gradient equals the causal one (max difference {off})");
+}

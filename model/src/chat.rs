@@ -1,9 +1,10 @@
 //! The chat format of supervised fine-tuning: `<|user|>` prompt `<|assistant|>` response `<|end|>`, with the loss
 //! on the response and the end token only, and packing of whole examples into fixed-length rows.
 //!
-//! Packing puts several examples in one row; the loss mask is exact (a target is trained only where the token it
-//! predicts belongs to a response or its end token), but attention is causal over the whole row, so an example
-//! can attend to the examples packed before it — the usual trade of packing, stated here rather than hidden.
+//! Packing puts several examples in one row. The loss mask is exact (a target is trained only where the token it
+//! predicts belongs to a response or its end token), and each row carries the lengths of the examples in it, so
+//! the model restarts positions at 0 for every example and attention stays inside each example (block-diagonal
+//! causal mask): a packed example computes exactly what it would alone.
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
@@ -63,13 +64,22 @@ pub fn encode_example(tok: &Tokenizer, ct: ChatTokens, prompt: &str, response: &
     Ok(ChatSequence { tokens, trained })
 }
 
-/// Pack whole sequences into rows of `time` positions: (inputs, targets) per row, targets -1 wherever the
-/// predicted token is not trained and on padding. A sequence never straddles two rows; one longer than
-/// `time + 1` tokens is an error naming it.
-pub fn pack(seqs: &[ChatSequence], time: usize, pad: u32) -> Result<Vec<(Vec<i32>, Vec<i32>)>> {
+/// One packed row: `time` inputs, their targets (-1 where untrained or padding), and the lengths of the sequences
+/// laid end to end in the inputs (the padding after them, if any, is not listed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedRow {
+    pub inputs: Vec<i32>,
+    pub targets: Vec<i32>,
+    pub lengths: Vec<usize>,
+}
+
+/// Pack whole sequences into rows of `time` positions, targets -1 wherever the predicted token is not trained and
+/// on padding. A sequence never straddles two rows; one longer than `time + 1` tokens is an error naming it.
+pub fn pack(seqs: &[ChatSequence], time: usize, pad: u32) -> Result<Vec<PackedRow>> {
     let mut rows = Vec::new();
     let (mut tokens, mut trained): (Vec<u32>, Vec<bool>) = (Vec::new(), Vec::new());
-    let mut flush = |tokens: &mut Vec<u32>, trained: &mut Vec<bool>| {
+    let mut lengths: Vec<usize> = Vec::new();
+    let mut flush = |tokens: &mut Vec<u32>, trained: &mut Vec<bool>, lengths: &mut Vec<usize>| {
         if tokens.is_empty() {
             return;
         }
@@ -77,7 +87,13 @@ pub fn pack(seqs: &[ChatSequence], time: usize, pad: u32) -> Result<Vec<(Vec<i32
         trained.resize(time + 1, false);
         let inputs = tokens[..time].iter().map(|&t| t as i32).collect();
         let targets = (0..time).map(|i| if trained[i + 1] { tokens[i + 1] as i32 } else { -1 }).collect();
-        rows.push((inputs, targets));
+        // A last sequence of time + 1 tokens has its final token only as a target.
+        let mut lens = std::mem::take(lengths);
+        let total: usize = lens.iter().sum();
+        if total > time {
+            *lens.last_mut().expect("a row holds a sequence") -= total - time;
+        }
+        rows.push(PackedRow { inputs, targets, lengths: lens });
         tokens.clear();
         trained.clear();
     };
@@ -90,12 +106,13 @@ pub fn pack(seqs: &[ChatSequence], time: usize, pad: u32) -> Result<Vec<(Vec<i32
             )));
         }
         if tokens.len() + s.tokens.len() > time + 1 {
-            flush(&mut tokens, &mut trained);
+            flush(&mut tokens, &mut trained, &mut lengths);
         }
         tokens.extend(&s.tokens);
         trained.extend(&s.trained);
+        lengths.push(s.tokens.len());
     }
-    flush(&mut tokens, &mut trained);
+    flush(&mut tokens, &mut trained, &mut lengths);
     Ok(rows)
 }
 
@@ -119,8 +136,9 @@ mod tests {
         assert!(s.trained[prompt_len..].iter().all(|t| *t));
         assert_eq!(*s.tokens.last().unwrap(), ct.end);
         let rows = pack(std::slice::from_ref(&s), 16, ct.end).unwrap();
-        let (inputs, targets) = &rows[0];
+        let (inputs, targets) = (&rows[0].inputs, &rows[0].targets);
         assert_eq!(inputs.len(), 16);
+        assert_eq!(rows[0].lengths, vec![s.tokens.len()]);
         for (i, &t) in targets.iter().enumerate() {
             // Position i predicts token i+1: trained exactly when that token is in the response or the end marker.
             let want = if i + 1 < s.tokens.len() && s.trained[i + 1] { s.tokens[i + 1] as i32 } else { -1 };
@@ -138,7 +156,9 @@ mod tests {
             (0..10).map(|i| encode_example(&tok, ct, &format!("{i}+1="), &(i + 1).to_string()).unwrap()).collect();
         let len = seqs[0].tokens.len();
         let rows = pack(&seqs, 2 * len, ct.end).unwrap();
-        let trained_targets: usize = rows.iter().map(|(_, t)| t.iter().filter(|&&x| x >= 0).count()).sum();
+        let trained_targets: usize = rows.iter().map(|r| r.targets.iter().filter(|&&x| x >= 0).count()).sum();
+        // Every example is in exactly one row, whole.
+        assert!(rows.iter().all(|r| r.lengths.len() == 2 && r.lengths.iter().all(|&l| l == len)));
         let expected: usize = seqs.iter().map(|s| s.trained.iter().filter(|&&t| t).count()).sum();
         assert_eq!(trained_targets, expected, "every response token is trained exactly once");
         let e = pack(&seqs, len - 2, ct.end).unwrap_err().to_string();

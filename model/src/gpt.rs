@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use kiln_engine::autograd::{Param, Tape, Var};
+use kiln_engine::ops::attention::segment_starts;
 use kiln_engine::ops::matmul::MatmulSpec;
 use kiln_engine::{Gpu, Tensor};
 
@@ -148,15 +149,44 @@ impl Gpt {
 
     /// Logits [B, T, V] of `tokens` ([B, T] row-major).
     pub fn logits<'a>(&'a self, tape: &mut Tape<'a>, tokens: &[i32], batch: usize, time: usize) -> Result<Var> {
+        self.logits_packed(tape, tokens, batch, time, None)
+    }
+
+    /// Logits of rows that each hold several sequences end to end (`packed[b]` = their lengths, summing to at most
+    /// T; positions after them form one more sequence): positions restart at 0 for each sequence and attention
+    /// stays inside it, so every sequence computes what it would alone.
+    pub fn logits_packed<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        tokens: &[i32],
+        batch: usize,
+        time: usize,
+        packed: Option<&[Vec<usize>]>,
+    ) -> Result<Var> {
         self.check_tokens(tokens, batch, time)?;
+        let layout = match packed {
+            None => None,
+            Some(rows) => {
+                if rows.len() != batch || rows.iter().any(|r| r.iter().sum::<usize>() > time) {
+                    return Err(ModelError::Data(format!(
+                        "packing layout: need {batch} rows of sequence lengths summing to at most T = {time}"
+                    )));
+                }
+                let starts = segment_starts(rows, time);
+                let positions: Vec<i32> = starts.iter().enumerate().map(|(i, &s)| (i % time) as i32 - s).collect();
+                Some((positions, tape.gpu().upload_i32(&starts, &[batch, time])?))
+            }
+        };
         let nn = MatmulSpec::nn();
-        let mut x = tape.embedding(tokens, batch, time, &self.params[0], &self.params[1])?;
+        let positions = layout.as_ref().map(|(p, _)| p.as_slice());
+        let starts = layout.as_ref().map(|(_, s)| s);
+        let mut x = tape.embedding_at(tokens, positions, batch, time, &self.params[0], &self.params[1])?;
         for b in &self.blocks {
             let (g, bias) = (self.param(tape, b.ln_1.0), self.param(tape, b.ln_1.1));
             let h = tape.layernorm(x, g, bias, LN_EPS)?;
             let (w, bias) = (self.param(tape, b.c_attn.0), self.param(tape, b.c_attn.1));
             let qkv = tape.matmul(h, w, Some(bias), nn)?;
-            let a = tape.attention(qkv, self.config.n_head)?;
+            let a = tape.attention_segments(qkv, self.config.n_head, starts)?;
             let (w, bias) = (self.param(tape, b.attn_proj.0), self.param(tape, b.attn_proj.1));
             let a = tape.matmul(a, w, Some(bias), nn)?;
             x = tape.add(x, a)?;
@@ -186,7 +216,22 @@ impl Gpt {
         targets: &Tensor,
         weights: &Tensor,
     ) -> Result<Forward> {
-        let logits = self.logits(tape, tokens, batch, time)?;
+        self.forward_packed(tape, tokens, batch, time, None, targets, weights)
+    }
+
+    /// [`Gpt::forward`] of packed rows (see [`Gpt::logits_packed`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_packed<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        tokens: &[i32],
+        batch: usize,
+        time: usize,
+        packed: Option<&[Vec<usize>]>,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> Result<Forward> {
+        let logits = self.logits_packed(tape, tokens, batch, time, packed)?;
         let losses = tape.cross_entropy(logits, targets)?;
         let loss = tape.weighted_sum(losses, weights)?;
         Ok(Forward { logits, losses, loss })

@@ -11,12 +11,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{encode_example, pack, ChatTokens};
+use crate::chat::{encode_example, pack, ChatTokens, PackedRow};
 use crate::data::{BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
 use crate::tasks::Example;
 use crate::tokenizer::Tokenizer;
-use crate::train::BatchSource;
+use crate::train::{Batch, BatchSource};
 
 /// Position of an [`SftSource`]: what a checkpoint saves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ pub struct SftState {
 /// Batches of packed chat rows. Row k of the stream is a pretraining window when ⌊(k+1)·f⌋ > ⌊k·f⌋ for the mix
 /// fraction f, so exactly a fraction f of rows is general text, spread evenly, reproducibly.
 pub struct SftSource {
-    rows: Vec<(Vec<i32>, Vec<i32>)>,
+    rows: Vec<PackedRow>,
     batch: usize,
     time: usize,
     seed: u64,
@@ -89,7 +89,7 @@ impl SftSource {
 
     /// Trained (response) tokens per epoch.
     pub fn trained_tokens(&self) -> usize {
-        self.rows.iter().map(|(_, t)| t.iter().filter(|&&x| x >= 0).count()).sum()
+        self.rows.iter().map(|r| r.targets.iter().filter(|&&x| x >= 0).count()).sum()
     }
 
     fn shuffle_epoch(&mut self, epoch: u64) {
@@ -100,12 +100,13 @@ impl SftSource {
         self.epoch = epoch;
     }
 
-    fn next_row(&mut self) -> (Vec<i32>, Vec<i32>) {
+    fn next_row(&mut self) -> PackedRow {
         let k = self.sft_drawn + self.mix_drawn;
         if let Some((sampler, f)) = &mut self.mix {
             if ((k + 1) as f64 * *f).floor() > (k as f64 * *f).floor() {
                 self.mix_drawn += 1;
-                return sampler.next_batch();
+                let (inputs, targets) = sampler.next_batch();
+                return PackedRow { inputs, targets, lengths: vec![self.time] };
             }
         }
         let n = self.rows.len() as u64;
@@ -120,15 +121,15 @@ impl SftSource {
 }
 
 impl BatchSource for SftSource {
-    fn next_batch(&mut self) -> (Vec<i32>, Vec<i32>) {
-        let mut inputs = Vec::with_capacity(self.batch * self.time);
-        let mut targets = Vec::with_capacity(self.batch * self.time);
+    fn next_batch(&mut self) -> Batch {
+        let mut b = Batch { inputs: Vec::new(), targets: Vec::new(), packed: Some(Vec::with_capacity(self.batch)) };
         for _ in 0..self.batch {
-            let (i, t) = self.next_row();
-            inputs.extend(i);
-            targets.extend(t);
+            let row = self.next_row();
+            b.inputs.extend(row.inputs);
+            b.targets.extend(row.targets);
+            b.packed.as_mut().expect("set above").push(row.lengths);
         }
-        (inputs, targets)
+        b
     }
 
     fn state(&self) -> Result<serde_json::Value> {
@@ -188,7 +189,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut general = 0;
         for _ in 0..8 {
-            let (_, t) = a.next_batch();
+            let t = a.next_batch().targets;
             for row in t.chunks(32) {
                 if row.iter().all(|&x| x >= 0) {
                     general += 1; // pretraining windows train every target

@@ -102,17 +102,28 @@ pub struct StepMetrics {
     pub peak_bytes: u64,
 }
 
-/// Where a trainer's batches come from: (inputs, targets) of B·T tokens each, targets -1 where untrained, and a
-/// position that a checkpoint saves and `restore` continues exactly.
+/// One training batch of B rows × T positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub inputs: Vec<i32>,
+    /// -1 where a position is not trained.
+    pub targets: Vec<i32>,
+    /// Per row, the lengths of the sequences packed end to end in it (positions restart and attention stays
+    /// within each); None = every row is one sequence.
+    pub packed: Option<Vec<Vec<usize>>>,
+}
+
+/// Where a trainer's batches come from, and a position that a checkpoint saves and `restore` continues exactly.
 pub trait BatchSource {
-    fn next_batch(&mut self) -> (Vec<i32>, Vec<i32>);
+    fn next_batch(&mut self) -> Batch;
     fn state(&self) -> Result<serde_json::Value>;
     fn restore(&mut self, state: serde_json::Value) -> Result<()>;
 }
 
 impl BatchSource for BatchSampler {
-    fn next_batch(&mut self) -> (Vec<i32>, Vec<i32>) {
-        BatchSampler::next_batch(self)
+    fn next_batch(&mut self) -> Batch {
+        let (inputs, targets) = BatchSampler::next_batch(self);
+        Batch { inputs, targets, packed: None }
     }
     fn state(&self) -> Result<serde_json::Value> {
         serde_json::to_value(BatchSampler::state(self)).map_err(|e| ModelError::Data(e.to_string()))
@@ -272,14 +283,15 @@ impl<'g> Trainer<'g> {
         let loss_sum = elementwise::zeros(gpu, &[1])?;
         let mut trained = 0u64;
         for _ in 0..accum {
-            let (inputs, targets) = self.source.next_batch();
-            trained += targets.iter().filter(|&&x| x >= 0).count() as u64;
+            let batch = self.source.next_batch();
+            trained += batch.targets.iter().filter(|&&x| x >= 0).count() as u64;
             // The mean over the whole accumulated batch: each micro-batch's mean scaled by 1/accum.
-            let w: Vec<f32> = mean_weights(&targets).iter().map(|w| w / accum as f32).collect();
-            let targets = gpu.upload_i32(&targets, &[b, t])?;
+            let w: Vec<f32> = mean_weights(&batch.targets).iter().map(|w| w / accum as f32).collect();
+            let targets = gpu.upload_i32(&batch.targets, &[b, t])?;
             let weights = gpu.upload(&w, &[b * t])?;
             let mut tape = Tape::new(gpu);
-            let f = self.model.forward(&mut tape, &inputs, b, t, &targets, &weights)?;
+            let packed = batch.packed.as_deref();
+            let f = self.model.forward_packed(&mut tape, &batch.inputs, b, t, packed, &targets, &weights)?;
             elementwise::add_inplace(gpu, &loss_sum, tape.value(f.loss), 1.0)?;
             tape.backward(f.loss)?;
         }

@@ -1,5 +1,6 @@
 //! Causal multi-head self-attention, flash style: kernels that read q, k, v straight from GPT-2's packed c_attn
 //! output and never materialize the T×T score matrix, forward and backward, plus their plain f64 references.
+//! Optionally block-diagonal ("packed sequences"): each query sees only the keys of its own segment of the row.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
@@ -19,6 +20,8 @@ const MAX_BC: usize = 64;
 /// vec4s per Q (and per dO) tile of the dK/dV kernel, and the most queries per block (`TILE4_BW`, `MAX_BQ`).
 const TILE4_BW: usize = 496;
 const MAX_BQ: usize = 64;
+/// Most queries per block of the dK/dV kernel with segments: their starts share the lse tile (`SEG_AT`).
+const MAX_BQ_SEGMENTED: usize = 32;
 
 /// The immediates of every entry point (one `Params` in the WGSL).
 #[repr(C)]
@@ -61,9 +64,42 @@ impl Dims {
         }
     }
 
-    fn overrides(&self, rows_name: &'static str, rows: u32) -> [(&'static str, f64); 2] {
-        [(rows_name, rows as f64), ("HS4", self.hs4() as f64)]
+    /// Pipeline constants: rows per workgroup, head loop trip count, and whether the kernel reads segment starts
+    /// (a constant, so the causal pipelines compile with every segment term folded away).
+    fn overrides(&self, rows_name: &'static str, rows: u32, segmented: bool) -> [(&'static str, f64); 3] {
+        [(rows_name, rows as f64), ("HS4", self.hs4() as f64), ("SEGMENTED", segmented as u8 as f64)]
     }
+}
+
+/// Checks an optional starts tensor (I32 [B, T]) and returns the buffer to bind: starts itself, or the GPU's
+/// placeholder, which the causal pipelines never read.
+fn starts_arg(gpu: &Gpu, op: &'static str, dims: &Dims, starts: Option<&Tensor>) -> Result<Tensor> {
+    match starts {
+        Some(s) => {
+            expect_dtype(op, "starts", s, DType::I32)?;
+            shape_is(op, "starts", s, &[dims.b, dims.t])?;
+            Ok(s.clone())
+        }
+        None => gpu.placeholder(),
+    }
+}
+
+/// Per-position segment starts for rows made of consecutive sequences: row b holds sequences of
+/// `lengths[b][0]`, `lengths[b][1]`, … tokens from position 0 on, and positions past the last one form one more
+/// segment (padding that sees only itself). Returns B·T values, row-major, ready for `gpu.upload_i32(.., &[B, T])`.
+/// Zero lengths are skipped. Panics if a row's lengths add up to more than `t`.
+pub fn segment_starts(lengths: &[Vec<usize>], t: usize) -> Vec<i32> {
+    let mut out = Vec::with_capacity(lengths.len() * t);
+    for (b, row) in lengths.iter().enumerate() {
+        let total: usize = row.iter().sum();
+        assert!(total <= t, "segment_starts: row {b}'s sequence lengths {row:?} add up to {total} > T = {t}");
+        let mut at = 0;
+        for &n in row.iter().chain(std::iter::once(&(t - total))) {
+            out.extend(std::iter::repeat_n(at as i32, n));
+            at += n;
+        }
+    }
+    out
 }
 
 /// Checks qkv ([B, T, 3C] f32, n_head divides C, head size within the kernels' max) and returns its sizes.
@@ -106,9 +142,22 @@ fn qkv_dims(op: &'static str, qkv: &Tensor, n_head: usize) -> Result<Dims> {
 /// Returns (y [B, T, C] with heads merged back as GPT-2 expects, lse [B, NH, T] = per-row log-sum-exp of the scaled
 /// scores, which the backward pass needs).
 pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
+    attention_forward_segments(gpu, qkv, n_head, None)
+}
+
+/// `attention_forward` over packed sequences. starts: I32 [B, T] — query t of row b sees keys starts[b,t] ..= t
+/// (the first position of its own sequence; see `segment_starts`), clamped to [0, t] in the kernel so that no
+/// query is ever left without keys. None = causal, exactly `attention_forward`.
+pub fn attention_forward_segments(
+    gpu: &Gpu,
+    qkv: &Tensor,
+    n_head: usize,
+    starts: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_forward";
     let dims = qkv_dims(OP, qkv, n_head)?;
     let Dims { b, t, c, nh, .. } = dims;
+    let seg = starts_arg(gpu, OP, &dims, starts)?;
     let params = dims.params(TILE4, MAX_BC);
     let y = gpu.alloc(&[b, t, c], DType::F32)?;
     let lse = gpu.alloc(&[b, nh, t], DType::F32)?;
@@ -116,8 +165,8 @@ pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tens
         op: OP,
         shader: &ATTENTION,
         entry: "attention_forward",
-        overrides: &dims.overrides("BR", BR),
-        args: &[qkv, &y, &lse],
+        overrides: &dims.overrides("BR", BR, starts.is_some()),
+        args: &[qkv, &y, &lse, &seg],
         params: bytemuck::bytes_of(&params),
         groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
     })?;
@@ -138,6 +187,19 @@ pub fn attention_backward(
     dy: &Tensor,
     n_head: usize,
 ) -> Result<Tensor> {
+    attention_backward_segments(gpu, qkv, y, lse, dy, n_head, None)
+}
+
+/// `attention_backward` of `attention_forward_segments`: pass the same starts as the forward (None = causal).
+pub fn attention_backward_segments(
+    gpu: &Gpu,
+    qkv: &Tensor,
+    y: &Tensor,
+    lse: &Tensor,
+    dy: &Tensor,
+    n_head: usize,
+    starts: Option<&Tensor>,
+) -> Result<Tensor> {
     const OP: &str = "attention_backward";
     let dims = qkv_dims(OP, qkv, n_head)?;
     let Dims { b, t, c, nh, .. } = dims;
@@ -147,6 +209,8 @@ pub fn attention_backward(
     shape_is(OP, "y", y, &[b, t, c])?;
     shape_is(OP, "dy", dy, &[b, t, c])?;
     shape_is(OP, "lse", lse, &[b, nh, t])?;
+    let seg = starts_arg(gpu, OP, &dims, starts)?;
+    let segmented = starts.is_some();
 
     let dsum = gpu.alloc(&[b, nh, t], DType::F32)?;
     let params = dims.params(TILE4, MAX_BC);
@@ -165,19 +229,19 @@ pub fn attention_backward(
         op: OP,
         shader: &ATTENTION,
         entry: "attention_backward_dq",
-        overrides: &dims.overrides("BR", BR),
-        args: &[qkv, dy, &dsum, lse, &dqkv],
+        overrides: &dims.overrides("BR", BR, segmented),
+        args: &[qkv, dy, &dsum, lse, &dqkv, &seg],
         params: bytemuck::bytes_of(&params),
         groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
     })?;
     // Writes the k and v thirds.
-    let params = dims.params(TILE4_BW, MAX_BQ);
+    let params = dims.params(TILE4_BW, if segmented { MAX_BQ_SEGMENTED } else { MAX_BQ });
     gpu.dispatch(&Launch {
         op: OP,
         shader: &ATTENTION,
         entry: "attention_backward_dkv",
-        overrides: &dims.overrides("BKV", BKV),
-        args: &[qkv, dy, &dsum, lse, &dqkv],
+        overrides: &dims.overrides("BKV", BKV, segmented),
+        args: &[qkv, dy, &dsum, lse, &dqkv, &seg],
         params: bytemuck::bytes_of(&params),
         groups: [(t as u32).div_ceil(BKV), nh as u32, b as u32],
     })?;
@@ -185,10 +249,28 @@ pub fn attention_backward(
 }
 
 pub mod cpu {
+    /// Segment start of query i of row bi, clamped to [0, i] as the kernels clamp it.
+    fn start(starts: &[i32], bi: usize, t: usize, i: usize) -> usize {
+        (starts[bi * t + i].max(0) as usize).min(i)
+    }
+
     /// softmax(q·kᵀ/sqrt(HS) + causal mask)·v per (batch, head), the textbook way: the full score row, then its max,
     /// sum and weighted average. Returns (y [B, T, C], lse [B, NH, T]).
     pub fn attention_forward(qkv: &[f64], b: usize, t: usize, c: usize, n_head: usize) -> (Vec<f64>, Vec<f64>) {
+        attention_forward_segments(qkv, b, t, c, n_head, &vec![0; b * t])
+    }
+
+    /// The same with query i of row bi seeing only keys starts[bi·T + i] ..= i (clamped to [0, i]).
+    pub fn attention_forward_segments(
+        qkv: &[f64],
+        b: usize,
+        t: usize,
+        c: usize,
+        n_head: usize,
+        starts: &[i32],
+    ) -> (Vec<f64>, Vec<f64>) {
         assert_eq!(qkv.len(), b * t * 3 * c, "qkv length");
+        assert_eq!(starts.len(), b * t, "starts length");
         let hs = c / n_head;
         let scale = 1.0 / (hs as f64).sqrt();
         let at = |bi: usize, ti: usize, part: usize, h: usize| (bi * t + ti) * 3 * c + part * c + h * hs;
@@ -198,16 +280,18 @@ pub mod cpu {
         for bi in 0..b {
             for h in 0..n_head {
                 for i in 0..t {
+                    let s0 = start(starts, bi, t, i);
                     let q = &qkv[at(bi, i, 0, h)..][..hs];
-                    for (j, s) in scores[..=i].iter_mut().enumerate() {
+                    for j in s0..=i {
                         let k = &qkv[at(bi, j, 1, h)..][..hs];
-                        *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
+                        scores[j] = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
                     }
-                    let m = scores[..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let sum: f64 = scores[..=i].iter().map(|s| (s - m).exp()).sum();
+                    let seen = &scores[s0..=i];
+                    let m = seen.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = seen.iter().map(|s| (s - m).exp()).sum();
                     lse[(bi * n_head + h) * t + i] = m + sum.ln();
                     let out = &mut y[(bi * t + i) * c + h * hs..][..hs];
-                    for (j, s) in scores[..=i].iter().enumerate() {
+                    for (j, s) in (s0..=i).zip(seen) {
                         let p = (s - m).exp() / sum;
                         let v = &qkv[at(bi, j, 2, h)..][..hs];
                         out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
@@ -222,8 +306,22 @@ pub mod cpu {
     /// forward: P = softmax row, dP_ij = dy_i·v_j, dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik) (the softmax Jacobian, not
     /// the dy·y shortcut the GPU uses), dq_i = scale Σ_j dS_ij k_j, dk_j = scale Σ_i dS_ij q_i, dv_j = Σ_i P_ij dy_i.
     pub fn attention_backward(qkv: &[f64], dy: &[f64], b: usize, t: usize, c: usize, n_head: usize) -> Vec<f64> {
+        attention_backward_segments(qkv, dy, b, t, c, n_head, &vec![0; b * t])
+    }
+
+    /// The same through `attention_forward_segments`: the sums over j run over starts[bi·T + i] ..= i only.
+    pub fn attention_backward_segments(
+        qkv: &[f64],
+        dy: &[f64],
+        b: usize,
+        t: usize,
+        c: usize,
+        n_head: usize,
+        starts: &[i32],
+    ) -> Vec<f64> {
         assert_eq!(qkv.len(), b * t * 3 * c, "qkv length");
         assert_eq!(dy.len(), b * t * c, "dy length");
+        assert_eq!(starts.len(), b * t, "starts length");
         let hs = c / n_head;
         let scale = 1.0 / (hs as f64).sqrt();
         let at = |bi: usize, ti: usize, part: usize, h: usize| (bi * t + ti) * 3 * c + part * c + h * hs;
@@ -234,18 +332,19 @@ pub mod cpu {
         for bi in 0..b {
             for h in 0..n_head {
                 for i in 0..t {
+                    let s0 = start(starts, bi, t, i);
                     let q = &qkv[at(bi, i, 0, h)..][..hs];
                     let g = &dy[(bi * t + i) * c + h * hs..][..hs];
-                    for j in 0..=i {
+                    for j in s0..=i {
                         p[j] = dot(q, &qkv[at(bi, j, 1, h)..][..hs]) * scale;
                         dp[j] = dot(g, &qkv[at(bi, j, 2, h)..][..hs]);
                     }
-                    let m = p[..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    p[..=i].iter_mut().for_each(|s| *s = (*s - m).exp());
-                    let sum: f64 = p[..=i].iter().sum();
-                    p[..=i].iter_mut().for_each(|s| *s /= sum);
-                    let jacobian_term = dot(&p[..=i], &dp[..=i]);
-                    for j in 0..=i {
+                    let m = p[s0..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    p[s0..=i].iter_mut().for_each(|s| *s = (*s - m).exp());
+                    let sum: f64 = p[s0..=i].iter().sum();
+                    p[s0..=i].iter_mut().for_each(|s| *s /= sum);
+                    let jacobian_term = dot(&p[s0..=i], &dp[s0..=i]);
+                    for j in s0..=i {
                         let ds = p[j] * (dp[j] - jacobian_term) * scale;
                         for d in 0..hs {
                             let (qd, kd) = (qkv[at(bi, i, 0, h) + d], qkv[at(bi, j, 1, h) + d]);

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::testing::{assert_close, assert_close_f64, gpu, numeric_gradient, random_vec, to_f64};
+use rand::Rng;
 
 /// Worst-case f32 error of one output, u = 2^-24 and amp = the largest |q| (k, v lie in [-1, 1)): a score sums
 /// HS products after scaling by 1/sqrt(HS), so it is off by at most amp·HS^1.5·u; y and l sum T terms, plus one
@@ -120,6 +121,11 @@ fn gpu_backward(
 /// [-1, 1), y is a convex combination of v rows): with a_i = Σ_d |dy_i,d| ≥ |dP_ij|, |D_i|,
 /// dq_i,d ≤ scale Σ_j P_ij·2a_i·|k_j,d|, dk_j,d ≤ scale Σ_i P_ij·2a_i·|q_i,d|, dv_j,d ≤ Σ_i P_ij·|dy_i,d|.
 fn magnitudes(qkv: &[f64], dy: &[f64], b: usize, t: usize, c: usize, nh: usize) -> Vec<f64> {
+    magnitudes_segments(qkv, dy, b, t, c, nh, &vec![0; b * t])
+}
+
+/// `magnitudes` over the keys each query sees with segment starts (clamped like the kernels clamp them).
+fn magnitudes_segments(qkv: &[f64], dy: &[f64], b: usize, t: usize, c: usize, nh: usize, starts: &[i32]) -> Vec<f64> {
     let hs = c / nh;
     let scale = 1.0 / (hs as f64).sqrt();
     let at = |bi: usize, ti: usize, part: usize, h: usize| (bi * t + ti) * 3 * c + part * c + h * hs;
@@ -128,15 +134,16 @@ fn magnitudes(qkv: &[f64], dy: &[f64], b: usize, t: usize, c: usize, nh: usize) 
     for bi in 0..b {
         for h in 0..nh {
             for i in 0..t {
+                let s0 = (starts[bi * t + i].max(0) as usize).min(i);
                 let q = &qkv[at(bi, i, 0, h)..][..hs];
                 let g = &dy[(bi * t + i) * c + h * hs..][..hs];
-                for (j, s) in p[..=i].iter_mut().enumerate() {
-                    *s = q.iter().zip(&qkv[at(bi, j, 1, h)..][..hs]).map(|(a, b)| a * b).sum::<f64>() * scale;
+                for j in s0..=i {
+                    p[j] = q.iter().zip(&qkv[at(bi, j, 1, h)..][..hs]).map(|(a, b)| a * b).sum::<f64>() * scale;
                 }
-                let mx = p[..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = p[..=i].iter().map(|s| (s - mx).exp()).sum();
+                let mx = p[s0..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = p[s0..=i].iter().map(|s| (s - mx).exp()).sum();
                 let a: f64 = g.iter().map(|v| v.abs()).sum();
-                for j in 0..=i {
+                for j in s0..=i {
                     let pj = (p[j] - mx).exp() / sum;
                     for d in 0..hs {
                         m[at(bi, i, 0, h) + d] += scale * pj * 2.0 * a * qkv[at(bi, j, 1, h) + d].abs();
@@ -292,4 +299,262 @@ fn backward_bad_shapes_are_typed_errors() {
         attention_backward(gpu, &qkv, &y, &ints, &dy, nh),
         Err(Error::DType { op: "attention_backward", what: "lse", .. })
     ));
+}
+
+// ---- packed sequences (segment starts) ----
+
+/// Random sequence lengths for one row of `t` positions: mostly 1..=t/3, a fifth of them single tokens, stopping
+/// at a random point so that the row usually ends in padding (the extra segment `segment_starts` adds).
+fn random_lengths(t: usize, r: &mut impl Rng) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    let mut used = 0;
+    while used < t && r.random_range(0..8) != 0 {
+        let n = if r.random_range(0..5) == 0 { 1 } else { r.random_range(1..=(t / 3).max(1)) }.min(t - used);
+        lengths.push(n);
+        used += n;
+    }
+    lengths
+}
+
+/// (B, T, C, NH).
+type Shape = (usize, usize, usize, usize);
+
+/// GPU forward and backward with `starts` ([B, T] host values) against the f64 references; returns the worst
+/// backward error as a fraction of its bound.
+fn check_segments(gpu: &Gpu, (b, t, c, nh): Shape, starts: &[i32], amp: f32, seed: u64) -> f64 {
+    let x = random_qkv(b, t, c, amp, seed);
+    let g = random_vec(b * t * c, seed + 1_000_000);
+    let qkv = gpu.upload(&x, &[b, t, 3 * c]).unwrap();
+    let st = gpu.upload_i32(starts, &[b, t]).unwrap();
+    let (y, lse) = attention_forward_segments(gpu, &qkv, nh, Some(&st)).unwrap();
+    let dy = gpu.upload(&g, &[b, t, c]).unwrap();
+    let dqkv = attention_backward_segments(gpu, &qkv, &y, &lse, &dy, nh, Some(&st)).unwrap();
+    assert_eq!((y.shape(), lse.shape(), dqkv.shape()), (&[b, t, c][..], &[b, nh, t][..], &[b, t, 3 * c][..]));
+
+    let (x, g) = (to_f64(&x), to_f64(&g));
+    let what = format!("(B,T,C,NH)=({b},{t},{c},{nh}) amp {amp} starts {starts:?}");
+    let (want_y, want_lse) = cpu::attention_forward_segments(&x, b, t, c, nh, starts);
+    let atol = tol(t, c / nh, amp as f64);
+    assert_close(&gpu.read(&y).unwrap(), &want_y, 0.0, atol, &format!("y {what}"));
+    assert_close(&gpu.read(&lse).unwrap(), &want_lse, f32::EPSILON as f64, atol, &format!("lse {what}"));
+    let want = cpu::attention_backward_segments(&x, &g, b, t, c, nh, starts);
+    let mag = magnitudes_segments(&x, &g, b, t, c, nh, starts);
+    let got = gpu.read(&dqkv).unwrap();
+    assert_backward_close(&got, &want, &mag, backward_tol(t, c / nh, amp as f64), &format!("dqkv {what}"))
+}
+
+#[test]
+fn segment_starts_lays_out_packed_rows() {
+    assert_eq!(segment_starts(&[vec![2, 1, 3]], 6), [0, 0, 2, 3, 3, 3]);
+    assert_eq!(segment_starts(&[vec![2, 0, 1], vec![]], 5), [0, 0, 2, 3, 3, 0, 0, 0, 0, 0]); // padding: its own segment
+    assert_eq!(segment_starts(&[vec![1, 1, 1]], 3), [0, 1, 2]);
+}
+
+#[test]
+#[should_panic(expected = "add up to 7 > T = 6")]
+fn segment_starts_refuses_rows_longer_than_t() {
+    segment_starts(&[vec![4, 3]], 6);
+}
+
+#[test]
+fn segments_match_reference_on_odd_shapes() {
+    let gpu = gpu();
+    let mut r = crate::testing::rng(77);
+    // (shape, fixed segmentation): boundaries just before, on and after the 64-row workgroups and the key blocks
+    // (64 keys for small heads, 32 at HS = 64, 16 at HS = 128), single tokens, a row that is one causal segment.
+    let cases: Vec<(Shape, Vec<Vec<usize>>)> = vec![
+        ((1, 1, 8, 2), vec![vec![1]]),
+        ((2, 37, 24, 3), vec![vec![5, 1, 1, 12, 3], vec![37]]),
+        ((3, 130, 64, 4), vec![vec![63, 2, 64, 1], vec![1; 70], vec![]]),
+        ((1, 70, 128, 2), vec![vec![31, 33, 1]]),           // HS = 64
+        ((1, 40, 256, 2), vec![vec![17, 15]]),              // HS = 128
+        ((2, 19, 15, 3), vec![vec![1, 18], vec![9, 9, 1]]), // HS = 5
+        ((2, 150, 48, 3), vec![vec![100, 50], vec![3, 140, 7]]),
+    ];
+    let mut worst: f64 = 0.0;
+    for (case, (shape @ (b, t, ..), fixed)) in cases.into_iter().enumerate() {
+        let random: Vec<Vec<usize>> = (0..b).map(|_| random_lengths(t, &mut r)).collect();
+        for (k, lengths) in [fixed, random].iter().enumerate() {
+            let starts = segment_starts(lengths, t);
+            let seed = 900 + 10 * case as u64 + 2 * k as u64;
+            worst = worst.max(check_segments(gpu, shape, &starts, 1.0, seed));
+            worst = worst.max(check_segments(gpu, shape, &starts, 6.0, seed + 1));
+        }
+    }
+    eprintln!("segmented attention backward: worst error {worst:.3} of the bound");
+}
+
+#[test]
+fn arbitrary_starts_are_clamped_like_the_reference() {
+    // Not segmentations at all: negative, past t, decreasing. Each query sees keys clamp(start, 0, t) ..= t, so no
+    // query is ever left without a key (a NaN would fail the comparison).
+    let gpu = gpu();
+    let mut r = crate::testing::rng(78);
+    for (case, &(b, t, c, nh)) in [(2, 100, 48, 3), (1, 130, 128, 2), (3, 9, 12, 1)].iter().enumerate() {
+        let starts: Vec<i32> = (0..b * t).map(|_| r.random_range(-5..t as i32 + 20)).collect();
+        check_segments(gpu, (b, t, c, nh), &starts, 3.0, 950 + case as u64);
+    }
+}
+
+#[test]
+fn reference_segments_backward_matches_finite_differences() {
+    // (B, T, C, NH, amp, starts): packed rows with a single-token segment, and arbitrary (clamped) starts.
+    let cases: [(usize, usize, usize, usize, f32, Vec<i32>); 3] = [
+        (2, 7, 6, 2, 1.0, segment_starts(&[vec![3, 1, 3], vec![2, 4]], 7)),
+        (1, 9, 9, 3, 1.0, segment_starts(&[vec![4, 1, 2]], 9)),
+        (1, 8, 8, 1, 4.0, vec![0, -3, 1, 2, 9, 4, 2, 5]),
+    ];
+    for (case, (b, t, c, nh, amp, starts)) in cases.into_iter().enumerate() {
+        let x = to_f64(&random_qkv(b, t, c, amp, 700 + case as u64));
+        let w = to_f64(&random_vec(b * t * c, 800 + case as u64));
+        let loss = |x: &[f64]| -> f64 {
+            let (y, _) = cpu::attention_forward_segments(x, b, t, c, nh, &starts);
+            y.iter().zip(&w).map(|(y, w)| y * w).sum()
+        };
+        let numeric = numeric_gradient(loss, &x, 1e-6);
+        let analytic = cpu::attention_backward_segments(&x, &w, b, t, c, nh, &starts);
+        // The same bounds as the causal finite-difference test.
+        assert_close_f64(&analytic, &numeric, 1e-6, 1e-8, &format!("dqkv (B,T,C,NH)=({b},{t},{c},{nh}) {starts:?}"));
+        // A segment boundary must cut the gradient: a key of an earlier segment gets nothing from later queries,
+        // so the reference differs from the causal one (else this test could not see a missing mask).
+        assert!(analytic != cpu::attention_backward(&x, &w, b, t, c, nh), "case {case}: segments changed nothing");
+    }
+}
+
+/// Rows [lo, hi) of a [B, T, W] host tensor's row `bi`, as a [1, hi − lo, W] vector.
+fn rows(x: &[f32], t: usize, w: usize, bi: usize, lo: usize, hi: usize) -> Vec<f32> {
+    x[(bi * t + lo) * w..(bi * t + hi) * w].to_vec()
+}
+
+#[test]
+fn packed_sequences_equal_each_sequence_alone() {
+    // What SFT packing relies on: y and every gradient of a sequence are the same whether it runs alone or packed
+    // with others (and padding) into one row. Alone, a sequence sits at positions 0.. with other block alignments,
+    // so only the rounding differs.
+    let gpu = gpu();
+    let (b, t, c, nh) = (2, 150, 48, 3);
+    let lengths = [vec![29, 41, 66], vec![64, 1, 70]]; // row 1: 15 positions of padding
+    let x = random_qkv(b, t, c, 4.0, 31);
+    let g = random_vec(b * t * c, 32);
+    let qkv = gpu.upload(&x, &[b, t, 3 * c]).unwrap();
+    let st = gpu.upload_i32(&segment_starts(&lengths, t), &[b, t]).unwrap();
+    let (y, lse) = attention_forward_segments(gpu, &qkv, nh, Some(&st)).unwrap();
+    let dy = gpu.upload(&g, &[b, t, c]).unwrap();
+    let dqkv = attention_backward_segments(gpu, &qkv, &y, &lse, &dy, nh, Some(&st)).unwrap();
+    let (y, dqkv) = (gpu.read(&y).unwrap(), gpu.read(&dqkv).unwrap());
+    // Run twice: segmented results are bit-reproducible too.
+    let again = attention_backward_segments(gpu, &qkv, &gpu.upload(&y, &[b, t, c]).unwrap(), &lse, &dy, nh, Some(&st));
+    assert!(gpu.read(&again.unwrap()).unwrap().iter().zip(&dqkv).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    let mut checked = 0;
+    for (bi, row) in lengths.iter().enumerate() {
+        let mut lo = 0;
+        for &n in row {
+            let (hi, what) = (lo + n, format!("row {bi} positions {lo}..{}", lo + n));
+            let xs = rows(&x, t, 3 * c, bi, lo, hi);
+            let q1 = gpu.upload(&xs, &[1, n, 3 * c]).unwrap();
+            let (y1, lse1) = attention_forward(gpu, &q1, nh).unwrap();
+            let dy1 = gpu.upload(&rows(&g, t, c, bi, lo, hi), &[1, n, c]).unwrap();
+            let d1 = attention_backward(gpu, &q1, &y1, &lse1, &dy1, nh).unwrap();
+            let want_y = to_f64(&gpu.read(&y1).unwrap());
+            assert_close(&rows(&y, t, c, bi, lo, hi), &want_y, 1e-5, 1e-5, &format!("y {what}"));
+            let want_d = to_f64(&gpu.read(&d1).unwrap());
+            assert_close(&rows(&dqkv, t, 3 * c, bi, lo, hi), &want_d, 1e-5, 1e-5, &format!("dqkv {what}"));
+            lo = hi;
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
+}
+
+#[test]
+fn no_starts_is_causal_and_zero_starts_match_it() {
+    let gpu = gpu();
+    for (case, &(b, t, c, nh)) in [(2, 130, 64, 4), (1, 70, 32, 2), (1, 40, 256, 2)].iter().enumerate() {
+        let x = random_qkv(b, t, c, 4.0, 40 + case as u64);
+        let g = random_vec(b * t * c, 50 + case as u64);
+        let qkv = gpu.upload(&x, &[b, t, 3 * c]).unwrap();
+        let dy = gpu.upload(&g, &[b, t, c]).unwrap();
+        let run = |starts: Option<&Tensor>, segments: bool| {
+            let (y, lse) = if segments {
+                attention_forward_segments(gpu, &qkv, nh, starts).unwrap()
+            } else {
+                attention_forward(gpu, &qkv, nh).unwrap()
+            };
+            let d = if segments {
+                attention_backward_segments(gpu, &qkv, &y, &lse, &dy, nh, starts).unwrap()
+            } else {
+                attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap()
+            };
+            [gpu.read(&y).unwrap(), gpu.read(&lse).unwrap(), gpu.read(&d).unwrap()]
+        };
+        let causal = run(None, false);
+        let none = run(None, true);
+        let zeros = run(Some(&gpu.upload_i32(&vec![0; b * t], &[b, t]).unwrap()), true);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (k, name) in ["y", "lse", "dqkv"].iter().enumerate() {
+            let what = format!("{name} (B,T,C,NH)=({b},{t},{c},{nh})");
+            assert!(bits(&none[k]) == bits(&causal[k]), "{what}: starts = None differs from the causal kernels");
+            assert_close(&zeros[k], &to_f64(&causal[k]), 1e-6, 1e-6, &format!("{what}, all-zero starts"));
+        }
+    }
+}
+
+#[test]
+fn bad_starts_are_typed_errors() {
+    let gpu = gpu();
+    let (b, t, c, nh) = (2, 3, 8, 2);
+    let up = |shape: &[usize]| gpu.upload(&vec![0.0; shape.iter().product()], shape).unwrap();
+    let (qkv, y, lse, dy) = (up(&[b, t, 3 * c]), up(&[b, t, c]), up(&[b, nh, t]), up(&[b, t, c]));
+    let wrong_shapes =
+        [gpu.upload_i32(&[0; 8], &[b, t + 1]).unwrap(), gpu.upload_i32(&[0; 6], &[b * t]).unwrap(), up(&[1, 1])];
+    for starts in &wrong_shapes[..2] {
+        let fwd = attention_forward_segments(gpu, &qkv, nh, Some(starts)).map(|_| ());
+        assert!(matches!(fwd, Err(Error::Shape { op: "attention_forward", what: "starts", .. })), "{fwd:?}");
+        let bwd = attention_backward_segments(gpu, &qkv, &y, &lse, &dy, nh, Some(starts)).map(|_| ());
+        assert!(matches!(bwd, Err(Error::Shape { op: "attention_backward", what: "starts", .. })), "{bwd:?}");
+    }
+    let floats = up(&[b, t]);
+    let fwd = attention_forward_segments(gpu, &qkv, nh, Some(&floats)).map(|_| ());
+    assert!(matches!(fwd, Err(Error::DType { op: "attention_forward", what: "starts", .. })), "{fwd:?}");
+    let bwd = attention_backward_segments(gpu, &qkv, &y, &lse, &dy, nh, Some(&floats)).map(|_| ());
+    assert!(matches!(bwd, Err(Error::DType { op: "attention_backward", what: "starts", .. })), "{bwd:?}");
+    assert!(format!("{}", fwd.unwrap_err()).contains("starts"));
+}
+
+/// Not a check: wall time at one mid shape of the causal path (to compare before/after kernel changes) and of the
+/// segmented one (one segment; four of 64). Run with
+/// `cargo test --release -p kiln-engine attention_causal_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn attention_causal_timing() {
+    let gpu = gpu();
+    let (b, t, c, nh) = (1, 256, 768, 12);
+    let qkv = gpu.upload(&random_vec(b * t * 3 * c, 3), &[b, t, 3 * c]).unwrap();
+    let dy = gpu.upload(&random_vec(b * t * c, 4), &[b, t, c]).unwrap();
+    let (y, lse) = attention_forward(gpu, &qkv, nh).unwrap();
+    attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
+    gpu.sync().unwrap();
+    let time = |f: &dyn Fn()| {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            for _ in 0..4 {
+                f();
+            }
+            gpu.sync().unwrap();
+            best = best.min(start.elapsed().as_secs_f64() / 4.0);
+        }
+        best * 1e3
+    };
+    let fwd = time(&|| drop(attention_forward(gpu, &qkv, nh).unwrap()));
+    let bwd = time(&|| drop(attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap()));
+    eprintln!("causal attention (B,T,C,NH)=({b},{t},{c},{nh}): forward {fwd:.2} ms, backward {bwd:.2} ms (best of 5)");
+    for lengths in [vec![], vec![64; 4]] {
+        let st = gpu.upload_i32(&segment_starts(std::slice::from_ref(&lengths), t), &[b, t]).unwrap();
+        let (y, lse) = attention_forward_segments(gpu, &qkv, nh, Some(&st)).unwrap();
+        let fwd = time(&|| drop(attention_forward_segments(gpu, &qkv, nh, Some(&st)).unwrap()));
+        let bwd = time(&|| drop(attention_backward_segments(gpu, &qkv, &y, &lse, &dy, nh, Some(&st)).unwrap()));
+        eprintln!("segmented, lengths {lengths:?} (+ padding): forward {fwd:.2} ms, backward {bwd:.2} ms (best of 5)");
+    }
 }
