@@ -134,77 +134,7 @@ fn generate_without_cache(
     Ok(rows * new_tokens)
 }
 
-fn probe_matmul() {
-    use kiln_engine::ops::matmul::{matmul, MatmulSpec};
-    let gpu = gpu();
-    for (k, n, nt) in [(128usize, 384usize, false), (128, 2048, true), (384, 1152, false)] {
-        for m in [8usize, 16, 64, 256, 1024] {
-            let a = gpu.upload(&vec![0.01; m * k], &[m, k]).unwrap();
-            let b = if nt { gpu.upload(&vec![0.01; n * k], &[n, k]).unwrap() } else { gpu.upload(&vec![0.01; k * n], &[k, n]).unwrap() };
-            let spec = if nt { MatmulSpec::nt() } else { MatmulSpec::nn() };
-            for _ in 0..3 { let _ = matmul(gpu, &a, &b, None, spec).unwrap(); }
-            gpu.sync().unwrap();
-            let reps = 20;
-            let t = Instant::now();
-            for _ in 0..reps { let _ = matmul(gpu, &a, &b, None, spec).unwrap(); }
-            gpu.sync().unwrap();
-            let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-            eprintln!("MM m={m} k={k} n={n} nt={nt}: {ms:.3} ms/call, {:.2} GFLOP/s", 2.0 * (m * n * k) as f64 / ms / 1e6);
-        }
-    }
-}
-
-fn probe_rollout() {
-    let gpu = gpu();
-    for (preset, vocab, p, g, cached) in [
-        ("tiny", 2048, 8, 8, true),
-        ("tiny", 2048, 1, 8, true),
-        ("tiny", 2048, 1, 64, true),
-        ("tiny", 2048, 8, 8, false),
-        ("small", 4096, 8, 8, true),
-    ] {
-        let config = GptConfig::preset(preset, vocab).unwrap();
-        let model = Gpt::new(gpu, &config, 1).unwrap();
-        let prompts = synthetic_prompts(p, 16, vocab);
-        let new = 16;
-        let cfg = GenerateConfig { max_new_tokens: new, sampling: TEMPERATURE_1, seed: 0, stop_token: None };
-        let run = || {
-            if cached {
-                rollouts(gpu, &model, &prompts, g, &cfg, |_, _, _| {}).unwrap();
-            } else {
-                generate_without_cache(gpu, &model, &prompts, g, new, 0).unwrap();
-            }
-        };
-        run();
-        let (s0, d0) = gpu.submit_counts();
-        let t = Instant::now();
-        run();
-        let wall = t.elapsed().as_secs_f64() * 1e3;
-        let (s1, d1) = gpu.submit_counts();
-        gpu.profile_start().unwrap();
-        let t = Instant::now();
-        run();
-        let pwall = t.elapsed().as_secs_f64() * 1e3;
-        let times = gpu.profile_stop().unwrap();
-        let total: f64 = times.iter().map(|k| k.total_ms).sum();
-        eprintln!("PROBE {preset} P{p} G{g} cached={cached} new={new}: wall {wall:.0} ms, {} submits {} dispatches; profiled wall {pwall:.0} ms, kernels {total:.0} ms (timestamps {})", s1-s0, d1-d0, gpu.profiler_uses_timestamps());
-        for k in times.iter().take(12) {
-            eprintln!(
-                "   {:30} {:6} calls {:9.1} ms {:7.3} ms/call",
-                k.name,
-                k.calls,
-                k.total_ms,
-                k.total_ms / k.calls as f64
-            );
-        }
-    }
-}
-
 fn bench_rollouts(c: &mut Criterion) {
-    if std::env::var("PROBE").is_ok() {
-        probe_rollout();
-        return;
-    }
     let gpu = gpu();
     let mut group = c.benchmark_group(format!("rollout [{}]", gpu.adapter_name()));
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
@@ -218,7 +148,8 @@ fn bench_rollouts(c: &mut Criterion) {
         // the same shape is the like-for-like comparison.
         ("tiny", 2048, 8, 8, 16, true),
         ("tiny", 2048, 8, 8, 16, false),
-        ("small", 4096, 8, 8, 32, true),
+        // Fewer new tokens for small: at 32 one iteration takes ~45 s on lavapipe, too long for ten samples.
+        ("small", 4096, 8, 8, 8, true),
     ];
     for (preset, vocab, p, g, new, cached) in cases {
         let config = GptConfig::preset(preset, vocab).unwrap();
