@@ -88,21 +88,21 @@ impl<'m> Session<'m> {
         let nn = MatmulSpec::nn();
         for (b, cache) in m.blocks.iter().zip(&self.caches) {
             let (h, _, _) = norm::layernorm(gpu, &x, p(b.ln_1.0), p(b.ln_1.1), LN_EPS)?;
-            let qkv = matmul(gpu, &h, p(b.c_attn.0), Some(p(b.c_attn.1)), nn)?;
+            let qkv = rows_matmul(gpu, &h, p(b.c_attn.0), Some(p(b.c_attn.1)), nn)?;
             kv_append(gpu, cache, &qkv, self.len)?;
             let a = attention_cached(gpu, cache, &qkv, self.len)?;
-            let a = matmul(gpu, &a, p(b.attn_proj.0), Some(p(b.attn_proj.1)), nn)?;
+            let a = rows_matmul(gpu, &a, p(b.attn_proj.0), Some(p(b.attn_proj.1)), nn)?;
             x = elementwise::add(gpu, &x, &a, 1.0)?;
             let (h, _, _) = norm::layernorm(gpu, &x, p(b.ln_2.0), p(b.ln_2.1), LN_EPS)?;
-            let f = matmul(gpu, &h, p(b.c_fc.0), Some(p(b.c_fc.1)), nn)?;
+            let f = rows_matmul(gpu, &h, p(b.c_fc.0), Some(p(b.c_fc.1)), nn)?;
             let f = elementwise::gelu(gpu, &f)?;
-            let f = matmul(gpu, &f, p(b.mlp_proj.0), Some(p(b.mlp_proj.1)), nn)?;
+            let f = rows_matmul(gpu, &f, p(b.mlp_proj.0), Some(p(b.mlp_proj.1)), nn)?;
             x = elementwise::add(gpu, &x, &f, 1.0)?;
         }
         let n = m.params.len();
         let (x, _, _) = norm::layernorm(gpu, &x, p(n - 2), p(n - 1), LN_EPS)?;
         self.len += t;
-        Ok(matmul(gpu, &x, p(0), None, MatmulSpec::nt())?)
+        rows_matmul(gpu, &x, p(0), None, MatmulSpec::nt())
     }
 
     /// Copy batch row 0's cache into every other row (a prompt prefilled once, fanned out to the samples).
@@ -112,6 +112,18 @@ impl<'m> Session<'m> {
         }
         Ok(())
     }
+}
+
+/// x [B, T, K] times a 2-D weight as ONE [B·T, K] product, returned as [B, T, N]. A 3-D x would run as B products
+/// of T rows each, and a decode step has T = 1: a register tile of 16 rows holding one (measured: the tiny model's
+/// decode matmuls 5–15× slower that way, benches/RESULTS.md).
+fn rows_matmul(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: MatmulSpec) -> Result<Tensor> {
+    let &[b, t, k] = x.shape() else {
+        return Err(ModelError::Data(format!("expected [B, T, K] activations, got {:?}", x.shape())));
+    };
+    let y = matmul(gpu, &x.reshape(&[b * t, k])?, w, bias, spec)?;
+    let n = y.shape()[1];
+    Ok(y.reshape(&[b, t, n])?)
 }
 
 /// One sampled continuation. `stopped` is true when it ended with the stop token (kept as its last token), false
