@@ -569,3 +569,42 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
     println!("study: {} and {}; checkpoints under {}", json_path.display(), png.display(), opts.out.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(phase: &str, bpb: f64, acc: f64) -> Scores {
+        let greedy = kiln_model::evaluate::wilson(acc, 10);
+        let task = TaskScores { greedy, pass_at: vec![(4, greedy)], mean_reward: acc };
+        Scores {
+            label: phase.into(),
+            phase: phase.into(),
+            step: 1,
+            bits_per_byte: bpb,
+            tasks: [("count".to_string(), task)].into_iter().collect(),
+            accuracy: acc,
+            mean_reward: acc,
+            kl_base_task: 0.0,
+            kl_base_text: 0.0,
+            kl_sft_task: (phase == "rl").then_some(0.5),
+            kl_sft_text: None,
+        }
+    }
+
+    #[test]
+    fn table_gives_mean_and_spread_over_seeds_and_change_from_base() {
+        let runs = vec![
+            vec![scores("base", 2.0, 0.0), scores("sft", 3.0, 0.5), scores("rl", 3.5, 0.7)],
+            vec![scores("base", 2.0, 0.0), scores("sft", 4.0, 0.7), scores("rl", 4.5, 0.9)],
+        ];
+        let text = table(&runs, &[Task::CountLetter]);
+        let bpb = text.lines().find(|l| l.starts_with("general loss")).unwrap();
+        // SFT: mean 3.5, sample std 0.7071, change from base +1.5.
+        assert!(bpb.contains("3.5000±0.7071 (+1.5000)"), "{bpb}");
+        let kl = text.lines().find(|l| l.starts_with("KL from SFT, task")).unwrap();
+        assert!(kl.contains("0.5000±0.0000") && !kl.contains("NaN"), "{kl}");
+        assert_eq!(mean_std(&[1.0]), (1.0, 0.0));
+        assert_eq!(snapshot_steps(10, 3), vec![3, 6, 10]);
+    }
+}
