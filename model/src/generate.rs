@@ -6,7 +6,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use kiln_engine::ops::kv_cache::{attention_cached, kv_append, kv_broadcast_row, kv_copy_rows, KvCache};
+use kiln_engine::ops::kv_cache::{attention_cached, kv_append, kv_copy_rows, KvCache};
 use kiln_engine::ops::matmul::{matmul, MatmulSpec};
 use kiln_engine::ops::sampling::{sample, SamplingParams};
 use kiln_engine::ops::{elementwise, embedding, norm};
@@ -62,7 +62,7 @@ impl<'m> Session<'m> {
         self.feed_rows(gpu, tokens, self.batch, t)
     }
 
-    /// Like `feed` for batch rows 0..rows only (rows ≤ the session's batch): prefill one prompt in row 0, then
+    /// Like `feed` for batch rows 0..rows only (rows ≤ the session's batch): prefill k prompts in rows 0..k, then
     /// `fan_out`. Returns logits [rows, t, V]. Every row advances together, so use it for the first feed only.
     pub fn feed_rows(&mut self, gpu: &Gpu, tokens: &[i32], rows: usize, t: usize) -> Result<Tensor> {
         let m = self.model;
@@ -105,10 +105,20 @@ impl<'m> Session<'m> {
         rows_matmul(gpu, &x, p(0), None, MatmulSpec::nt())
     }
 
-    /// Copy batch row 0's cache into every other row (a prompt prefilled once, fanned out to the samples).
-    pub fn fan_out(&mut self, gpu: &Gpu) -> Result<()> {
-        for cache in &self.caches {
-            kv_broadcast_row(gpu, cache, 0, self.len)?;
+    /// Copy the caches of rows 0..k (k prompts prefilled once) so that prompt j fills rows j·samples..(j+1)·samples
+    /// (its samples). k·samples must not exceed the batch.
+    pub fn fan_out(&mut self, gpu: &Gpu, k: usize, samples: usize) -> Result<()> {
+        if k * samples > self.batch {
+            return Err(ModelError::Data(format!(
+                "{k} prompts × {samples} samples exceed the session's batch {}",
+                self.batch
+            )));
+        }
+        // Highest prompt first: its destination rows start at j·samples ≥ j, past every source row not yet copied.
+        for j in (0..k).rev() {
+            for cache in &self.caches {
+                kv_copy_rows(gpu, cache, j, j * samples..(j + 1) * samples, self.len)?;
+            }
         }
         Ok(())
     }
@@ -271,12 +281,7 @@ fn prefill_group<'m>(
     let mut session = Session::with_capacity(gpu, model, rows, len + budget.max(1))?;
     let tokens: Vec<i32> = idx.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i32)).collect();
     let logits = session.feed_rows(gpu, &tokens, k, len)?;
-    // Highest prompt first: its destination rows start at k·G ≥ k, past every source row not yet copied.
-    for j in (0..k).rev() {
-        for cache in &session.caches {
-            kv_copy_rows(gpu, cache, j, j * samples..(j + 1) * samples, len)?;
-        }
-    }
+    session.fan_out(gpu, k, samples)?;
     let last = gpu.alloc(&[rows, v], DType::F32)?;
     for j in 0..k {
         for s in 0..samples {
