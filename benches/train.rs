@@ -23,15 +23,15 @@ use kiln_engine::autograd::Tape;
 use kiln_engine::ops::sampling::{sample, SamplingParams};
 use kiln_engine::testing::gpu;
 use kiln_engine::{DType, Gpu};
-use kiln_model::chat::SPECIAL_TOKENS;
-use kiln_model::generate::{rollouts, GenerateConfig};
-use kiln_model::gpt::Gpt;
-use kiln_model::rl::{RlConfig, RlTrainer};
-use kiln_model::sft::SftSource;
-use kiln_model::tasks::{reward, Example, Split, Task};
-use kiln_model::tokenizer::Tokenizer;
-use kiln_model::train::{check_fits, TrainConfig, Trainer};
-use kiln_model::GptConfig;
+use kiln_model::arch::Model;
+use kiln_model::data::chat::SPECIAL_TOKENS;
+use kiln_model::data::tasks::{reward, Example, Split, Task};
+use kiln_model::data::tokenizer::Tokenizer;
+use kiln_model::eval::generate::{rollouts, GenerateConfig};
+use kiln_model::train::pretrain::{check_fits, TrainConfig, Trainer};
+use kiln_model::train::rl::{RlConfig, RlTrainer};
+use kiln_model::train::sft::SftSource;
+use kiln_model::ModelConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -41,7 +41,7 @@ fn bench_presets(c: &mut Criterion) {
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
     // (preset, vocab, batch, seq_len)
     for (preset, vocab, batch, seq_len) in [("tiny", 2048, 8, 128), ("small", 4096, 4, 256), ("gpt2", 50257, 4, 1024)] {
-        let config = GptConfig::preset(preset, vocab).unwrap();
+        let config = ModelConfig::preset(preset, vocab).unwrap();
         let logits_bytes = (batch * seq_len * vocab * 4) as u64;
         if logits_bytes > gpu.limits().max_storage_buffer_binding_size {
             eprintln!(
@@ -53,7 +53,7 @@ fn bench_presets(c: &mut Criterion) {
         }
         let tokens: Vec<u32> = (0..200_000u32).map(|i| i.wrapping_mul(2_654_435_761) % vocab as u32).collect();
         let cfg = TrainConfig { steps: 1_000_000, batch, seq_len, ..TrainConfig::default() };
-        let model = Gpt::new(gpu, &config, 1).unwrap();
+        let model = Model::new(gpu, &config, 1).unwrap();
         let mut trainer = Trainer::new(gpu, model, cfg, Arc::new(tokens)).unwrap();
         group.throughput(Throughput::Elements((batch * seq_len) as u64));
         let id = format!("{preset}_{}params_B{batch}_T{seq_len}", config.num_params());
@@ -101,11 +101,11 @@ fn synthetic_prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 /// Sampling without a KV cache, the naive way: every prompt repeated `samples` times, and for each new token the
-/// whole forward (`Gpt::logits`, all positions) re-run over the grown sequences, the last position's logits
+/// whole forward (`Model::logits`, all positions) re-run over the grown sequences, the last position's logits
 /// sampled on the GPU and read back. All prompts must have the same length. Returns the tokens generated.
 fn generate_without_cache(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     prompts: &[Vec<u32>],
     samples: usize,
     new_tokens: usize,
@@ -152,7 +152,7 @@ fn bench_rollouts(c: &mut Criterion) {
         ("small", 4096, 8, 8, 8, true),
     ];
     for (preset, vocab, p, g, new, cached) in cases {
-        let config = GptConfig::preset(preset, vocab).unwrap();
+        let config = ModelConfig::preset(preset, vocab).unwrap();
         let name = format!("{preset}_P{p}_G{g}_new{new}");
         let kind = if cached { "kv_cache" } else { "no_cache" };
         // Cached: the prefill's [prompt, V] logits and each step's [G, V]; uncached: [P·G, prompt + new, V].
@@ -169,7 +169,7 @@ fn bench_rollouts(c: &mut Criterion) {
         let mut model = None; // built on first use, so a filtered-out case costs nothing
         group.throughput(Throughput::Elements((p * g * new) as u64));
         group.bench_function(BenchmarkId::new(kind, &name), |b| {
-            let model = model.get_or_insert_with(|| Gpt::new(gpu, &config, 1).unwrap());
+            let model = model.get_or_insert_with(|| Model::new(gpu, &config, 1).unwrap());
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for i in 0..iters {
@@ -198,7 +198,7 @@ fn bench_sft(c: &mut Criterion) {
     // (preset, tokenizer vocab, batch, seq_len): the shapes of `train_step`, so the two compare directly.
     for (preset, vocab, batch, seq_len) in [("tiny", 2048, 8, 128), ("small", 4096, 4, 256)] {
         let name = format!("{preset}_B{batch}_T{seq_len}");
-        if let Err(e) = check_fits(gpu, &GptConfig::preset(preset, vocab).unwrap(), batch, seq_len) {
+        if let Err(e) = check_fits(gpu, &ModelConfig::preset(preset, vocab).unwrap(), batch, seq_len) {
             eprintln!("sft_step/{name}: skipped: {e}");
             continue;
         }
@@ -208,11 +208,11 @@ fn bench_sft(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("fwd_bwd_adamw", &name), |b| {
             let trainer = trainer.get_or_insert_with(|| {
                 let tok = tokenizer(vocab);
-                let config = GptConfig::preset(preset, tok.vocab_size()).unwrap();
+                let config = ModelConfig::preset(preset, tok.vocab_size()).unwrap();
                 let examples = addition().examples(Split::Train, 4000, 1);
                 let source = SftSource::new(tok, &examples, batch, seq_len, 7, None).unwrap();
                 let cfg = TrainConfig { steps: 1_000_000, batch, seq_len, ..TrainConfig::default() };
-                Trainer::with_source(gpu, Gpt::new(gpu, &config, 1).unwrap(), cfg, Box::new(source)).unwrap()
+                Trainer::with_source(gpu, Model::new(gpu, &config, 1).unwrap(), cfg, Box::new(source)).unwrap()
             });
             b.iter_custom(|iters| {
                 let start = Instant::now();
@@ -249,7 +249,7 @@ fn bench_rl(c: &mut Criterion) {
     let longest = examples.iter().map(|e| e.prompt.len() + 2).max().unwrap() + cfg.max_new_tokens;
     let rows = cfg.prompts_per_step * cfg.group_size;
     let name = format!("{preset}_P{}_G{}_new{}", cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens);
-    if let Err(e) = check_fits(gpu, &GptConfig::preset(preset, vocab).unwrap(), rows, longest) {
+    if let Err(e) = check_fits(gpu, &ModelConfig::preset(preset, vocab).unwrap(), rows, longest) {
         eprintln!("rl_step/{name}: skipped: {e}");
         group.finish();
         return;
@@ -259,8 +259,8 @@ fn bench_rl(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("grpo", &name), |b| {
         let trainer = trainer.get_or_insert_with(|| {
             let tok = tokenizer(vocab);
-            let config = GptConfig::preset(preset, tok.vocab_size()).unwrap();
-            let (policy, reference) = (Gpt::new(gpu, &config, 1).unwrap(), Gpt::new(gpu, &config, 1).unwrap());
+            let config = ModelConfig::preset(preset, tok.vocab_size()).unwrap();
+            let (policy, reference) = (Model::new(gpu, &config, 1).unwrap(), Model::new(gpu, &config, 1).unwrap());
             RlTrainer::new(gpu, policy, reference, tok.clone(), examples.clone(), reward, cfg.clone()).unwrap()
         });
         b.iter_custom(|iters| {
@@ -273,7 +273,7 @@ fn bench_rl(c: &mut Criterion) {
     });
     if !metrics.is_empty() {
         let n = metrics.len() as f64;
-        let mean = |f: fn(&kiln_model::rl::RlMetrics) -> f64| metrics.iter().map(f).sum::<f64>() / n;
+        let mean = |f: fn(&kiln_model::train::rl::RlMetrics) -> f64| metrics.iter().map(f).sum::<f64>() / n;
         let (len, tps, ms) =
             (mean(|m| m.mean_completion_len), mean(|m| m.rollout_tokens_per_s), mean(|m| m.ms_per_step));
         // The trainer's rollout tokens/s is completion tokens over the rollout's wall time, so this inverts it.

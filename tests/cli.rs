@@ -173,8 +173,8 @@ fn prepare_pretrain_sft_rl_study_end_to_end() {
 fn sft_refuses_a_tokenizer_without_chat_tokens() {
     let dir = scratch("nochat");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let tok =
-        kiln_model::tokenizer::Tokenizer::train(&"the king 1+2=3\n".repeat(300), 280, &["<|endoftext|>"]).unwrap();
+    let tok = kiln_model::data::tokenizer::Tokenizer::train(&"the king 1+2=3\n".repeat(300), 280, &["<|endoftext|>"])
+        .unwrap();
     let tok_path = dir.join("plain.json");
     tok.save(&tok_path).unwrap();
     let data = dir.join("data");

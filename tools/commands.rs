@@ -8,13 +8,13 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::ops::sampling::SamplingParams;
 use kiln_engine::Gpu;
+use kiln_model::arch::Model;
 use kiln_model::checkpoint::{load_checkpoint, save_checkpoint};
+use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::data::{bundled_corpus, prepare, read_corpus, read_shard, PrepareReport};
-use kiln_model::generate::{generate, GenerateConfig};
-use kiln_model::gpt::Gpt;
-use kiln_model::tokenizer::Tokenizer;
-use kiln_model::train::{eval_loss, TrainConfig, Trainer};
-use kiln_model::GptConfig;
+use kiln_model::eval::generate::{generate, GenerateConfig};
+use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
+use kiln_model::ModelConfig;
 
 /// Where `prepare` gets its tokenizer: trained on the corpus, a tokenizer.json, or GPT-2's vocab.json + merges.txt.
 pub enum TokenizerSource<'a> {
@@ -44,7 +44,7 @@ pub fn prepare_cmd(
             .with_context(|| format!("loading {} and {}", vocab_json.display(), merges.display()))?,
         TokenizerSource::Train(vocab) => {
             println!("prepare: training a byte-level BPE tokenizer with {vocab} tokens on {} bytes", text.len());
-            Tokenizer::train(&text, vocab, &kiln_model::chat::SPECIAL_TOKENS)?
+            Tokenizer::train(&text, vocab, &kiln_model::data::chat::SPECIAL_TOKENS)?
         }
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -82,9 +82,9 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
     let val = read_shard(&opts.data.join("val.bin")).context("reading val.bin")?;
     let tok_json = std::fs::read_to_string(opts.data.join("tokenizer.json")).context("reading tokenizer.json")?;
     let config = match opts.model {
-        ModelChoice::Preset(name) => GptConfig::preset(name, train.vocab_size)?,
+        ModelChoice::Preset(name) => ModelConfig::preset(name, train.vocab_size)?,
         ModelChoice::Toml(p) => {
-            GptConfig::from_toml(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?
+            ModelConfig::from_toml(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?
         }
     };
     if config.vocab_size < train.vocab_size {
@@ -101,7 +101,7 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
         println!("pretrain: resuming at step {}", ckpt.state.as_ref().map_or(0, |s| s.step));
         Trainer::resume(gpu, ckpt, cfg.clone(), train_tokens)?
     } else {
-        Trainer::new(gpu, Gpt::new(gpu, &config, cfg.seed)?, cfg.clone(), train_tokens)?
+        Trainer::new(gpu, Model::new(gpu, &config, cfg.seed)?, cfg.clone(), train_tokens)?
     };
     println!(
         "pretrain: {} parameters ({} layers, {} heads, width {}, context {}), batch {}×{}×{} tokens, {} steps on {}",
@@ -157,13 +157,13 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
     Ok(val_loss)
 }
 
-fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Gpt, Tokenizer)> {
+fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Model, Tokenizer)> {
     let ckpt = load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let tok = match &ckpt.tokenizer_json {
         Some(_) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
         None => bail!("{} has no tokenizer.json", dir.display()),
     };
-    Ok((Gpt::from_host(gpu, &ckpt.config, ckpt.model)?, tok))
+    Ok((Model::from_host(gpu, &ckpt.config, ckpt.model)?, tok))
 }
 
 /// `kiln eval`: mean per-token loss and perplexity of a checkpoint on a text file.

@@ -46,9 +46,9 @@ struct TrainArgs {
     seed: u64,
 }
 
-impl From<TrainArgs> for kiln_model::train::TrainConfig {
+impl From<TrainArgs> for kiln_model::train::pretrain::TrainConfig {
     fn from(a: TrainArgs) -> Self {
-        kiln_model::train::TrainConfig {
+        kiln_model::train::pretrain::TrainConfig {
             steps: a.steps,
             batch: a.batch,
             seq_len: a.seq_len,
@@ -129,8 +129,8 @@ struct RlArgs {
 }
 
 impl RlArgs {
-    fn config(&self) -> Result<kiln_model::rl::RlConfig> {
-        use kiln_model::rl::{Algorithm, RlConfig};
+    fn config(&self) -> Result<kiln_model::train::rl::RlConfig> {
+        use kiln_model::train::rl::{Algorithm, RlConfig};
         let algorithm = match self.algorithm.as_str() {
             "grpo" => Algorithm::Grpo,
             "reinforce" => Algorithm::Reinforce,
@@ -397,7 +397,7 @@ fn run() -> Result<()> {
             commands::prepare_cmd(&inputs, &out, source, val_fraction).map(|_| ())
         }
         Command::Pretrain { data, out, preset, config, resume, eval_every, eval_batches, ckpt_every, train } => {
-            let cfg = kiln_model::train::TrainConfig::from(train);
+            let cfg = kiln_model::train::pretrain::TrainConfig::from(train);
             let model = match &config {
                 Some(p) => commands::ModelChoice::Toml(p),
                 None => commands::ModelChoice::Preset(&preset),
@@ -425,7 +425,7 @@ fn run() -> Result<()> {
             ckpt_every,
             train,
         } => {
-            let cfg = kiln_model::train::TrainConfig::from(train);
+            let cfg = kiln_model::train::pretrain::TrainConfig::from(train);
             let opts = posttrain::SftOpts {
                 init: &init,
                 out: &out,
@@ -470,7 +470,7 @@ fn run() -> Result<()> {
         } => {
             let specs =
                 if tasks.is_empty() { vec!["addition:2".into(), "reverse:3".into(), "count".into()] } else { tasks };
-            let tasks = specs.iter().map(|t| kiln_model::tasks::Task::parse(t)).collect::<Result<Vec<_>, _>>()?;
+            let tasks = specs.iter().map(|t| kiln_model::data::tasks::Task::parse(t)).collect::<Result<Vec<_>, _>>()?;
             if seeds == 0 {
                 anyhow::bail!("--seeds must be at least 1");
             }
@@ -486,8 +486,12 @@ fn run() -> Result<()> {
         Command::Generate { checkpoint, prompt, max_tokens, temperature, top_k, top_p, samples, seed } => {
             let prompt = prompt.replace("\\n", "\n");
             let sampling = kiln_engine::ops::sampling::SamplingParams { temperature, top_k, top_p };
-            let cfg =
-                kiln_model::generate::GenerateConfig { max_new_tokens: max_tokens, sampling, seed, stop_token: None };
+            let cfg = kiln_model::eval::generate::GenerateConfig {
+                max_new_tokens: max_tokens,
+                sampling,
+                seed,
+                stop_token: None,
+            };
             commands::generate_cmd(&open_gpu()?, &checkpoint, &prompt, samples, cfg)
         }
     }

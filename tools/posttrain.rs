@@ -1,5 +1,5 @@
 //! `kiln sft` and `kiln rl`: post-training from a checkpoint, with the same progress bar, JSONL metrics and
-//! atomic checkpoints as pretraining, and the task evaluation of `kiln_model::evaluate` along the way.
+//! atomic checkpoints as pretraining, and the task evaluation of `kiln_model::eval::evaluate` along the way.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,16 +8,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::Gpu;
-use kiln_model::chat::ChatTokens;
+use kiln_model::arch::Model;
 use kiln_model::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+use kiln_model::data::chat::ChatTokens;
 use kiln_model::data::read_shard;
-use kiln_model::evaluate::greedy_accuracy;
-use kiln_model::gpt::Gpt;
-use kiln_model::rl::{RlConfig, RlTrainer};
-use kiln_model::sft::SftSource;
-use kiln_model::tasks::{read_rl_jsonl, read_sft_jsonl, reward, Example, Split, Task};
-use kiln_model::tokenizer::Tokenizer;
-use kiln_model::train::{eval_loss, TrainConfig, Trainer};
+use kiln_model::data::tasks::{read_rl_jsonl, read_sft_jsonl, reward, Example, Split, Task};
+use kiln_model::data::tokenizer::Tokenizer;
+use kiln_model::eval::evaluate::greedy_accuracy;
+use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
+use kiln_model::train::rl::{RlConfig, RlTrainer};
+use kiln_model::train::sft::SftSource;
 
 /// Where examples come from: generated tasks (train split) or a JSONL file.
 pub struct ExampleSource<'a> {
@@ -79,7 +79,7 @@ fn metrics_file(out: &Path) -> Result<std::fs::File> {
 /// Greedy accuracy on each task's eval split: (task name, accuracy) pairs.
 pub fn task_accuracies(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     tok: &Tokenizer,
     tasks: &[Task],
     n: usize,
@@ -142,7 +142,7 @@ pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
     let mut trainer = if opts.resume {
         Trainer::resume_with_source(gpu, start, cfg.clone(), Box::new(source))?
     } else {
-        let model = Gpt::from_host(gpu, &start.config, start.model)?;
+        let model = Model::from_host(gpu, &start.config, start.model)?;
         Trainer::with_source(gpu, model, cfg.clone(), Box::new(source))?
     };
     let mut metrics = metrics_file(opts.out)?;
@@ -189,7 +189,7 @@ pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
     let ckpt_dir = opts.out.join("checkpoint");
     let reference_dir: PathBuf = opts.reference.unwrap_or(opts.init).to_path_buf();
     let (reference, _) = load_policy(&reference_dir)?;
-    let reference = Gpt::from_host(gpu, &reference.config, reference.model)
+    let reference = Model::from_host(gpu, &reference.config, reference.model)
         .with_context(|| format!("loading the reference model {}", reference_dir.display()))?;
     let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
     let examples = opts.examples.load(true)?;
@@ -198,7 +198,7 @@ pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
     let mut trainer = if opts.resume {
         RlTrainer::resume(gpu, start, reference, tok.clone(), examples, reward, cfg.clone())?
     } else {
-        let policy = Gpt::from_host(gpu, &start.config, start.model)?;
+        let policy = Model::from_host(gpu, &start.config, start.model)?;
         RlTrainer::new(gpu, policy, reference, tok.clone(), examples, reward, cfg.clone())?
     };
     println!(

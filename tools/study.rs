@@ -10,18 +10,20 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::Gpu;
-use kiln_model::chat::ChatTokens;
+use kiln_model::arch::Model;
 use kiln_model::checkpoint::{save_checkpoint, HostTensor};
+use kiln_model::data::chat::ChatTokens;
 use kiln_model::data::read_shard;
-use kiln_model::evaluate::{bits_per_byte, chat_prompts, greedy_accuracy, mean_kl, sampled_scores, TEMPERATURE_1};
-use kiln_model::generate::{rollouts, GenerateConfig};
-use kiln_model::gpt::Gpt;
-use kiln_model::rl::{RlConfig, RlTrainer};
-use kiln_model::sft::SftSource;
-use kiln_model::tasks::{reward, Split, Task};
-use kiln_model::tokenizer::Tokenizer;
-use kiln_model::train::{TrainConfig, Trainer};
-use kiln_model::GptConfig;
+use kiln_model::data::tasks::{reward, Split, Task};
+use kiln_model::data::tokenizer::Tokenizer;
+use kiln_model::eval::evaluate::{
+    bits_per_byte, chat_prompts, greedy_accuracy, mean_kl, sampled_scores, TEMPERATURE_1,
+};
+use kiln_model::eval::generate::{rollouts, GenerateConfig};
+use kiln_model::train::pretrain::{TrainConfig, Trainer};
+use kiln_model::train::rl::{RlConfig, RlTrainer};
+use kiln_model::train::sft::SftSource;
+use kiln_model::ModelConfig;
 use serde::Serialize;
 
 use crate::commands::{prepare_cmd, TokenizerSource};
@@ -124,14 +126,14 @@ struct Scores {
 
 #[derive(Clone, Debug, Serialize)]
 struct TaskScores {
-    greedy: kiln_model::evaluate::Estimate,
-    pass_at: Vec<(usize, kiln_model::evaluate::Estimate)>,
+    greedy: kiln_model::eval::evaluate::Estimate,
+    pass_at: Vec<(usize, kiln_model::eval::evaluate::Estimate)>,
     mean_reward: f64,
 }
 
 /// The fixed evaluation suite of one seed: held-out text, eval prompts, and the positions KL is measured on.
 struct Suite<'a> {
-    base: &'a Gpt,
+    base: &'a Model,
     tok: &'a Tokenizer,
     tasks: &'a [Task],
     val: &'a [u32],
@@ -150,7 +152,7 @@ const MAX_NEW: usize = 16;
 impl<'a> Suite<'a> {
     fn new(
         gpu: &Gpu,
-        base: &'a Gpt,
+        base: &'a Model,
         tok: &'a Tokenizer,
         tasks: &'a [Task],
         val: &'a [u32],
@@ -179,7 +181,15 @@ impl<'a> Suite<'a> {
         Ok(Suite { base, tok, tasks, val, val_bytes, plan, task_rows, task_counted, text_rows, text_counted })
     }
 
-    fn score(&self, gpu: &Gpu, model: &Gpt, sft: Option<&Gpt>, label: &str, phase: &str, step: u64) -> Result<Scores> {
+    fn score(
+        &self,
+        gpu: &Gpu,
+        model: &Model,
+        sft: Option<&Model>,
+        label: &str,
+        phase: &str,
+        step: u64,
+    ) -> Result<Scores> {
         let p = self.plan;
         let t = model.config.n_ctx;
         let bpb = bits_per_byte(gpu, model, self.val, self.val_bytes, 8, t, p.text_batches)?;
@@ -193,7 +203,7 @@ impl<'a> Suite<'a> {
             tasks.insert(task.name(), TaskScores { greedy, pass_at: s.pass_at, mean_reward: s.mean_reward });
         }
         let n = tasks.len().max(1) as f64;
-        let kl = |q: &Gpt, rows: &[Vec<u32>], counted: &[Vec<bool>]| mean_kl(gpu, model, q, rows, counted, 8);
+        let kl = |q: &Model, rows: &[Vec<u32>], counted: &[Vec<bool>]| mean_kl(gpu, model, q, rows, counted, 8);
         Ok(Scores {
             label: label.into(),
             phase: phase.into(),
@@ -240,9 +250,9 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
     let tok_json = std::fs::read_to_string(data.join("tokenizer.json"))?;
     let train = Arc::new(read_shard(&data.join("train.bin"))?.tokens);
     let val = read_shard(&data.join("val.bin"))?.tokens;
-    let config = GptConfig::preset("tiny", tok.vocab_size())?;
+    let config = ModelConfig::preset("tiny", tok.vocab_size())?;
     let dir = opts.out.join(format!("seed{seed}"));
-    let save = |name: &str, model: &Gpt| -> Result<()> {
+    let save = |name: &str, model: &Model| -> Result<()> {
         let ckpt = kiln_model::checkpoint::Checkpoint {
             config: model.config.clone(),
             model: model.to_host(gpu)?,
@@ -264,7 +274,7 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         seed,
         ..TrainConfig::default()
     };
-    let mut tr = Trainer::new(gpu, Gpt::new(gpu, &config, seed)?, cfg.clone(), train.clone())?;
+    let mut tr = Trainer::new(gpu, Model::new(gpu, &config, seed)?, cfg.clone(), train.clone())?;
     let bar = progress(cfg.steps, "pretrain");
     let (mut ms, mut last) = (0.0, f32::NAN);
     while tr.step < cfg.steps {
@@ -283,7 +293,7 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
     let suite = Suite::new(gpu, &base, &tok, &opts.tasks, &val, plan)?;
     sp.finish_and_clear();
     let mut scores = Vec::new();
-    let score = |model: &Gpt, sft: Option<&Gpt>, label: &str, phase: &str, step: u64| -> Result<Scores> {
+    let score = |model: &Model, sft: Option<&Model>, label: &str, phase: &str, step: u64| -> Result<Scores> {
         let sp = spinner(format!("evaluating {label}"));
         let start = std::time::Instant::now();
         let s = suite.score(gpu, model, sft, label, phase, step)?;
@@ -319,7 +329,7 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
     for (mix, phase) in mixes {
         let mix_src = (mix > 0.0).then(|| (train.clone(), mix));
         let source = SftSource::new(&tok, &examples, sft_cfg.batch, sft_cfg.seq_len, seed, mix_src)?;
-        let model = Gpt::from_host(gpu, &config, base_host.clone())?;
+        let model = Model::from_host(gpu, &config, base_host.clone())?;
         let mut tr = Trainer::with_source(gpu, model, sft_cfg.clone(), Box::new(source))?;
         let bar = progress(sft_cfg.steps, phase);
         let mut ms = 0.0;
@@ -343,7 +353,7 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         }
     }
     let sft_host: Vec<HostTensor> = sft_final.expect("the main SFT run always happens");
-    let sft = Gpt::from_host(gpu, &config, sft_host.clone())?;
+    let sft = Model::from_host(gpu, &config, sft_host.clone())?;
 
     // RL from the SFT model, the SFT model as reference (and the β = 0 ablation).
     let rl_examples: Vec<_> = opts.tasks.iter().flat_map(|t| t.examples(Split::Train, 2000, seed + 1)).collect();
@@ -363,8 +373,8 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
             seed,
             ..RlConfig::default()
         };
-        let policy = Gpt::from_host(gpu, &config, sft_host.clone())?;
-        let reference = Gpt::from_host(gpu, &config, sft_host.clone())?;
+        let policy = Model::from_host(gpu, &config, sft_host.clone())?;
+        let reference = Model::from_host(gpu, &config, sft_host.clone())?;
         let mut tr = RlTrainer::new(gpu, policy, reference, tok.clone(), rl_examples.clone(), reward, rl_cfg.clone())?;
         let bar = progress(rl_cfg.steps, phase);
         let mut ms = 0.0;
@@ -575,7 +585,7 @@ mod tests {
     use super::*;
 
     fn scores(phase: &str, bpb: f64, acc: f64) -> Scores {
-        let greedy = kiln_model::evaluate::wilson(acc, 10);
+        let greedy = kiln_model::eval::evaluate::wilson(acc, 10);
         let task = TaskScores { greedy, pass_at: vec![(4, greedy)], mean_reward: acc };
         Scores {
             label: phase.into(),

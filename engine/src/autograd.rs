@@ -42,6 +42,7 @@ enum Op<'a> {
     Embedding { tokens: Vec<i32>, positions: Option<Vec<i32>>, wte: &'a Param, wpe: &'a Param },
     CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
     WeightedSum { x: Var, weights: Tensor },
+    Reshape { x: Var, from: Vec<usize> },
 }
 
 struct Node<'a> {
@@ -293,6 +294,7 @@ impl<'a> Tape<'a> {
                 let d = loss::cross_entropy_backward(gpu, self.value(logits), &targets, &lse, &g)?;
                 self.accumulate(logits, d)?;
             }
+            Op::Reshape { x, from } => self.accumulate(x, g.reshape(&from)?)?,
             Op::WeightedSum { x, weights } => {
                 // d(Σ w·x)/dx = w·g, with g the one-element upstream gradient: an [n, 1]·[1, 1] product.
                 let shape = self.value(x).shape().to_vec();
@@ -314,3 +316,56 @@ pub fn mean_weights(targets: &[i32]) -> Vec<f32> {
 #[cfg(test)]
 #[path = "autograd_tests.rs"]
 mod tests;
+
+// SHIM (removed when the Llama kernels land): the tape API the model is written against.
+impl<'a> Tape<'a> {
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let y = self.value(x).reshape(shape)?;
+        let from = self.value(x).shape().to_vec();
+        Ok(self.push(y, Op::Reshape { x, from }, &[x]))
+    }
+    pub fn attention_segments_gqa(
+        &mut self,
+        qkv: Var,
+        n_head: usize,
+        n_kv_head: usize,
+        starts: Option<&Tensor>,
+    ) -> Result<Var> {
+        if n_kv_head != n_head {
+            return Err(Error::Invalid { op: "attention", message: "GQA not yet".into() });
+        }
+        self.attention_segments(qkv, n_head, starts)
+    }
+    pub fn attention_cached(&mut self, qkv: Var, cache: &crate::ops::kv_cache::KvCache, pos: usize) -> Result<Var> {
+        crate::ops::kv_cache::kv_append(self.gpu, cache, self.value(qkv), pos)?;
+        let y = crate::ops::kv_cache::attention_cached(self.gpu, cache, self.value(qkv), pos)?;
+        Ok(self.input(y))
+    }
+    pub fn embedding_opt(
+        &mut self,
+        tokens: &[i32],
+        positions: Option<&[i32]>,
+        batch: usize,
+        time: usize,
+        wte: &'a Param,
+        wpe: Option<&'a Param>,
+    ) -> Result<Var> {
+        self.embedding_at(tokens, positions, batch, time, wte, wpe.expect("SHIM"))
+    }
+    pub fn rope(
+        &mut self,
+        _qkv: Var,
+        _p: &Tensor,
+        _t: &'a crate::ops::rope::RopeTable,
+        _nh: usize,
+        _nkv: usize,
+    ) -> Result<Var> {
+        Err(Error::Invalid { op: "rope", message: "not yet".into() })
+    }
+    pub fn rmsnorm(&mut self, _x: Var, _g: Var, _eps: f32) -> Result<Var> {
+        Err(Error::Invalid { op: "rmsnorm", message: "not yet".into() })
+    }
+    pub fn swiglu(&mut self, _x: Var) -> Result<Var> {
+        Err(Error::Invalid { op: "swiglu", message: "not yet".into() })
+    }
+}

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
-use crate::config::GptConfig;
+use crate::arch::config::ModelConfig;
+use crate::arch::{export_hf, import_hf};
 use crate::error::{io_err, ModelError, Result};
 
 /// File names inside a checkpoint directory; the first three are what Hugging Face tools look for.
@@ -28,9 +29,6 @@ pub const TRAIN_STATE_FILE: &str = "train_state.json";
 /// `transformers` refuses safetensors files whose metadata lacks `format` (or has an unknown one), so files meant
 /// for it carry `format: pt`.
 const HF_METADATA: [(&str, &str); 1] = [("format", "pt")];
-
-/// Stands in for a path in errors about tensors that did not come from a file.
-const IN_MEMORY: &str = "(in-memory tensors)";
 
 /// A host copy of one tensor, row-major f32.
 #[derive(Clone, Debug, PartialEq)]
@@ -175,155 +173,6 @@ pub fn load_safetensors_with_metadata(path: &Path) -> Result<(Vec<HostTensor>, B
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// GPT-2 names and shapes
-
-/// The HF names and shapes a config implies, in a fixed order (wte, wpe, h.0..., ln_f); for validation and init.
-pub fn gpt2_param_shapes(config: &GptConfig) -> Vec<(String, Vec<usize>)> {
-    let c = config.n_embd;
-    let mut out = vec![
-        ("transformer.wte.weight".to_string(), vec![config.vocab_size, c]),
-        ("transformer.wpe.weight".to_string(), vec![config.n_ctx, c]),
-    ];
-    for i in 0..config.n_layer {
-        // Conv1D stores weights as [in, out], the transpose of nn.Linear.
-        let layer: [(&str, Vec<usize>); 12] = [
-            ("ln_1.weight", vec![c]),
-            ("ln_1.bias", vec![c]),
-            ("attn.c_attn.weight", vec![c, 3 * c]),
-            ("attn.c_attn.bias", vec![3 * c]),
-            ("attn.c_proj.weight", vec![c, c]),
-            ("attn.c_proj.bias", vec![c]),
-            ("ln_2.weight", vec![c]),
-            ("ln_2.bias", vec![c]),
-            ("mlp.c_fc.weight", vec![c, 4 * c]),
-            ("mlp.c_fc.bias", vec![4 * c]),
-            ("mlp.c_proj.weight", vec![4 * c, c]),
-            ("mlp.c_proj.bias", vec![c]),
-        ];
-        out.extend(layer.into_iter().map(|(n, s)| (format!("transformer.h.{i}.{n}"), s)));
-    }
-    out.push(("transformer.ln_f.weight".to_string(), vec![c]));
-    out.push(("transformer.ln_f.bias".to_string(), vec![c]));
-    out
-}
-
-/// Check that tensors match exactly the names/shapes of `config` (missing, unexpected, wrong shape: one error naming
-/// them all).
-pub fn check_gpt2_tensors(config: &GptConfig, tensors: &[HostTensor]) -> Result<()> {
-    match gpt2_mismatch(config, tensors) {
-        Some(message) => Err(ckpt_err(IN_MEMORY, message)),
-        None => Ok(()),
-    }
-}
-
-fn name_list(names: &[String]) -> String {
-    // A wrong n_layer makes hundreds of names missing; the first few say enough.
-    const SHOWN: usize = 24;
-    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
-    if names.len() > SHOWN {
-        s.push_str(&format!(", … and {} more", names.len() - SHOWN));
-    }
-    s
-}
-
-fn gpt2_mismatch(config: &GptConfig, tensors: &[HostTensor]) -> Option<String> {
-    let expected = gpt2_param_shapes(config);
-    let want: HashMap<&str, &[usize]> = expected.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
-    let mut seen = HashSet::new();
-    let (mut unexpected, mut wrong, mut duplicated) = (Vec::new(), Vec::new(), Vec::new());
-    for t in tensors {
-        if !seen.insert(t.name.as_str()) {
-            duplicated.push(t.name.clone());
-            continue;
-        }
-        let Some(&shape) = want.get(t.name.as_str()) else {
-            unexpected.push(t.name.clone());
-            continue;
-        };
-        if t.shape != shape {
-            let transposed = t.shape.len() == 2 && shape.len() == 2 && t.shape[0] == shape[1] && t.shape[1] == shape[0];
-            let hint = if transposed { ", transposed: GPT-2's Conv1D stores [in, out]" } else { "" };
-            wrong.push(format!("{} is {:?}, expected {:?}{hint}", t.name, t.shape, shape));
-        } else if t.data.len() != t.numel() {
-            wrong.push(format!("{} is {:?} but holds {} values", t.name, t.shape, t.data.len()));
-        }
-    }
-    let missing: Vec<String> =
-        expected.iter().filter(|(n, _)| !seen.contains(n.as_str())).map(|(n, _)| n.clone()).collect();
-    let mut parts = Vec::new();
-    for (what, list) in
-        [("missing", &missing), ("unexpected", &unexpected), ("wrong shape", &wrong), ("duplicated", &duplicated)]
-    {
-        if !list.is_empty() {
-            parts.push(format!("{what} ({}): {}", list.len(), name_list(list)));
-        }
-    }
-    (!parts.is_empty()).then(|| {
-        format!(
-            "tensors do not match the GPT-2 config (vocab_size {}, n_ctx {}, n_layer {}, n_embd {}): {}",
-            config.vocab_size,
-            config.n_ctx,
-            config.n_layer,
-            config.n_embd,
-            parts.join("; ")
-        )
-    })
-}
-
-/// Names as Kiln expects them: files saved from GPT2Model on the Hub lack the "transformer." prefix ("h.0.ln_1.weight",
-/// "wte.weight"); old files carry non-parameter buffers ("h.{i}.attn.bias", "h.{i}.attn.masked_bias") and sometimes
-/// "lm_head.weight" (tied: drop it if equal to wte, else error). Returns the tensors under "transformer.*" names.
-/// Names it does not recognise pass through unchanged, for `check_gpt2_tensors` to report.
-pub fn normalize_gpt2_names(tensors: Vec<HostTensor>) -> Result<Vec<HostTensor>> {
-    normalize_names(tensors).map_err(|m| ckpt_err(IN_MEMORY, m))
-}
-
-fn is_attn_buffer(unprefixed: &str) -> bool {
-    let Some(rest) = unprefixed.strip_prefix("h.") else { return false };
-    let Some((layer, rest)) = rest.split_once('.') else { return false };
-    !layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit()) && matches!(rest, "attn.bias" | "attn.masked_bias")
-}
-
-fn normalize_names(tensors: Vec<HostTensor>) -> std::result::Result<Vec<HostTensor>, String> {
-    let mut out: Vec<HostTensor> = Vec::with_capacity(tensors.len());
-    let mut origin: HashMap<String, String> = HashMap::new();
-    let mut lm_head = None;
-    for mut t in tensors {
-        if t.name == "lm_head.weight" {
-            lm_head = Some(t);
-            continue;
-        }
-        let bare = t.name.strip_prefix("transformer.").unwrap_or(&t.name);
-        if is_attn_buffer(bare) {
-            continue;
-        }
-        let original = t.name.clone();
-        if !t.name.starts_with("transformer.") && ["wte.", "wpe.", "h.", "ln_f."].iter().any(|p| t.name.starts_with(p))
-        {
-            t.name = format!("transformer.{}", t.name);
-        }
-        if let Some(first) = origin.insert(t.name.clone(), original.clone()) {
-            return Err(format!("{first} and {original} both name {}", t.name));
-        }
-        out.push(t);
-    }
-    if let Some(head) = lm_head {
-        let Some(wte) = out.iter().find(|t| t.name == "transformer.wte.weight") else {
-            return Err("lm_head.weight is present but transformer.wte.weight is missing".into());
-        };
-        let tied = wte.shape == head.shape
-            && wte.data.len() == head.data.len()
-            && wte.data.iter().zip(&head.data).all(|(a, b)| a.to_bits() == b.to_bits());
-        if !tied {
-            return Err("lm_head.weight differs from transformer.wte.weight: Kiln ties the output head to the token \
-                        embedding and cannot load an untied one"
-                .into());
-        }
-    }
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // checkpoint directories
 
 /// What a Kiln checkpoint directory holds besides the model weights.
@@ -341,8 +190,9 @@ pub struct TrainState {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
-    pub config: GptConfig,
-    /// HF GPT-2 names (`transformer.*`); `load_checkpoint` returns them in `gpt2_param_shapes` order.
+    pub config: ModelConfig,
+    /// Kiln's parameter names, in `arch::param_table` order (what `Model::to_host` gives). The file holds them
+    /// under Hugging Face names and layouts (`arch::export_hf`); `load_checkpoint` converts back.
     pub model: Vec<HostTensor>,
     /// E.g. "<param name>.m", "<param name>.v"; may be empty (weights-only export).
     pub optimizer: Vec<HostTensor>,
@@ -381,9 +231,7 @@ fn save_checkpoint_until(dir: &Path, ckpt: &Checkpoint, stop_at: Option<SaveStag
     let stop = |s: SaveStage| stop_at == Some(s);
     let (parent, name) = split_path(dir)?;
     ckpt.config.validate()?;
-    if let Some(m) = gpt2_mismatch(&ckpt.config, &ckpt.model) {
-        return Err(ckpt_err(dir, format!("refusing to save: {m}")));
-    }
+    let hf = export_hf(&ckpt.config, &ckpt.model).map_err(|e| ckpt_err(dir, schema_message(e)))?;
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
     let had_previous = match fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() => {
@@ -410,7 +258,7 @@ fn save_checkpoint_until(dir: &Path, ckpt: &Checkpoint, stop_at: Option<SaveStag
         fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    match write_checkpoint_files(&tmp, ckpt, &stop) {
+    match write_checkpoint_files(&tmp, ckpt, &hf, &stop) {
         Ok(true) => return Ok(()),
         Ok(false) => {}
         Err(e) => {
@@ -458,9 +306,14 @@ fn save_checkpoint_until(dir: &Path, ckpt: &Checkpoint, stop_at: Option<SaveStag
 }
 
 /// Returns Ok(true) when a test asked to stop half way.
-fn write_checkpoint_files(tmp: &Path, ckpt: &Checkpoint, stop: &dyn Fn(SaveStage) -> bool) -> Result<bool> {
+fn write_checkpoint_files(
+    tmp: &Path,
+    ckpt: &Checkpoint,
+    hf: &[HostTensor],
+    stop: &dyn Fn(SaveStage) -> bool,
+) -> Result<bool> {
     let hf_meta: BTreeMap<String, String> = HF_METADATA.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    write_safetensors_synced(&tmp.join(MODEL_FILE), &ckpt.model, &hf_meta)?;
+    write_safetensors_synced(&tmp.join(MODEL_FILE), hf, &hf_meta)?;
     if stop(SaveStage::ModelWritten) {
         return Ok(true);
     }
@@ -504,8 +357,9 @@ fn leftover_dirs(parent: &Path, name: &str, marker: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Config from config.json (`GptConfig::from_hf_json`); model weights are name-normalised (`normalize_gpt2_names`),
-/// checked against the config and returned in `gpt2_param_shapes` order, so a GPT-2 directory downloaded from the
+/// Config from config.json (`ModelConfig::from_hf_json`: gpt2, llama or qwen2); model weights from
+/// model.safetensors or the shards a `model.safetensors.index.json` lists (F32, F16 or BF16), converted by the
+/// family's schema (`arch::import_hf`) and returned in table order, so a directory downloaded from the
 /// Hub loads too. Optimizer, train state and tokenizer are optional. When DIR is missing (a save was killed between
 /// its two renames) the newest complete DIR.old-* is loaded; DIR.tmp-* leftovers are never read.
 pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
@@ -546,26 +400,10 @@ fn load_checkpoint_dir(dir: &Path) -> Result<Checkpoint> {
     };
     let config_json: serde_json::Value = serde_json::from_slice(&config_text)
         .map_err(|e| ckpt_err(&config_path, format!("{CONFIG_FILE} is not valid JSON: {e}")))?;
-    let config = GptConfig::from_hf_json(&config_json).map_err(|e| ckpt_err(&config_path, e.to_string()))?;
+    let config = ModelConfig::from_hf_json(&config_json).map_err(|e| ckpt_err(&config_path, e.to_string()))?;
 
-    let model_path = dir.join(MODEL_FILE);
-    if !model_path.exists() {
-        let hint = if dir.join("pytorch_model.bin").exists() {
-            " (pytorch_model.bin is there, but Kiln reads only safetensors)"
-        } else {
-            ""
-        };
-        return Err(ckpt_err(dir, format!("missing {MODEL_FILE}{hint}")));
-    }
-    let model = normalize_names(load_safetensors(&model_path)?).map_err(|m| ckpt_err(&model_path, m))?;
-    if let Some(m) = gpt2_mismatch(&config, &model) {
-        return Err(ckpt_err(&model_path, m));
-    }
-    let mut by_name: HashMap<String, HostTensor> = model.into_iter().map(|t| (t.name.clone(), t)).collect();
-    let model = gpt2_param_shapes(&config)
-        .into_iter()
-        .map(|(n, _)| by_name.remove(&n).expect("checked: every expected tensor is present"))
-        .collect();
+    let (model_path, hf) = load_model_tensors(dir)?;
+    let model = import_hf(&config, hf).map_err(|e| ckpt_err(&model_path, schema_message(e)))?;
 
     let optimizer_path = dir.join(OPTIMIZER_FILE);
     let optimizer = if optimizer_path.exists() { load_safetensors(&optimizer_path)? } else { Vec::new() };
@@ -587,6 +425,72 @@ fn load_checkpoint_dir(dir: &Path) -> Result<Checkpoint> {
         Err(e) => return Err(io_err(&tokenizer_path)(e)),
     };
     Ok(Checkpoint { config, model, optimizer, state, tokenizer_json })
+}
+
+/// The message of a schema error, without its placeholder path (the caller names the file).
+fn schema_message(e: ModelError) -> String {
+    match e {
+        ModelError::Checkpoint { message, .. } => message,
+        other => other.to_string(),
+    }
+}
+
+/// The Hub's index of a sharded checkpoint: tensor name → shard file.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Every tensor of DIR's weights, from model.safetensors or, when absent, the shards of model.safetensors.index.json;
+/// returns the path errors should name with them.
+fn load_model_tensors(dir: &Path) -> Result<(PathBuf, Vec<HostTensor>)> {
+    let model_path = dir.join(MODEL_FILE);
+    if model_path.exists() {
+        return Ok((model_path.clone(), load_safetensors(&model_path)?));
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.exists() {
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            " (pytorch_model.bin is there, but Kiln reads only safetensors)"
+        } else {
+            ""
+        };
+        return Err(ckpt_err(dir, format!("missing {MODEL_FILE} (and no {INDEX_FILE}){hint}")));
+    }
+    let text = fs::read(&index_path).map_err(io_err(&index_path))?;
+    let index: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| ckpt_err(&index_path, format!("{INDEX_FILE} is not valid JSON: {e}")))?;
+    let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(ckpt_err(&index_path, "has no weight_map object"));
+    };
+    let mut shards: Vec<&str> = Vec::new();
+    for (name, file) in map {
+        let Some(file) = file.as_str().filter(|f| !f.contains('/') && !f.contains('\\') && *f != "..") else {
+            return Err(ckpt_err(
+                &index_path,
+                format!("weight_map entry {name} is not a file name in {}", dir.display()),
+            ));
+        };
+        if !shards.contains(&file) {
+            shards.push(file);
+        }
+    }
+    let mut tensors = Vec::new();
+    for file in shards {
+        let shard: Vec<HostTensor> = load_safetensors(&dir.join(file))?;
+        // A tensor in a shard the index does not assign to it would be loaded twice or from the wrong file.
+        if let Some(t) = shard.iter().find(|t| map.get(&t.name).and_then(|f| f.as_str()) != Some(file)) {
+            return Err(ckpt_err(
+                &index_path,
+                format!("{file} holds {}, which the weight_map does not assign to it", t.name),
+            ));
+        }
+        tensors.extend(shard);
+    }
+    if tensors.len() != map.len() {
+        return Err(ckpt_err(
+            &index_path,
+            format!("weight_map names {} tensors but the shards hold {}", map.len(), tensors.len()),
+        ));
+    }
+    Ok((index_path, tensors))
 }
 
 // ---------------------------------------------------------------------------------------------------------------

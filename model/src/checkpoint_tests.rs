@@ -1,4 +1,5 @@
 use super::*;
+use crate::arch::{import_hf, param_table};
 
 use safetensors::tensor::TensorView;
 
@@ -29,13 +30,17 @@ impl Drop for Scratch {
     }
 }
 
-fn tiny_config() -> GptConfig {
-    GptConfig { vocab_size: 11, n_ctx: 8, n_layer: 2, n_head: 2, n_embd: 8 }
+fn shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    param_table(config).into_iter().map(|s| (s.name, s.shape)).collect()
+}
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig::gpt2(11, 8, 2, 2, 8)
 }
 
 /// Deterministic weights in canonical order; `seed` makes checkpoints of different steps distinguishable.
-fn tiny_model(config: &GptConfig, seed: u64) -> Vec<HostTensor> {
-    gpt2_param_shapes(config)
+fn tiny_model(config: &ModelConfig, seed: u64) -> Vec<HostTensor> {
+    shapes(config)
         .into_iter()
         .enumerate()
         .map(|(k, (name, shape))| {
@@ -194,12 +199,12 @@ fn checkpoint_round_trips_and_is_a_hugging_face_gpt2_directory() {
     let config: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "gpt2");
-    assert_eq!(GptConfig::from_hf_json(&config).unwrap(), ckpt.config);
+    assert_eq!(ModelConfig::from_hf_json(&config).unwrap(), ckpt.config);
 
     // The weights file holds exactly the HF parameters (no optimizer moments) and the metadata transformers wants.
     let (weights, meta) = load_safetensors_with_metadata(&dir.join("model.safetensors")).unwrap();
     assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
-    check_gpt2_tensors(&ckpt.config, &weights).unwrap();
+    import_hf(&ckpt.config, weights.clone()).unwrap();
     let opt = load_safetensors(&dir.join("optimizer.safetensors")).unwrap();
     assert_eq!(opt.len(), 2 * weights.len());
     let state: TrainState = serde_json::from_str(&fs::read_to_string(dir.join("train_state.json")).unwrap()).unwrap();
@@ -324,7 +329,7 @@ fn save_refuses_to_clobber_other_data_or_write_bad_weights() {
     let mut bad = full_checkpoint(1);
     bad.model.pop();
     let e = save_checkpoint(&s.0.join("bad"), &bad).unwrap_err().to_string();
-    assert!(e.contains("refusing to save") && e.contains("transformer.ln_f.bias"), "{e}");
+    assert!(e.contains("refusing to export") && e.contains("transformer.ln_f.bias"), "{e}");
     assert_eq!(s.entries(), vec!["a_file", "notes"]);
 }
 
@@ -337,14 +342,17 @@ fn load_errors_name_the_broken_file() {
     fs::write(dir.join("config.json"), b"{\"model_type\": \"gpt2\", ").unwrap();
     let e = load_checkpoint(&dir).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("not valid JSON"), "{e}");
+    fs::write(dir.join("config.json"), br#"{"model_type": "mamba", "vocab_size": 11}"#).unwrap();
+    let e = load_checkpoint(&dir).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("mamba"), "{e}");
     fs::write(dir.join("config.json"), br#"{"model_type": "llama", "vocab_size": 11}"#).unwrap();
     let e = load_checkpoint(&dir).unwrap_err().to_string();
-    assert!(e.contains("config.json") && e.contains("llama"), "{e}");
+    assert!(e.contains("config.json") && e.contains("lacks hidden_size"), "{e}");
     fs::remove_file(dir.join("config.json")).unwrap();
     assert!(load_checkpoint(&dir).unwrap_err().to_string().contains("missing config.json"));
 
     // The config says 3 layers but the weights have 2.
-    let bigger = GptConfig { n_layer: 3, ..tiny_config() };
+    let bigger = ModelConfig { n_layer: 3, ..tiny_config() };
     fs::write(dir.join("config.json"), serde_json::to_vec(&bigger.to_hf_json()).unwrap()).unwrap();
     let e = load_checkpoint(&dir).unwrap_err().to_string();
     assert!(
@@ -416,37 +424,38 @@ fn normalize_handles_prefixes_buffers_and_tied_heads() {
     mixed.insert(3, HostTensor::zeros("transformer.h.1.attn.bias", vec![1, 1, 8, 8]));
     mixed.insert(5, HostTensor::new("h.0.attn.masked_bias", vec![], vec![-1e4]));
     mixed.push(HostTensor { name: "lm_head.weight".into(), ..canonical[0].clone() });
-    let normalized = normalize_gpt2_names(mixed.clone()).unwrap();
+    let normalized = import_hf(&config, mixed.clone()).unwrap();
     assert!(normalized == canonical);
-    check_gpt2_tensors(&config, &normalized).unwrap();
 
     // The real c_attn bias is a parameter, not a buffer.
     assert!(normalized.iter().any(|t| t.name == "transformer.h.0.attn.c_attn.bias"));
 
     let mut untied = mixed.clone();
     untied.last_mut().unwrap().data[0] += 1.0;
-    let e = normalize_gpt2_names(untied).unwrap_err().to_string();
+    let e = import_hf(&config, untied).unwrap_err().to_string();
     assert!(e.contains("lm_head.weight differs"), "{e}");
 
     let mut doubled = mixed.clone();
     doubled.push(HostTensor { name: "transformer.wpe.weight".into(), ..canonical[1].clone() });
     doubled.push(HostTensor { name: "wpe.weight".into(), ..canonical[1].clone() });
-    let e = normalize_gpt2_names(doubled).unwrap_err().to_string();
+    let e = import_hf(&config, doubled).unwrap_err().to_string();
     assert!(e.contains("wpe.weight"), "{e}");
 
     let headless = vec![HostTensor::new("lm_head.weight", vec![1], vec![0.0])];
-    assert!(normalize_gpt2_names(headless).unwrap_err().to_string().contains("wte"));
+    assert!(import_hf(&config, headless).unwrap_err().to_string().contains("wte"));
 
-    // Unknown names pass through for check_gpt2_tensors to report.
-    let odd = normalize_gpt2_names(vec![HostTensor::new("score.weight", vec![1], vec![0.0])]).unwrap();
-    assert_eq!(odd[0].name, "score.weight");
+    // Names the schema does not know are reported, not dropped.
+    let mut odd = canonical.clone();
+    odd.push(HostTensor::new("score.weight", vec![1], vec![0.0]));
+    let e = import_hf(&config, odd).unwrap_err().to_string();
+    assert!(e.contains("unexpected (1): score.weight"), "{e}");
 }
 
 #[test]
 fn check_reports_missing_unexpected_and_wrong_shapes_at_once() {
     let config = tiny_config();
     let mut tensors = tiny_model(&config, 0);
-    check_gpt2_tensors(&config, &tensors).unwrap();
+    import_hf(&config, tensors.clone()).unwrap();
     tensors.retain(|t| t.name != "transformer.h.1.ln_2.bias");
     tensors.push(HostTensor::zeros("transformer.h.2.ln_1.weight", vec![8]));
     let c_attn = tensors.iter_mut().find(|t| t.name == "transformer.h.0.attn.c_attn.weight").unwrap();
@@ -458,11 +467,11 @@ fn check_reports_missing_unexpected_and_wrong_shapes_at_once() {
     ln.data.pop();
     tensors.push(tensors[0].clone());
 
-    let e = check_gpt2_tensors(&config, &tensors).unwrap_err().to_string();
+    let e = import_hf(&config, tensors).unwrap_err().to_string();
     for needle in [
         "missing (1): transformer.h.1.ln_2.bias",
         "unexpected (1): transformer.h.2.ln_1.weight",
-        "transformer.h.0.attn.c_attn.weight is [24, 8], expected [8, 24], transposed",
+        "transformer.h.0.attn.c_attn.weight is [24, 8], expected [8, 24], transposed: GPT-2's Conv1D stores [in, out]",
         "transformer.wpe.weight is [9, 8], expected [8, 8]",
         "transformer.ln_f.weight is [8] but holds 7 values",
         "duplicated (1): transformer.wte.weight",
@@ -473,8 +482,8 @@ fn check_reports_missing_unexpected_and_wrong_shapes_at_once() {
 
 #[test]
 fn gpt2_preset_shapes_sum_to_124m_in_fixed_order() {
-    let config = GptConfig::preset("gpt2", 50257).unwrap();
-    let shapes = gpt2_param_shapes(&config);
+    let config = ModelConfig::preset("gpt2", 50257).unwrap();
+    let shapes = shapes(&config);
     let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     assert_eq!(total, 124_439_808);
     assert_eq!(total, config.num_params());

@@ -3,18 +3,18 @@
 use kiln_engine::autograd::Tape;
 use kiln_engine::ops::sampling::SamplingParams;
 use kiln_engine::testing::gpu;
-use kiln_model::generate::{generate, rollouts, GenerateConfig, Session};
-use kiln_model::gpt::Gpt;
-use kiln_model::GptConfig;
+use kiln_model::arch::Model;
+use kiln_model::eval::generate::{generate, rollouts, GenerateConfig, Session};
+use kiln_model::ModelConfig;
 
-fn config() -> GptConfig {
-    GptConfig { vocab_size: 53, n_ctx: 40, n_layer: 2, n_head: 3, n_embd: 24 }
+fn config() -> ModelConfig {
+    ModelConfig::gpt2(53, 40, 2, 3, 24)
 }
 
 #[test]
 fn kv_cache_logits_equal_the_full_forward() {
     let gpu = gpu();
-    let model = Gpt::new(gpu, &config(), 5).unwrap();
+    let model = Model::new(gpu, &config(), 5).unwrap();
     let (b, prompt, extra) = (2, 7, 5);
     let t = prompt + extra;
     let tokens: Vec<i32> = (0..b * t).map(|i| ((i * 13 + 3) % 53) as i32).collect();
@@ -51,7 +51,7 @@ fn kv_cache_logits_equal_the_full_forward() {
 #[test]
 fn generation_is_seeded_and_greedy_is_deterministic() {
     let gpu = gpu();
-    let model = Gpt::new(gpu, &config(), 6).unwrap();
+    let model = Model::new(gpu, &config(), 6).unwrap();
     let cfg = |seed, temperature| GenerateConfig {
         max_new_tokens: 12,
         sampling: SamplingParams { temperature, top_k: 0, top_p: 1.0 },
@@ -74,7 +74,7 @@ fn generation_is_seeded_and_greedy_is_deterministic() {
 #[test]
 fn batched_rollouts_equal_one_prompt_at_a_time_and_stop_per_sample() {
     let gpu = gpu();
-    let model = Gpt::new(gpu, &config(), 8).unwrap();
+    let model = Model::new(gpu, &config(), 8).unwrap();
     let cfg = |temperature| GenerateConfig {
         max_new_tokens: 9,
         sampling: SamplingParams { temperature, top_k: 0, top_p: 1.0 },

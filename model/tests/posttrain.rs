@@ -5,17 +5,17 @@
 use std::sync::OnceLock;
 
 use kiln_engine::testing::gpu;
-use kiln_model::chat::SPECIAL_TOKENS;
+use kiln_model::arch::Model;
 use kiln_model::checkpoint::HostTensor;
-use kiln_model::evaluate::{greedy_accuracy, sampled_scores, TEMPERATURE_1};
-use kiln_model::generate::GenerateConfig;
-use kiln_model::gpt::Gpt;
-use kiln_model::rl::{RlConfig, RlTrainer};
-use kiln_model::sft::SftSource;
-use kiln_model::tasks::{reward, Example, Split, Task};
-use kiln_model::tokenizer::Tokenizer;
-use kiln_model::train::{TrainConfig, Trainer};
-use kiln_model::GptConfig;
+use kiln_model::data::chat::SPECIAL_TOKENS;
+use kiln_model::data::tasks::{reward, Example, Split, Task};
+use kiln_model::data::tokenizer::Tokenizer;
+use kiln_model::eval::evaluate::{greedy_accuracy, sampled_scores, TEMPERATURE_1};
+use kiln_model::eval::generate::GenerateConfig;
+use kiln_model::train::pretrain::{TrainConfig, Trainer};
+use kiln_model::train::rl::{RlConfig, RlTrainer};
+use kiln_model::train::sft::SftSource;
+use kiln_model::ModelConfig;
 
 const TASK: Task = Task::Addition { digits: 1 };
 
@@ -29,8 +29,8 @@ fn tokenizer() -> &'static Tokenizer {
     })
 }
 
-fn config() -> GptConfig {
-    GptConfig { vocab_size: tokenizer().vocab_size(), n_ctx: 32, n_layer: 2, n_head: 4, n_embd: 64 }
+fn config() -> ModelConfig {
+    ModelConfig::gpt2(tokenizer().vocab_size(), 32, 2, 4, 64)
 }
 
 /// The SFT checkpoint RL starts from: an early one, whose sampled reward (~0.3 measured) leaves room to improve;
@@ -52,7 +52,7 @@ fn sft_model() -> &'static SftRun {
         let tok = tokenizer();
         let train = TASK.examples(Split::Train, 2000, 1);
         let eval = held_out();
-        let model = Gpt::new(gpu, &config(), 3).unwrap();
+        let model = Model::new(gpu, &config(), 3).unwrap();
         let before = greedy_accuracy(gpu, &model, tok, &eval, 4).unwrap().value;
         let cfg = TrainConfig {
             steps: 300,
@@ -102,8 +102,8 @@ fn short_rl_from_the_sft_model_raises_mean_reward() {
     let gpu = gpu();
     let tok = tokenizer();
     let weights = &sft_model().early;
-    let policy = Gpt::from_host(gpu, &config(), weights.clone()).unwrap();
-    let reference = Gpt::from_host(gpu, &config(), weights.clone()).unwrap();
+    let policy = Model::from_host(gpu, &config(), weights.clone()).unwrap();
+    let reference = Model::from_host(gpu, &config(), weights.clone()).unwrap();
     let prompts = TASK.examples(Split::Train, 200, 21);
     let probe: Vec<Example> = prompts[..48].to_vec();
     let gen = GenerateConfig { max_new_tokens: 4, sampling: TEMPERATURE_1, seed: 99, stop_token: None };
@@ -140,7 +140,7 @@ fn groups_with_equal_rewards_give_exactly_zero_gradient() {
     let prompts = TASK.examples(Split::Train, 10, 2);
     let cfg =
         RlConfig { steps: 2, prompts_per_step: 3, group_size: 4, max_new_tokens: 3, beta: 0.0, ..RlConfig::default() };
-    let model = || Gpt::new(gpu, &config(), 4).unwrap();
+    let model = || Model::new(gpu, &config(), 4).unwrap();
     let mut tr = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts.clone(), |_, _| 1.0, cfg.clone()).unwrap();
     let m = tr.step().unwrap();
     assert_eq!(m.equal_reward_groups, 1.0);
@@ -165,7 +165,7 @@ fn rl_resumes_exactly_from_a_checkpoint() {
         lr: 1e-3,
         ..RlConfig::default()
     };
-    let model = || Gpt::new(gpu, &config(), 5).unwrap();
+    let model = || Model::new(gpu, &config(), 5).unwrap();
     let mut a = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts.clone(), reward, cfg.clone()).unwrap();
     let straight: Vec<_> = (0..3).map(|_| a.step().unwrap()).collect();
     let mut b = RlTrainer::new(gpu, model(), model(), tok.clone(), prompts.clone(), reward, cfg.clone()).unwrap();
@@ -187,11 +187,11 @@ fn rl_resumes_exactly_from_a_checkpoint() {
 fn rl_rejects_bad_inputs_clearly() {
     let gpu = gpu();
     let tok = tokenizer();
-    let policy = || Gpt::new(gpu, &config(), 1).unwrap();
+    let policy = || Model::new(gpu, &config(), 1).unwrap();
     let prompts = TASK.examples(Split::Train, 10, 2);
     let cfg = RlConfig { steps: 1, prompts_per_step: 2, group_size: 2, max_new_tokens: 2, ..RlConfig::default() };
     // A reference of another shape.
-    let other = Gpt::new(gpu, &GptConfig { n_embd: 32, ..config() }, 1).unwrap();
+    let other = Model::new(gpu, &ModelConfig { n_embd: 32, ..config() }, 1).unwrap();
     let e = RlTrainer::new(gpu, policy(), other, tok.clone(), prompts.clone(), reward, cfg.clone()).err().unwrap();
     assert!(e.to_string().contains("reference"), "{e}");
     // A prompt longer than the context.
@@ -214,11 +214,11 @@ fn rl_rejects_bad_inputs_clearly() {
 #[test]
 fn packed_examples_compute_what_they_would_alone() {
     use kiln_engine::autograd::Tape;
-    use kiln_model::chat::{encode_example, pack, ChatTokens};
+    use kiln_model::data::chat::{encode_example, pack, ChatTokens};
     let gpu = gpu();
     let tok = tokenizer();
     let ct = ChatTokens::from_tokenizer(tok).unwrap();
-    let model = Gpt::new(gpu, &config(), 9).unwrap();
+    let model = Model::new(gpu, &config(), 9).unwrap();
     let seqs: Vec<_> = [("3+4=", "7"), ("9+9=", "18"), ("0+5=", "5")]
         .iter()
         .map(|(p, a)| encode_example(tok, ct, p, a).unwrap())

@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use kiln_engine::autograd::Tape;
 use kiln_engine::testing::gpu;
+use kiln_model::arch::Model;
 use kiln_model::checkpoint::{load_checkpoint, save_checkpoint};
+use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::data::{bundled_corpus, unigram_entropy_bits};
-use kiln_model::gpt::Gpt;
-use kiln_model::tokenizer::Tokenizer;
-use kiln_model::train::{eval_loss, TrainConfig, Trainer};
-use kiln_model::GptConfig;
+use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
+use kiln_model::ModelConfig;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kiln-test-{name}-{}", std::process::id()));
@@ -29,8 +29,8 @@ fn tiny_data() -> (Vec<u32>, Vec<u32>, usize) {
     (ids[..cut].to_vec(), ids[cut..].to_vec(), tok.vocab_size())
 }
 
-fn tiny_config(vocab: usize) -> GptConfig {
-    GptConfig { vocab_size: vocab, n_ctx: 64, n_layer: 2, n_head: 2, n_embd: 64 }
+fn tiny_config(vocab: usize) -> ModelConfig {
+    ModelConfig::gpt2(vocab, 64, 2, 2, 64)
 }
 
 fn train_cfg(steps: u64) -> TrainConfig {
@@ -43,7 +43,7 @@ fn short_run_beats_the_unigram_baseline() {
     let (train, val, vocab) = tiny_data();
     let unigram_nats = unigram_entropy_bits(&train, vocab) * std::f64::consts::LN_2;
     let config = tiny_config(vocab);
-    let model = Gpt::new(gpu, &config, 1).unwrap();
+    let model = Model::new(gpu, &config, 1).unwrap();
     let start = eval_loss(gpu, &model, &val, 8, 64, 8).unwrap();
     let mut tr = Trainer::new(gpu, model, train_cfg(250), Arc::new(train)).unwrap();
     for _ in 0..250 {
@@ -63,11 +63,11 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit() {
     let (train, _, vocab) = tiny_data();
     let train = Arc::new(train);
     let config = tiny_config(vocab);
-    let mut straight = Trainer::new(gpu, Gpt::new(gpu, &config, 2).unwrap(), train_cfg(6), train.clone()).unwrap();
+    let mut straight = Trainer::new(gpu, Model::new(gpu, &config, 2).unwrap(), train_cfg(6), train.clone()).unwrap();
     let full: Vec<f32> = (0..6).map(|_| straight.step().unwrap().loss).collect();
 
     let dir = scratch("resume");
-    let mut first = Trainer::new(gpu, Gpt::new(gpu, &config, 2).unwrap(), train_cfg(6), train.clone()).unwrap();
+    let mut first = Trainer::new(gpu, Model::new(gpu, &config, 2).unwrap(), train_cfg(6), train.clone()).unwrap();
     let mut losses: Vec<f32> = (0..3).map(|_| first.step().unwrap().loss).collect();
     save_checkpoint(&dir, &first.checkpoint(None).unwrap()).unwrap();
     drop(first);
@@ -82,9 +82,9 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit() {
 fn checkpoint_round_trip_gives_identical_logits() {
     let gpu = gpu();
     let config = tiny_config(97);
-    let model = Gpt::new(gpu, &config, 3).unwrap();
+    let model = Model::new(gpu, &config, 3).unwrap();
     let tokens: Vec<i32> = (0..2 * 17).map(|i: i32| i * 31 % 97).collect();
-    let logits = |m: &Gpt| {
+    let logits = |m: &Model| {
         let mut tape = Tape::no_grad(gpu);
         let l = m.logits(&mut tape, &tokens, 2, 17).unwrap();
         gpu.read(tape.value(l)).unwrap()
@@ -94,7 +94,7 @@ fn checkpoint_round_trip_gives_identical_logits() {
     save_checkpoint(&dir, &tr.checkpoint(None).unwrap()).unwrap();
     let ck = load_checkpoint(&dir).unwrap();
     assert_eq!(ck.config, config);
-    let loaded = Gpt::from_host(gpu, &ck.config, ck.model).unwrap();
+    let loaded = Model::from_host(gpu, &ck.config, ck.model).unwrap();
     assert_eq!(logits(&tr.model), logits(&loaded));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -104,7 +104,7 @@ fn a_training_step_is_two_submissions_and_allocates_no_new_buffers() {
     let gpu = kiln_engine::Gpu::new().unwrap(); // private: exact counts
     let (train, _, vocab) = tiny_data();
     let cfg = TrainConfig { grad_accum: 2, ..train_cfg(10) };
-    let mut tr = Trainer::new(&gpu, Gpt::new(&gpu, &tiny_config(vocab), 7).unwrap(), cfg, Arc::new(train)).unwrap();
+    let mut tr = Trainer::new(&gpu, Model::new(&gpu, &tiny_config(vocab), 7).unwrap(), cfg, Arc::new(train)).unwrap();
     tr.step().unwrap(); // warm-up: the pool learns the step's sizes
     let (submits, _) = gpu.submit_counts();
     let created = gpu.pool_stats().buffers_created;
@@ -118,18 +118,19 @@ fn a_training_step_is_two_submissions_and_allocates_no_new_buffers() {
 #[test]
 fn bad_batches_are_clear_errors() {
     let gpu = gpu();
-    let model = Gpt::new(gpu, &tiny_config(50), 4).unwrap();
+    let model = Model::new(gpu, &tiny_config(50), 4).unwrap();
     let mut tape = Tape::no_grad(gpu);
     let e = model.logits(&mut tape, &[1, 2, 99], 1, 3).err().unwrap().to_string();
     assert!(e.contains("99") && e.contains("vocabulary"), "{e}");
     let e = model.logits(&mut tape, &vec![1; 65], 1, 65).err().unwrap().to_string();
     assert!(e.contains("n_ctx"), "{e}");
-    let short = Trainer::new(gpu, Gpt::new(gpu, &tiny_config(50), 4).unwrap(), train_cfg(1), Arc::new(vec![1; 10]));
+    let short = Trainer::new(gpu, Model::new(gpu, &tiny_config(50), 4).unwrap(), train_cfg(1), Arc::new(vec![1; 10]));
     assert!(short.is_err(), "a shard shorter than one window must be refused");
     // A batch whose logits exceed one storage binding is refused up front, naming the setting.
     let limit = gpu.limits().max_storage_buffer_binding_size as usize;
     let huge = TrainConfig { batch: limit / (64 * 50 * 4) + 1, ..train_cfg(1) };
-    let e =
-        Trainer::new(gpu, Gpt::new(gpu, &tiny_config(50), 4).unwrap(), huge, Arc::new(vec![1; 100_000])).err().unwrap();
+    let e = Trainer::new(gpu, Model::new(gpu, &tiny_config(50), 4).unwrap(), huge, Arc::new(vec![1; 100_000]))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("logits"), "{e}");
 }

@@ -5,11 +5,9 @@ use std::collections::HashMap;
 
 use kiln_engine::autograd::Tape;
 use kiln_engine::testing::{gpu, random_vec};
-use kiln_model::checkpoint::{
-    gpt2_param_shapes, load_safetensors, save_checkpoint, Checkpoint, HostTensor, MODEL_FILE,
-};
-use kiln_model::gpt::Gpt;
-use kiln_model::GptConfig;
+use kiln_model::arch::{param_table, Model};
+use kiln_model::checkpoint::{load_safetensors, save_checkpoint, Checkpoint, HostTensor, MODEL_FILE};
+use kiln_model::ModelConfig;
 
 struct Weights(HashMap<String, (Vec<usize>, Vec<f64>)>);
 
@@ -42,7 +40,7 @@ fn gelu(v: f64) -> f64 {
 }
 
 /// GPT-2 forward for one sequence: logits [T, V].
-fn reference_logits(w: &Weights, cfg: &GptConfig, tokens: &[usize]) -> Vec<f64> {
+fn reference_logits(w: &Weights, cfg: &ModelConfig, tokens: &[usize]) -> Vec<f64> {
     let (c, t, nh) = (cfg.n_embd, tokens.len(), cfg.n_head);
     let hs = c / nh;
     let (wte, wpe) = (w.get("wte.weight"), w.get("wpe.weight"));
@@ -87,12 +85,13 @@ fn reference_logits(w: &Weights, cfg: &GptConfig, tokens: &[usize]) -> Vec<f64> 
 #[test]
 fn logits_match_an_independent_gpt2_reading_the_same_safetensors() {
     let gpu = gpu();
-    let cfg = GptConfig { vocab_size: 61, n_ctx: 32, n_layer: 2, n_head: 3, n_embd: 48 };
+    let cfg = ModelConfig::gpt2(61, 32, 2, 3, 48);
     // Weights far larger than GPT-2's 0.02 initialisation, so every path contributes visibly to the logits.
-    let tensors: Vec<HostTensor> = gpt2_param_shapes(&cfg)
+    let tensors: Vec<HostTensor> = param_table(&cfg)
         .into_iter()
         .enumerate()
-        .map(|(i, (name, shape))| {
+        .map(|(i, spec)| {
+            let (name, shape) = (spec.name, spec.shape);
             let n = shape.iter().product();
             let r = random_vec(n, 50 + i as u64);
             let data = if name.contains("ln_") && name.ends_with("weight") {
@@ -103,7 +102,7 @@ fn logits_match_an_independent_gpt2_reading_the_same_safetensors() {
             HostTensor { name, shape, data }
         })
         .collect();
-    let model = Gpt::from_host(gpu, &cfg, tensors).unwrap();
+    let model = Model::from_host(gpu, &cfg, tensors).unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-test-reference-{}", std::process::id()));
     let ckpt = Checkpoint {
         config: cfg.clone(),

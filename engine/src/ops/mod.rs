@@ -11,6 +11,7 @@ pub mod matmul;
 pub mod norm;
 pub mod policy;
 pub mod reduce;
+pub mod rope;
 pub mod sampling;
 
 use crate::{Error, Result, Tensor};

@@ -12,10 +12,10 @@ use kiln_engine::ops::adamw::{adamw_step, AdamW};
 use kiln_engine::ops::{elementwise, reduce};
 use kiln_engine::{Gpu, Tensor};
 
+use crate::arch::Model;
 use crate::checkpoint::{Checkpoint, HostTensor, TrainState};
 use crate::data::{sequential_batches, BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
-use crate::gpt::Gpt;
 
 /// Optimisation settings (also stored in checkpoints so `--resume` continues the same schedule).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,7 +144,7 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(gpu: &Gpu, model: &Gpt) -> Result<Optimizer> {
+    pub fn new(gpu: &Gpu, model: &Model) -> Result<Optimizer> {
         let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
         let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
         let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
@@ -157,7 +157,7 @@ impl Optimizer {
     pub fn apply(
         &mut self,
         gpu: &Gpu,
-        model: &Gpt,
+        model: &Model,
         cfg: &TrainConfig,
         report: &[&Tensor],
     ) -> Result<(f32, f32, Vec<f32>)> {
@@ -186,9 +186,9 @@ impl Optimizer {
         let lr = cfg.lr_at(self.step);
         let decay = AdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay };
         let no_decay = AdamW { weight_decay: 0.0, ..decay };
-        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
-            // Decay matrices only: biases and LayerNorm gains are not pulled toward zero.
-            let cfg = if p.value.shape().len() >= 2 { &decay } else { &no_decay };
+        for (((p, spec), m), v) in model.params.iter().zip(&model.specs).zip(&self.m).zip(&self.v) {
+            // The table says which parameters decay: matrices, not biases or norm gains.
+            let cfg = if spec.decay { &decay } else { &no_decay };
             adamw_step(gpu, &p.value, &p.grad, m, v, cfg, self.step as u32)?;
         }
         gpu.sync()?;
@@ -196,7 +196,7 @@ impl Optimizer {
     }
 
     /// The moments as host tensors named `<param>.m` / `<param>.v` (the checkpoint's optimizer file).
-    pub fn to_host(&self, gpu: &Gpu, model: &Gpt) -> Result<Vec<HostTensor>> {
+    pub fn to_host(&self, gpu: &Gpu, model: &Model) -> Result<Vec<HostTensor>> {
         let mut out = Vec::new();
         for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
             let shape = p.value.shape().to_vec();
@@ -207,7 +207,7 @@ impl Optimizer {
     }
 
     /// Load moments written by `to_host`; every parameter's pair must be present.
-    pub fn restore(&mut self, gpu: &Gpu, model: &Gpt, tensors: Vec<HostTensor>, step: u64) -> Result<()> {
+    pub fn restore(&mut self, gpu: &Gpu, model: &Model, tensors: Vec<HostTensor>, step: u64) -> Result<()> {
         let moments: std::collections::HashMap<String, HostTensor> =
             tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
         for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
@@ -236,7 +236,7 @@ pub fn resumable_state(ckpt: &Checkpoint) -> Result<TrainState> {
 /// Next-token training (pretraining and SFT: they differ only in the batches and which targets are masked).
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
-    pub model: Gpt,
+    pub model: Model,
     pub cfg: TrainConfig,
     /// Optimizer steps taken so far.
     pub step: u64,
@@ -247,7 +247,7 @@ pub struct Trainer<'g> {
 
 impl<'g> Trainer<'g> {
     /// Pretraining on random windows of `train`.
-    pub fn new(gpu: &'g Gpu, model: Gpt, cfg: TrainConfig, train: Arc<Vec<u32>>) -> Result<Trainer<'g>> {
+    pub fn new(gpu: &'g Gpu, model: Model, cfg: TrainConfig, train: Arc<Vec<u32>>) -> Result<Trainer<'g>> {
         let sampler = BatchSampler::new(train, cfg.batch, cfg.seq_len, cfg.seed)?;
         Trainer::with_source(gpu, model, cfg, Box::new(sampler))
     }
@@ -255,7 +255,7 @@ impl<'g> Trainer<'g> {
     /// Training on any batch source whose batches are cfg.batch × cfg.seq_len.
     pub fn with_source(
         gpu: &'g Gpu,
-        model: Gpt,
+        model: Model,
         cfg: TrainConfig,
         source: Box<dyn BatchSource>,
     ) -> Result<Trainer<'g>> {
@@ -349,7 +349,7 @@ impl<'g> Trainer<'g> {
         source: Box<dyn BatchSource>,
     ) -> Result<Trainer<'g>> {
         let state = resumable_state(&ckpt)?;
-        let model = Gpt::from_host(gpu, &ckpt.config, ckpt.model)?;
+        let model = Model::from_host(gpu, &ckpt.config, ckpt.model)?;
         let mut tr = Trainer::with_source(gpu, model, cfg, source)?;
         tr.opt.restore(gpu, &tr.model, ckpt.optimizer, state.step)?;
         tr.source
@@ -363,13 +363,13 @@ impl<'g> Trainer<'g> {
 
 /// Refuse, before any work, a model and batch whose largest tensors exceed what one storage binding of this
 /// adapter holds (the kernels would refuse them mid-step otherwise), naming the setting to change.
-pub fn check_fits(gpu: &Gpu, c: &crate::config::GptConfig, batch: usize, seq_len: usize) -> Result<()> {
+pub fn check_fits(gpu: &Gpu, c: &crate::arch::config::ModelConfig, batch: usize, seq_len: usize) -> Result<()> {
     let limit = gpu.limits().max_storage_buffer_binding_size;
     let tokens = (batch * seq_len) as u64;
     let largest = [
         (tokens * c.vocab_size as u64 * 4, "the logits (batch × seq_len × vocab_size)"),
         (c.vocab_size as u64 * c.n_embd as u64 * 4, "the token embedding (vocab_size × n_embd)"),
-        (tokens * 4 * c.n_embd as u64 * 4, "the MLP activations (batch × seq_len × 4·n_embd)"),
+        (tokens * 2 * c.n_inner as u64 * 4, "the MLP activations (batch × seq_len × 2·n_inner)"),
     ];
     for (bytes, what) in largest {
         if bytes > limit {
@@ -384,7 +384,14 @@ pub fn check_fits(gpu: &Gpu, c: &crate::config::GptConfig, batch: usize, seq_len
 }
 
 /// Mean per-token loss (nats) of `model` over sequential windows of `tokens`, at most `max_batches` of them.
-pub fn eval_loss(gpu: &Gpu, model: &Gpt, tokens: &[u32], batch: usize, time: usize, max_batches: usize) -> Result<f32> {
+pub fn eval_loss(
+    gpu: &Gpu,
+    model: &Model,
+    tokens: &[u32],
+    batch: usize,
+    time: usize,
+    max_batches: usize,
+) -> Result<f32> {
     let batches = sequential_batches(tokens, batch, time);
     if batches.is_empty() {
         return Err(ModelError::Data(format!(

@@ -11,12 +11,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{encode_example, pack, ChatTokens, PackedRow};
+use crate::data::chat::{encode_example, pack, ChatTokens, PackedRow};
+use crate::data::tasks::Example;
+use crate::data::tokenizer::Tokenizer;
 use crate::data::{BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
-use crate::tasks::Example;
-use crate::tokenizer::Tokenizer;
-use crate::train::{Batch, BatchSource};
+use crate::train::pretrain::{Batch, BatchSource};
 
 /// Position of an [`SftSource`]: what a checkpoint saves.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -172,8 +172,8 @@ impl BatchSource for SftSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::SPECIAL_TOKENS;
-    use crate::tasks::{Split, Task};
+    use crate::data::chat::SPECIAL_TOKENS;
+    use crate::data::tasks::{Split, Task};
 
     fn tokenizer() -> Tokenizer {
         Tokenizer::train(&"12+34=46\n7+8=15\nthe king\n".repeat(30), 300, &SPECIAL_TOKENS).unwrap()

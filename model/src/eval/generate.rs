@@ -6,14 +6,13 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use kiln_engine::ops::kv_cache::{attention_cached, kv_append, kv_copy_rows, KvCache};
-use kiln_engine::ops::matmul::{matmul, MatmulSpec};
+use kiln_engine::autograd::Tape;
+use kiln_engine::ops::kv_cache::{kv_copy_rows, KvCache};
 use kiln_engine::ops::sampling::{sample, SamplingParams};
-use kiln_engine::ops::{elementwise, embedding, norm};
 use kiln_engine::{DType, Gpu, Tensor};
 
+use crate::arch::{Attend, Model};
 use crate::error::{ModelError, Result};
-use crate::gpt::{Gpt, LN_EPS};
 
 /// How to generate.
 #[derive(Clone, Copy, Debug)]
@@ -27,25 +26,21 @@ pub struct GenerateConfig {
 
 /// A model with one KV cache per layer, positioned after `len` tokens.
 pub struct Session<'m> {
-    model: &'m Gpt,
+    model: &'m Model,
     caches: Vec<KvCache>,
     batch: usize,
     len: usize,
 }
 
 impl<'m> Session<'m> {
-    pub fn new(gpu: &Gpu, model: &'m Gpt, batch: usize) -> Result<Session<'m>> {
+    pub fn new(gpu: &Gpu, model: &'m Model, batch: usize) -> Result<Session<'m>> {
         Session::with_capacity(gpu, model, batch, model.config.n_ctx)
     }
 
     /// A session whose caches hold `max_len` (≤ n_ctx) positions: less memory when the length is known.
-    pub fn with_capacity(gpu: &Gpu, model: &'m Gpt, batch: usize, max_len: usize) -> Result<Session<'m>> {
-        let c = &model.config;
-        let max_len = max_len.clamp(1, c.n_ctx);
-        let caches = (0..c.n_layer)
-            .map(|_| KvCache::new(gpu, batch, c.n_head, c.head_size(), max_len))
-            .collect::<kiln_engine::Result<Vec<_>>>()?;
-        Ok(Session { model, caches, batch, len: 0 })
+    pub fn with_capacity(gpu: &Gpu, model: &'m Model, batch: usize, max_len: usize) -> Result<Session<'m>> {
+        let max_len = max_len.clamp(1, model.config.n_ctx);
+        Ok(Session { model, caches: model.kv_caches(gpu, batch, max_len)?, batch, len: 0 })
     }
 
     pub fn len(&self) -> usize {
@@ -65,44 +60,24 @@ impl<'m> Session<'m> {
     /// Like `feed` for batch rows 0..rows only (rows ≤ the session's batch): prefill k prompts in rows 0..k, then
     /// `fan_out`. Returns logits [rows, t, V]. Every row advances together, so use it for the first feed only.
     pub fn feed_rows(&mut self, gpu: &Gpu, tokens: &[i32], rows: usize, t: usize) -> Result<Tensor> {
-        let m = self.model;
-        let c = &m.config;
         if rows > self.batch {
             return Err(ModelError::Data(format!("{rows} rows fed to a session of batch {}", self.batch)));
         }
-        m.check_tokens(tokens, rows, t)?;
-        let cap = self.caches.first().map_or(c.n_ctx, |k| k.max_len);
+        let cap = self.caches.first().map_or(self.model.config.n_ctx, |k| k.max_len);
         if self.len + t > cap {
             return Err(ModelError::Data(format!(
                 "generation would reach position {} but this session holds {cap} positions (n_ctx = {})",
                 self.len + t,
-                c.n_ctx
+                self.model.config.n_ctx
             )));
         }
-        let p = |i: usize| &m.params[i].value;
-        // Position rows len..len+t of wpe, so the embedding kernel (which adds wpe[0..t]) sees absolute positions.
-        let wpe = gpu.alloc(&[t, c.n_embd], DType::F32)?;
-        gpu.copy_elements(p(1), self.len * c.n_embd, &wpe, 0, t * c.n_embd)?;
-        let ids = gpu.upload_i32(tokens, &[rows, t])?;
-        let mut x = embedding::embedding(gpu, &ids, p(0), &wpe)?;
-        let nn = MatmulSpec::nn();
-        for (b, cache) in m.blocks.iter().zip(&self.caches) {
-            let (h, _, _) = norm::layernorm(gpu, &x, p(b.ln_1.0), p(b.ln_1.1), LN_EPS)?;
-            let qkv = rows_matmul(gpu, &h, p(b.c_attn.0), Some(p(b.c_attn.1)), nn)?;
-            kv_append(gpu, cache, &qkv, self.len)?;
-            let a = attention_cached(gpu, cache, &qkv, self.len)?;
-            let a = rows_matmul(gpu, &a, p(b.attn_proj.0), Some(p(b.attn_proj.1)), nn)?;
-            x = elementwise::add(gpu, &x, &a, 1.0)?;
-            let (h, _, _) = norm::layernorm(gpu, &x, p(b.ln_2.0), p(b.ln_2.1), LN_EPS)?;
-            let f = rows_matmul(gpu, &h, p(b.c_fc.0), Some(p(b.c_fc.1)), nn)?;
-            let f = elementwise::gelu(gpu, &f)?;
-            let f = rows_matmul(gpu, &f, p(b.mlp_proj.0), Some(p(b.mlp_proj.1)), nn)?;
-            x = elementwise::add(gpu, &x, &f, 1.0)?;
-        }
-        let n = m.params.len();
-        let (x, _, _) = norm::layernorm(gpu, &x, p(n - 2), p(n - 1), LN_EPS)?;
+        // The training forward itself, with attention reading and writing the caches.
+        let mut tape = Tape::no_grad(gpu);
+        let attend = Attend::Cached { caches: &self.caches, pos: self.len };
+        let logits = self.model.forward_logits(&mut tape, tokens, rows, t, attend)?;
+        let logits = tape.value(logits).clone();
         self.len += t;
-        rows_matmul(gpu, &x, p(0), None, MatmulSpec::nt())
+        Ok(logits)
     }
 
     /// Copy the caches of rows 0..k (k prompts prefilled once) so that prompt j fills rows j·samples..(j+1)·samples
@@ -122,18 +97,6 @@ impl<'m> Session<'m> {
         }
         Ok(())
     }
-}
-
-/// x [B, T, K] times a 2-D weight as ONE [B·T, K] product, returned as [B, T, N]. A 3-D x would run as B products
-/// of T rows each, and a decode step has T = 1: a register tile of 16 rows holding one (measured: the tiny model's
-/// decode matmuls 5–15× slower that way, benches/RESULTS.md).
-fn rows_matmul(gpu: &Gpu, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, spec: MatmulSpec) -> Result<Tensor> {
-    let &[b, t, k] = x.shape() else {
-        return Err(ModelError::Data(format!("expected [B, T, K] activations, got {:?}", x.shape())));
-    };
-    let y = matmul(gpu, &x.reshape(&[b * t, k])?, w, bias, spec)?;
-    let n = y.shape()[1];
-    Ok(y.reshape(&[b, t, n])?)
 }
 
 /// One sampled continuation. `stopped` is true when it ended with the stop token (kept as its last token), false
@@ -176,7 +139,7 @@ struct Group<'m> {
 /// token as it is chosen.
 pub fn rollouts(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     prompts: &[Vec<u32>],
     samples: usize,
     cfg: &GenerateConfig,
@@ -267,7 +230,7 @@ pub fn rollouts(
 /// rows k·G..(k+1)·G, and give every row its prompt's last-position logits.
 fn prefill_group<'m>(
     gpu: &Gpu,
-    model: &'m Gpt,
+    model: &'m Model,
     prompts: &[Vec<u32>],
     idx: &[usize],
     len: usize,
@@ -299,7 +262,7 @@ fn done(c: &Completion, budget: usize) -> bool {
 /// (for streaming).
 pub fn generate(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     prompt: &[u32],
     samples: usize,
     cfg: &GenerateConfig,

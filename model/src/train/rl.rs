@@ -28,15 +28,15 @@ use kiln_engine::ops::policy::{policy_loss, token_entropy, PolicyLossConfig};
 use kiln_engine::ops::{elementwise, sampling::SamplingParams};
 use kiln_engine::{Gpu, Tensor};
 
-use crate::chat::ChatTokens;
+use crate::arch::Model;
 use crate::checkpoint::{Checkpoint, TrainState};
+use crate::data::chat::ChatTokens;
+use crate::data::tasks::Example;
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
-use crate::evaluate::{chat_prompts, completion_text};
-use crate::generate::{rollouts, stream_seed, Completion, GenerateConfig};
-use crate::gpt::Gpt;
-use crate::tasks::Example;
-use crate::tokenizer::Tokenizer;
-use crate::train::{check_fits, resumable_state, Optimizer, TrainConfig};
+use crate::eval::evaluate::{chat_prompts, completion_text};
+use crate::eval::generate::{rollouts, stream_seed, Completion, GenerateConfig};
+use crate::train::pretrain::{check_fits, resumable_state, Optimizer, TrainConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -241,8 +241,8 @@ pub(crate) fn rollout_batch(prompts: &[Vec<u32>], groups: &[Vec<Completion>], ad
 
 pub struct RlTrainer<'g> {
     gpu: &'g Gpu,
-    pub policy: Gpt,
-    reference: Gpt,
+    pub policy: Model,
+    reference: Model,
     tok: Tokenizer,
     ct: ChatTokens,
     examples: Vec<Example>,
@@ -258,8 +258,8 @@ impl<'g> RlTrainer<'g> {
     /// no room in the context, and batches beyond the adapter's binding size.
     pub fn new(
         gpu: &'g Gpu,
-        policy: Gpt,
-        reference: Gpt,
+        policy: Model,
+        reference: Model,
         tok: Tokenizer,
         examples: Vec<Example>,
         reward: RewardFn,
@@ -433,7 +433,7 @@ impl<'g> RlTrainer<'g> {
                 }
             }
             let targets = gpu.upload_i32(&targets, &[rows, time])?;
-            let logp = |model: &Gpt| -> Result<Tensor> {
+            let logp = |model: &Model| -> Result<Tensor> {
                 let mut tape = Tape::no_grad(gpu);
                 let logits = model.logits(&mut tape, &inputs, rows, time)?;
                 let losses = tape.cross_entropy(logits, &targets)?;
@@ -481,14 +481,14 @@ impl<'g> RlTrainer<'g> {
     pub fn resume(
         gpu: &'g Gpu,
         ckpt: Checkpoint,
-        reference: Gpt,
+        reference: Model,
         tok: Tokenizer,
         examples: Vec<Example>,
         reward: RewardFn,
         cfg: RlConfig,
     ) -> Result<RlTrainer<'g>> {
         let state = resumable_state(&ckpt)?;
-        let policy = Gpt::from_host(gpu, &ckpt.config, ckpt.model)?;
+        let policy = Model::from_host(gpu, &ckpt.config, ckpt.model)?;
         let mut tr = RlTrainer::new(gpu, policy, reference, tok, examples, reward, cfg)?;
         let opt_steps = state.step * tr.cfg.passes() as u64;
         tr.opt.restore(gpu, &tr.policy, ckpt.optimizer, opt_steps)?;

@@ -6,8 +6,8 @@
 //! the model restarts positions at 0 for every example and attention stays inside each example (block-diagonal
 //! causal mask): a packed example computes exactly what it would alone.
 
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
-use crate::tokenizer::Tokenizer;
 
 pub const USER: &str = "<|user|>";
 pub const ASSISTANT: &str = "<|assistant|>";

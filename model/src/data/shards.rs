@@ -9,12 +9,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{io_err, ModelError, Result};
-use crate::tokenizer::Tokenizer;
 
 /// The bundled corpus (data/README.md): 42 Shakespeare plays, 5 MB of ASCII.
 pub fn bundled_corpus() -> Result<String> {
-    static GZ: &[u8] = include_bytes!("../../data/shakespeare.txt.gz");
+    static GZ: &[u8] = include_bytes!("../../../data/shakespeare.txt.gz");
     let mut text = String::new();
     flate2::read::GzDecoder::new(GZ)
         .read_to_string(&mut text)
@@ -343,5 +343,5 @@ pub fn sequential_batches(tokens: &[u32], batch: usize, time: usize) -> Vec<(Vec
 }
 
 #[cfg(test)]
-#[path = "data_tests.rs"]
+#[path = "shards_tests.rs"]
 mod tests;

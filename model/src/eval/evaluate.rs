@@ -8,13 +8,13 @@ use kiln_engine::autograd::Tape;
 use kiln_engine::ops::policy::kl_rows;
 use kiln_engine::ops::sampling::SamplingParams;
 
-use crate::chat::{prompt_tokens, ChatTokens};
+use crate::arch::Model;
+use crate::data::chat::{prompt_tokens, ChatTokens};
+use crate::data::tasks::{reward, Example};
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
-use crate::generate::{rollouts, Completion, GenerateConfig};
-use crate::gpt::Gpt;
-use crate::tasks::{reward, Example};
-use crate::tokenizer::Tokenizer;
-use crate::train::eval_loss;
+use crate::eval::generate::{rollouts, Completion, GenerateConfig};
+use crate::train::pretrain::eval_loss;
 use kiln_engine::Gpu;
 
 /// A proportion with its 95% confidence interval.
@@ -83,7 +83,7 @@ pub type Scored = (Vec<Vec<f32>>, Vec<Vec<Completion>>);
 /// (its stop token is set to the chat end marker).
 pub fn sample_rewards(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     tok: &Tokenizer,
     examples: &[Example],
     samples: usize,
@@ -105,7 +105,7 @@ pub fn sample_rewards(
 /// Accuracy of greedy decoding (pass@1 at temperature 0) on `examples`, with its Wilson interval.
 pub fn greedy_accuracy(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     tok: &Tokenizer,
     examples: &[Example],
     max_new_tokens: usize,
@@ -131,7 +131,7 @@ pub const TEMPERATURE_1: SamplingParams = SamplingParams { temperature: 1.0, top
 /// estimates as trials of a proportion (Wilson).
 pub fn sampled_scores(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     tok: &Tokenizer,
     examples: &[Example],
     samples: usize,
@@ -158,7 +158,7 @@ pub fn sampled_scores(
 /// text), converted with the text's own tokens-per-byte ratio, so models with different tokenizers compare.
 pub fn bits_per_byte(
     gpu: &Gpu,
-    model: &Gpt,
+    model: &Model,
     tokens: &[u32],
     bytes: usize,
     batch: usize,
@@ -174,8 +174,8 @@ pub fn bits_per_byte(
 /// token i + 1) is counted. Rows run `batch` at a time, padded to the longest.
 pub fn mean_kl(
     gpu: &Gpu,
-    model: &Gpt,
-    base: &Gpt,
+    model: &Model,
+    base: &Model,
     rows: &[Vec<u32>],
     counted: &[Vec<bool>],
     batch: usize,
