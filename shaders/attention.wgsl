@@ -1,7 +1,11 @@
-// Causal multi-head attention, flash style, forward and backward. No T×T matrix ever exists: the forward runs an
+// Causal multi-head attention, flash style, forward and backward, with grouped-query attention (GQA): NKV key/value
+// heads, each shared by NH / NKV consecutive query heads (Hugging Face's repeat_kv order), read in place: no
+// repeated K/V is ever materialised. No T×T matrix ever exists: the forward runs an
 // online softmax over blocks of keys staged in workgroup memory and saves lse (the log-sum-exp of each row's scaled
 // scores); the backward recomputes each probability as exp(score - lse) block by block (FlashAttention-2).
-// Grids: x = block of rows (queries, or keys for attention_backward_dkv), y = head, z = batch. Each invocation owns
+// qkv rows are W = (NH + 2·NKV)·HS wide: NH query heads, then NKV key heads, then NKV value heads; y and dy rows are
+// C = NH·HS wide. Grids: x = block of rows (queries, or keys for attention_backward_dkv), y = head (query head, or
+// key/value head for attention_backward_dkv), z = batch. Each invocation owns
 // one row, and every output element is written by exactly one invocation: no atomics, bit-reproducible results.
 //
 // Packed sequences (SEGMENTED): query i of batch row b sees keys st_i ..= i, st_i = starts[b, i] clamped to [0, i]
@@ -22,8 +26,24 @@ struct Params {
     // so that a block fits its tile (and, in the forward, the private score array).
     bc: u32,
     scale: f32,
+    // Key/value heads (divides nh) and the qkv row width (nh + 2·nkv)·hs.
+    nkv: u32,
+    w: u32,
 }
 var<immediate> p: Params;
+
+// Offsets into a qkv row: query head h, and the key and value heads that query head h reads.
+fn q_col(h: u32) -> u32 {
+    return h * p.hs;
+}
+
+fn k_col(h: u32) -> u32 {
+    return (p.nh + h / (p.nh / p.nkv)) * p.hs;
+}
+
+fn v_col(h: u32) -> u32 {
+    return k_col(h) + p.nkv * p.hs;
+}
 
 // Forward: qkv in; y, lse out.
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;
@@ -138,8 +158,8 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     let valid = row < p.t;
     let hs = p.hs;
     let hs4 = HS4;
-    let c3 = 3u * p.c;
-    let base = bi * p.t * c3 + h * hs; // q of position 0 of this (batch, head)
+    let w = p.w;
+    let base = bi * p.t * w; // position 0 of this batch row
 
     // Rows past T compute on zeros so every invocation reaches the same barriers; they never write.
     var q: array<vec4<f32>, MAX_HS4>;
@@ -148,7 +168,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         q[d] = vec4<f32>(0.0);
         acc[d] = vec4<f32>(0.0);
         if (valid) {
-            q[d] = load4(base + row * c3, 4u * d, hs) * p.scale;
+            q[d] = load4(base + row * w + q_col(h), 4u * d, hs) * p.scale;
         }
     }
     var m = NEG;
@@ -173,9 +193,9 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         let nk = min(p.bc, p.t - kb);
         workgroupBarrier(); // the previous block's readers are done
         for (var i = lid; i < nk * hs4; i += BR) {
-            let g = base + (kb + i / hs4) * c3;
-            kt[i] = load4(g + p.c, 4u * (i % hs4), hs);
-            vt[i] = load4(g + 2u * p.c, 4u * (i % hs4), hs);
+            let g = base + (kb + i / hs4) * w;
+            kt[i] = load4(g + k_col(h), 4u * (i % hs4), hs);
+            vt[i] = load4(g + v_col(h), 4u * (i % hs4), hs);
         }
         workgroupBarrier();
 
@@ -248,8 +268,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let valid = row < p.t;
     let hs = p.hs;
     let hs4 = HS4;
-    let c3 = 3u * p.c;
-    let base = bi * p.t * c3 + h * hs;
+    let w = p.w;
+    let base = bi * p.t * w;
     let stat = (bi * p.nh + h) * p.t + row;
 
     // Rows past T compute on zeros (their probabilities stay finite) so every invocation reaches the barriers.
@@ -262,7 +282,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         dq[d] = vec4<f32>(0.0);
         if (valid) {
             // Scaled exactly as the forward scaled it, so the recomputed scores match the ones lse summarizes.
-            q[d] = load4(base + row * c3, 4u * d, hs) * p.scale;
+            q[d] = load4(base + row * w + q_col(h), 4u * d, hs) * p.scale;
             g[d] = load4_dy((bi * p.t + row) * p.c + h * hs, 4u * d, hs);
         }
     }
@@ -289,9 +309,9 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         let nk = min(p.bc, p.t - kb);
         workgroupBarrier();
         for (var i = lid; i < nk * hs4; i += BR) {
-            let at = base + (kb + i / hs4) * c3;
-            kt[i] = load4(at + p.c, 4u * (i % hs4), hs);
-            vt[i] = load4(at + 2u * p.c, 4u * (i % hs4), hs);
+            let at = base + (kb + i / hs4) * w;
+            kt[i] = load4(at + k_col(h), 4u * (i % hs4), hs);
+            vt[i] = load4(at + v_col(h), 4u * (i % hs4), hs);
         }
         workgroupBarrier();
 
@@ -316,7 +336,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     }
 
     if (valid) {
-        let out = (bi * p.t + row) * c3 + h * hs;
+        let out = base + row * w + q_col(h);
         for (var d = 0u; d < hs; d++) {
             dqkv[out + d] = dq[d / 4u][d % 4u] * p.scale;
         }
@@ -325,22 +345,24 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
 
 // dK_j = scale Σ_i dS_ij Q_i and dV_j = Σ_i P_ij dO_i for a block of BKV key rows: the workgroup walks the query
 // blocks from its first key to T (earlier queries cannot see these keys), staging Q, dO, lse and D, and each
-// invocation accumulates its key's dK and dV privately, so no two workgroups ever add into the same element.
+// invocation accumulates its key's dK and dV privately, so no two workgroups ever add into the same element. Under
+// GQA the workgroup belongs to one key/value head and walks the queries of each of the NH / NKV query heads that
+// share it in turn, so the sum over the group stays private as well.
 // When SEGMENTED it stops after the last query whose segment reaches back into its keys, and stages each query's
 // start with its lse.
 @compute @workgroup_size(BKV)
 fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wg.y;
+    let kvh = wg.y;
+    let rep = p.nh / p.nkv;
+    let h0 = kvh * rep; // the first query head of this key/value head's group
     let bi = wg.z;
     let k0 = wg.x * BKV;
     let col = k0 + lid;
     let valid = col < p.t;
     let hs = p.hs;
     let hs4 = HS4;
-    let c3 = 3u * p.c;
-    let base = bi * p.t * c3 + h * hs;
-    let dy_base = bi * p.t * p.c + h * hs;
-    let stats = (bi * p.nh + h) * p.t;
+    let w = p.w;
+    let base = bi * p.t * w;
 
     // Keys past T compute on zeros and are masked for every query (i < T <= col); they never write.
     var k: array<vec4<f32>, MAX_HS4>;
@@ -353,8 +375,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         dk[d] = vec4<f32>(0.0);
         dv[d] = vec4<f32>(0.0);
         if (valid) {
-            k[d] = load4(base + col * c3 + p.c, 4u * d, hs);
-            v[d] = load4(base + col * c3 + 2u * p.c, 4u * d, hs);
+            k[d] = load4(base + col * w + k_col(h0), 4u * d, hs);
+            v[d] = load4(base + col * w + v_col(h0), 4u * d, hs);
         }
     }
 
@@ -381,50 +403,54 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         end = bitcast<u32>(workgroupUniformLoad(&dt[0]));
     }
 
-    for (var qb = k0; qb < end; qb += p.bc) {
-        let nq = min(p.bc, end - qb);
-        workgroupBarrier();
-        for (var i = lid; i < nq * hs4; i += BKV) {
-            let row = qb + i / hs4;
-            // Q pre-scaled as in the forward: the scores match, and Σ dS·(scale·Q) is dK with no final multiply.
-            qt[i] = load4(base + row * c3, 4u * (i % hs4), hs) * p.scale;
-            gt[i] = load4_dy(dy_base + row * p.c, 4u * (i % hs4), hs);
-        }
-        for (var i = lid; i < nq; i += BKV) {
-            lt[i] = lse_in[stats + qb + i];
-            dt[i] = dsum_in[stats + qb + i];
-            if (SEGMENTED) {
-                lt[SEG_AT + i] = bitcast<f32>(start_bwd(bi, qb + i)); // the host keeps nq <= SEG_AT
+    for (var h = h0; h < h0 + rep; h++) {
+        let dy_base = bi * p.t * p.c + h * hs;
+        let stats = (bi * p.nh + h) * p.t;
+        for (var qb = k0; qb < end; qb += p.bc) {
+            let nq = min(p.bc, end - qb);
+            workgroupBarrier();
+            for (var i = lid; i < nq * hs4; i += BKV) {
+                let row = qb + i / hs4;
+                // Q pre-scaled as in the forward: the scores match, and Σ dS·(scale·Q) is dK with no final multiply.
+                qt[i] = load4(base + row * w + q_col(h), 4u * (i % hs4), hs) * p.scale;
+                gt[i] = load4_dy(dy_base + row * p.c, 4u * (i % hs4), hs);
             }
-        }
-        workgroupBarrier();
+            for (var i = lid; i < nq; i += BKV) {
+                lt[i] = lse_in[stats + qb + i];
+                dt[i] = dsum_in[stats + qb + i];
+                if (SEGMENTED) {
+                    lt[SEG_AT + i] = bitcast<f32>(start_bwd(bi, qb + i)); // the host keeps nq <= SEG_AT
+                }
+            }
+            workgroupBarrier();
 
-        for (var i = 0u; i < nq; i++) {
-            var sc = 0.0;
-            var dp = 0.0;
-            for (var d = 0u; d < hs4; d++) {
-                sc += dot(qt[i * hs4 + d], k[d]);
-                dp += dot(gt[i * hs4 + d], v[d]);
-            }
-            // Query qb + i sees this key iff st <= col <= qb + i (keys past T: col > every query).
-            var st = 0u;
-            if (SEGMENTED) {
-                st = bitcast<u32>(lt[SEG_AT + i]);
-            }
-            let pij = select(0.0, exp(sc - lt[i]), col - st <= qb + i - st);
-            let ds = pij * (dp - dt[i]);
-            for (var d = 0u; d < hs4; d++) {
-                dv[d] += pij * gt[i * hs4 + d];
-                dk[d] += ds * qt[i * hs4 + d];
+            for (var i = 0u; i < nq; i++) {
+                var sc = 0.0;
+                var dp = 0.0;
+                for (var d = 0u; d < hs4; d++) {
+                    sc += dot(qt[i * hs4 + d], k[d]);
+                    dp += dot(gt[i * hs4 + d], v[d]);
+                }
+                // Query qb + i sees this key iff st <= col <= qb + i (keys past T: col > every query).
+                var st = 0u;
+                if (SEGMENTED) {
+                    st = bitcast<u32>(lt[SEG_AT + i]);
+                }
+                let pij = select(0.0, exp(sc - lt[i]), col - st <= qb + i - st);
+                let ds = pij * (dp - dt[i]);
+                for (var d = 0u; d < hs4; d++) {
+                    dv[d] += pij * gt[i * hs4 + d];
+                    dk[d] += ds * qt[i * hs4 + d];
+                }
             }
         }
     }
 
     if (valid) {
-        let out = base + col * c3;
+        let out = base + col * w;
         for (var d = 0u; d < hs; d++) {
-            dqkv[out + p.c + d] = dk[d / 4u][d % 4u];
-            dqkv[out + 2u * p.c + d] = dv[d / 4u][d % 4u];
+            dqkv[out + k_col(h0) + d] = dk[d / 4u][d % 4u];
+            dqkv[out + v_col(h0) + d] = dv[d / 4u][d % 4u];
         }
     }
 }

@@ -1,6 +1,8 @@
-// Attention over a KV cache, for generation. The cache holds k and v per layer as [B, NH, Tmax, HS] (head-major, so
-// one head's keys are contiguous); kv_append scatters the k and v thirds of a packed qkv [B, T, 3C] into it at
-// positions pos..pos+T, and the attention kernels read the T new queries from qkv and keys 0..pos+T from the cache.
+// Attention over a KV cache, for generation. The cache holds k and v per layer as [B, NKV, Tmax, HS] (head-major, so
+// one head's keys are contiguous; NKV key/value heads, NKV < NH under grouped-query attention, query head h reading
+// key/value head h / (NH / NKV)); kv_append scatters the k and v parts of a packed qkv [B, T, (NH + 2·NKV)·HS] into
+// it at positions pos..pos+T, and the attention kernels read the T new queries from qkv and keys 0..pos+T from the
+// cache.
 // Two attention kernels, both flash style (online softmax, no score matrix):
 //   attention_cached_rows: one invocation per query row, key blocks staged in workgroup memory and shared by the
 //     workgroup's rows (prefill: many queries);
@@ -27,8 +29,16 @@ struct Params {
     dst0: u32,
     dst1: u32,
     len: u32,
+    // Key/value heads and the qkv row width (nh + 2·nkv)·hs.
+    nkv: u32,
+    w: u32,
 }
 var<immediate> p: Params;
+
+// Start of the cached keys (and values) that query head h of batch row bi reads.
+fn cache_base(bi: u32, h: u32) -> u32 {
+    return (bi * p.nkv + h / (p.nh / p.nkv)) * p.tmax * p.hs;
+}
 
 // kv_append: 0 qkv, 1 kc, 2 vc. Attention: 0 qkv, 1 kc_in, 2 vc_in, 3 y. kv_copy_rows: 0 kcopy, 1 vcopy.
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;
@@ -89,28 +99,29 @@ fn v4(at: u32, d: u32, hs: u32) -> vec4<f32> {
     return v;
 }
 
-// One invocation per (batch row, new token, channel) of the k (and v) third.
+// One invocation per (batch row, new token, channel) of the k (and v) part, NKV·HS channels wide.
 @compute @workgroup_size(WG)
 fn kv_append(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
-    if (i >= p.b * p.t * p.c) {
+    let ckv = p.nkv * p.hs;
+    if (i >= p.b * p.t * ckv) {
         return;
     }
-    let ch = i % p.c;
-    let tok = (i / p.c) % p.t;
-    let bi = i / (p.c * p.t);
+    let ch = i % ckv;
+    let tok = (i / ckv) % p.t;
+    let bi = i / (ckv * p.t);
     let h = ch / p.hs;
-    let src = (bi * p.t + tok) * 3u * p.c + ch;
-    let dst = ((bi * p.nh + h) * p.tmax + p.pos + tok) * p.hs + ch % p.hs;
-    kc[dst] = qkv[src + p.c];
-    vc[dst] = qkv[src + 2u * p.c];
+    let src = (bi * p.t + tok) * p.w + p.nh * p.hs + ch;
+    let dst = ((bi * p.nkv + h) * p.tmax + p.pos + tok) * p.hs + ch % p.hs;
+    kc[dst] = qkv[src];
+    vc[dst] = qkv[src + ckv];
 }
 
 // One invocation per element of the copied rows; the source row is skipped (a copy onto itself).
 @compute @workgroup_size(WG)
 fn kv_copy_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
-    let per_row = p.nh * p.len * p.hs;
+    let per_row = p.nkv * p.len * p.hs;
     if (i >= (p.dst1 - p.dst0) * per_row) {
         return;
     }
@@ -123,7 +134,7 @@ fn kv_copy_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let tok = (e / p.hs) % p.len;
     let h = e / (p.hs * p.len);
     let off = (h * p.tmax + tok) * p.hs + d;
-    let row = p.nh * p.tmax * p.hs;
+    let row = p.nkv * p.tmax * p.hs;
     kcopy[r * row + off] = kcopy[p.src * row + off];
     vcopy[r * row + off] = vcopy[p.src * row + off];
 }
@@ -139,8 +150,8 @@ fn attention_cached_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let valid = row < p.t;
     let hs = p.hs;
     let hs4 = HS4;
-    let c3 = 3u * p.c;
-    let kbase = (bi * p.nh + h) * p.tmax * hs;
+    let w = p.w;
+    let kbase = cache_base(bi, h);
 
     // Rows past T compute on zeros so every invocation reaches the same barriers; they never write.
     var q: array<vec4<f32>, MAX_HS4>;
@@ -149,7 +160,7 @@ fn attention_cached_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         q[d] = vec4<f32>(0.0);
         acc[d] = vec4<f32>(0.0);
         if (valid) {
-            q[d] = qkv4((bi * p.t + row) * c3 + h * hs, 4u * d, hs) * p.scale;
+            q[d] = qkv4((bi * p.t + row) * w + h * hs, 4u * d, hs) * p.scale;
         }
     }
     var m = NEG;
@@ -212,13 +223,13 @@ fn attention_cached_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     let row = wg.x;
     let hs = p.hs;
     let hs4 = HS4;
-    let kbase = (bi * p.nh + h) * p.tmax * hs;
+    let kbase = cache_base(bi, h);
     let nkeys = p.pos + row + 1u;
 
     var q: array<vec4<f32>, MAX_HS4>;
     var acc: array<vec4<f32>, MAX_HS4>;
     for (var d = 0u; d < hs4; d++) {
-        q[d] = qkv4((bi * p.t + row) * 3u * p.c + h * hs, 4u * d, hs) * p.scale;
+        q[d] = qkv4((bi * p.t + row) * p.w + h * hs, 4u * d, hs) * p.scale;
         acc[d] = vec4<f32>(0.0);
     }
     var m = NEG;

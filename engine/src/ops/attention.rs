@@ -1,6 +1,8 @@
-//! Causal multi-head self-attention, flash style: kernels that read q, k, v straight from GPT-2's packed c_attn
-//! output and never materialize the T×T score matrix, forward and backward, plus their plain f64 references.
-//! Optionally block-diagonal ("packed sequences"): each query sees only the keys of its own segment of the row.
+//! Causal multi-head self-attention, flash style: kernels that read q, k, v straight from the packed qkv
+//! projection and never materialize the T×T score matrix, forward and backward, plus their plain f64 references.
+//! Grouped-query attention (fewer key/value heads than query heads, as Llama-family models) reads each shared
+//! key/value head in place. Optionally block-diagonal ("packed sequences"): each query sees only the keys of its
+//! own segment of the row.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
@@ -23,6 +25,49 @@ const MAX_BQ: usize = 64;
 /// Most queries per block of the dK/dV kernel with segments: their starts share the lse tile (`SEG_AT`).
 const MAX_BQ_SEGMENTED: usize = 32;
 
+/// Query heads and key/value heads. Query head h reads key/value head h / (n_head / n_kv_head), Hugging Face's
+/// `repeat_kv` order; n_kv_head = n_head is plain multi-head attention. A bare `usize` converts to that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+}
+
+impl Heads {
+    pub fn new(n_head: usize, n_kv_head: usize) -> Heads {
+        Heads { n_head, n_kv_head }
+    }
+
+    /// Width of a packed qkv row: n_head query heads, then n_kv_head key heads, then n_kv_head value heads.
+    pub fn qkv_width(&self, head_size: usize) -> usize {
+        (self.n_head + 2 * self.n_kv_head) * head_size
+    }
+
+    /// Invalid unless both counts are at least 1 and n_kv_head divides n_head.
+    pub(crate) fn check(&self, op: &'static str) -> Result<()> {
+        let Heads { n_head, n_kv_head } = *self;
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            let message = format!(
+                "n_head = {n_head} and n_kv_head = {n_kv_head} must be at least 1, with n_kv_head dividing n_head"
+            );
+            return Err(Error::Invalid { op, message });
+        }
+        Ok(())
+    }
+}
+
+impl From<usize> for Heads {
+    fn from(n_head: usize) -> Heads {
+        Heads { n_head, n_kv_head: n_head }
+    }
+}
+
+impl From<(usize, usize)> for Heads {
+    fn from((n_head, n_kv_head): (usize, usize)) -> Heads {
+        Heads { n_head, n_kv_head }
+    }
+}
+
 /// The immediates of every entry point (one `Params` in the WGSL).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -34,15 +79,19 @@ struct Params {
     hs: u32,
     bc: u32,
     scale: f32,
+    nkv: u32,
+    w: u32,
 }
 
-/// Sizes of a validated qkv.
+/// Sizes of a validated qkv: c = nh·hs is the width of y, w = (nh + 2·nkv)·hs that of qkv.
 struct Dims {
     b: usize,
     t: usize,
     c: usize,
     nh: usize,
+    nkv: usize,
     hs: usize,
+    w: usize,
 }
 
 impl Dims {
@@ -61,6 +110,8 @@ impl Dims {
             hs: self.hs as u32,
             bc: (tile4 / self.hs4()).min(max_rows) as u32,
             scale: 1.0 / (self.hs as f32).sqrt(),
+            nkv: self.nkv as u32,
+            w: self.w as u32,
         }
     }
 
@@ -102,47 +153,55 @@ pub fn segment_starts(lengths: &[Vec<usize>], t: usize) -> Vec<i32> {
     out
 }
 
-/// Checks qkv ([B, T, 3C] f32, n_head divides C, head size within the kernels' max) and returns its sizes.
-fn qkv_dims(op: &'static str, qkv: &Tensor, n_head: usize) -> Result<Dims> {
+/// Checks qkv ([B, T, (NH + 2·NKV)·HS] f32, head size within the kernels' max) and returns its sizes. For
+/// multi-head attention that is [B, T, 3C] with n_head dividing C.
+fn qkv_dims(op: &'static str, qkv: &Tensor, heads: Heads) -> Result<Dims> {
     expect_dtype(op, "qkv", qkv, DType::F32)?;
-    let &[b, t, c3] = qkv.shape() else {
+    let &[b, t, w] = qkv.shape() else {
         return Err(Error::Shape {
             op,
             what: "qkv",
-            expected: "3-D [B, T, 3C]".into(),
+            expected: "3-D [B, T, (n_head + 2·n_kv_head)·head_size]".into(),
             got: format!("{:?}", qkv.shape()),
         });
     };
     nonempty(op, "qkv", qkv)?;
-    if c3 % 3 != 0 {
+    let Heads { n_head, n_kv_head } = heads;
+    if n_head == n_kv_head && w % 3 != 0 {
         return Err(Error::Shape {
             op,
             what: "qkv last dimension",
             expected: "a multiple of 3 ([q | k | v])".into(),
-            got: format!("{c3} (shape {:?})", qkv.shape()),
+            got: format!("{w} (shape {:?})", qkv.shape()),
         });
     }
-    let c = c3 / 3;
-    if n_head == 0 || c % n_head != 0 {
-        let message = format!("n_head = {n_head} must be at least 1 and divide the channel count C = {c}");
+    heads.check(op)?;
+    let parts = n_head + 2 * n_kv_head;
+    if w % parts != 0 {
+        let message = format!(
+            "n_head = {n_head} and n_kv_head = {n_kv_head} must divide the qkv width {w} into {parts} heads \
+             (divide the channel count C = n_head · head_size)"
+        );
         return Err(Error::Invalid { op, message });
     }
-    let hs = c / n_head;
+    let hs = w / parts;
+    let c = n_head * hs;
     if hs > MAX_HEAD_SIZE {
         let message =
             format!("head size {hs} (C = {c} / n_head = {n_head}) exceeds the kernel's max of {MAX_HEAD_SIZE}");
         return Err(Error::Invalid { op, message });
     }
     fits_u32(op, "qkv", qkv.numel())?;
-    Ok(Dims { b, t, c, nh: n_head, hs })
+    Ok(Dims { b, t, c, nh: n_head, nkv: n_kv_head, hs, w })
 }
 
-/// qkv: [B, T, 3C] f32 exactly as GPT-2's c_attn produces it (per position: q for all heads, then k, then v; head h
-/// uses channels h*HS..(h+1)*HS of each part), n_head divides C.
-/// Returns (y [B, T, C] with heads merged back as GPT-2 expects, lse [B, NH, T] = per-row log-sum-exp of the scaled
-/// scores, which the backward pass needs).
-pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor)> {
-    attention_forward_segments(gpu, qkv, n_head, None)
+/// qkv: [B, T, (NH + 2·NKV)·HS] f32 as the qkv projection produces it (per position: q for all NH heads, then k for
+/// the NKV key/value heads, then v; head h uses channels h·HS..(h+1)·HS of its part); for GPT-2 that is c_attn's
+/// [B, T, 3C]. `heads` is an n_head (multi-head) or [`Heads`].
+/// Returns (y [B, T, C = NH·HS] with heads merged back as GPT-2 expects, lse [B, NH, T] = per-row log-sum-exp of
+/// the scaled scores, which the backward pass needs).
+pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, heads: impl Into<Heads>) -> Result<(Tensor, Tensor)> {
+    attention_forward_segments(gpu, qkv, heads, None)
 }
 
 /// `attention_forward` over packed sequences. starts: I32 [B, T] — query t of row b sees keys starts[b,t] ..= t
@@ -151,11 +210,11 @@ pub fn attention_forward(gpu: &Gpu, qkv: &Tensor, n_head: usize) -> Result<(Tens
 pub fn attention_forward_segments(
     gpu: &Gpu,
     qkv: &Tensor,
-    n_head: usize,
+    heads: impl Into<Heads>,
     starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "attention_forward";
-    let dims = qkv_dims(OP, qkv, n_head)?;
+    let dims = qkv_dims(OP, qkv, heads.into())?;
     let Dims { b, t, c, nh, .. } = dims;
     let seg = starts_arg(gpu, OP, &dims, starts)?;
     let params = dims.params(TILE4, MAX_BC);
@@ -173,8 +232,9 @@ pub fn attention_forward_segments(
     Ok((y, lse))
 }
 
-/// Gradient of the packed qkv [B, T, 3C] given dy [B, T, C], from the forward's inputs and outputs (qkv, y, lse).
-/// Returns a NEW tensor dqkv [B, T, 3C] (q, k, v parts laid out like qkv).
+/// Gradient of the packed qkv [B, T, W] given dy [B, T, C], from the forward's inputs and outputs (qkv, y, lse).
+/// Returns a NEW tensor dqkv [B, T, W] (q, k, v parts laid out like qkv; a shared key/value head gets the sum
+/// over the query heads that read it).
 ///
 /// Three kernels, FlashAttention-2 style: D = rowsum(dy ⊙ y) per head ([B, NH, T]); then dQ per block of queries
 /// and dK, dV per block of keys, each recomputing the probabilities exp(score − lse) block by block. The only
@@ -185,9 +245,9 @@ pub fn attention_backward(
     y: &Tensor,
     lse: &Tensor,
     dy: &Tensor,
-    n_head: usize,
+    heads: impl Into<Heads>,
 ) -> Result<Tensor> {
-    attention_backward_segments(gpu, qkv, y, lse, dy, n_head, None)
+    attention_backward_segments(gpu, qkv, y, lse, dy, heads, None)
 }
 
 /// `attention_backward` of `attention_forward_segments`: pass the same starts as the forward (None = causal).
@@ -197,12 +257,12 @@ pub fn attention_backward_segments(
     y: &Tensor,
     lse: &Tensor,
     dy: &Tensor,
-    n_head: usize,
+    heads: impl Into<Heads>,
     starts: Option<&Tensor>,
 ) -> Result<Tensor> {
     const OP: &str = "attention_backward";
-    let dims = qkv_dims(OP, qkv, n_head)?;
-    let Dims { b, t, c, nh, .. } = dims;
+    let dims = qkv_dims(OP, qkv, heads.into())?;
+    let Dims { b, t, c, nh, nkv, w, .. } = dims;
     for (what, x) in [("y", y), ("lse", lse), ("dy", dy)] {
         expect_dtype(OP, what, x, DType::F32)?;
     }
@@ -223,8 +283,8 @@ pub fn attention_backward_segments(
         params: bytemuck::bytes_of(&params),
         groups: grid_1d(b * nh * t, WG_1D),
     })?;
-    let dqkv = gpu.alloc(&[b, t, 3 * c], DType::F32)?;
-    // Writes the q third of dqkv.
+    let dqkv = gpu.alloc(&[b, t, w], DType::F32)?;
+    // Writes the q part of dqkv.
     gpu.dispatch(&Launch {
         op: OP,
         shader: &ATTENTION,
@@ -234,7 +294,7 @@ pub fn attention_backward_segments(
         params: bytemuck::bytes_of(&params),
         groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
     })?;
-    // Writes the k and v thirds.
+    // Writes the k and v parts: one workgroup per block of keys of each key/value head.
     let params = dims.params(TILE4_BW, if segmented { MAX_BQ_SEGMENTED } else { MAX_BQ });
     gpu.dispatch(&Launch {
         op: OP,
@@ -243,21 +303,61 @@ pub fn attention_backward_segments(
         overrides: &dims.overrides("BKV", BKV, segmented),
         args: &[qkv, dy, &dsum, lse, &dqkv, &seg],
         params: bytemuck::bytes_of(&params),
-        groups: [(t as u32).div_ceil(BKV), nh as u32, b as u32],
+        groups: [(t as u32).div_ceil(BKV), nkv as u32, b as u32],
     })?;
     Ok(dqkv)
 }
 
 pub mod cpu {
+    use super::Heads;
+
+    /// Offsets into a packed qkv [B, T, W] of query head h's q, k and v at position ti of row bi: k and v come from
+    /// key/value head h / (NH / NKV).
+    struct Layout {
+        t: usize,
+        hs: usize,
+        nh: usize,
+        nkv: usize,
+    }
+
+    impl Layout {
+        fn new(t: usize, c: usize, heads: Heads) -> Layout {
+            Layout { t, hs: c / heads.n_head, nh: heads.n_head, nkv: heads.n_kv_head }
+        }
+
+        fn width(&self) -> usize {
+            (self.nh + 2 * self.nkv) * self.hs
+        }
+
+        fn q(&self, bi: usize, ti: usize, h: usize) -> usize {
+            (bi * self.t + ti) * self.width() + h * self.hs
+        }
+
+        fn k(&self, bi: usize, ti: usize, h: usize) -> usize {
+            (bi * self.t + ti) * self.width() + (self.nh + h / (self.nh / self.nkv)) * self.hs
+        }
+
+        fn v(&self, bi: usize, ti: usize, h: usize) -> usize {
+            self.k(bi, ti, h) + self.nkv * self.hs
+        }
+    }
+
     /// Segment start of query i of row bi, clamped to [0, i] as the kernels clamp it.
     fn start(starts: &[i32], bi: usize, t: usize, i: usize) -> usize {
         (starts[bi * t + i].max(0) as usize).min(i)
     }
 
-    /// softmax(q·kᵀ/sqrt(HS) + causal mask)·v per (batch, head), the textbook way: the full score row, then its max,
-    /// sum and weighted average. Returns (y [B, T, C], lse [B, NH, T]).
-    pub fn attention_forward(qkv: &[f64], b: usize, t: usize, c: usize, n_head: usize) -> (Vec<f64>, Vec<f64>) {
-        attention_forward_segments(qkv, b, t, c, n_head, &vec![0; b * t])
+    /// softmax(q·kᵀ/sqrt(HS) + causal mask)·v per (batch, query head), the textbook way: the full score row, then
+    /// its max, sum and weighted average. qkv is [B, T, (NH + 2·NKV)·HS], c = NH·HS. Returns (y [B, T, C],
+    /// lse [B, NH, T]).
+    pub fn attention_forward(
+        qkv: &[f64],
+        b: usize,
+        t: usize,
+        c: usize,
+        heads: impl Into<Heads>,
+    ) -> (Vec<f64>, Vec<f64>) {
+        attention_forward_segments(qkv, b, t, c, heads, &vec![0; b * t])
     }
 
     /// The same with query i of row bi seeing only keys starts[bi·T + i] ..= i (clamped to [0, i]).
@@ -266,14 +366,16 @@ pub mod cpu {
         b: usize,
         t: usize,
         c: usize,
-        n_head: usize,
+        heads: impl Into<Heads>,
         starts: &[i32],
     ) -> (Vec<f64>, Vec<f64>) {
-        assert_eq!(qkv.len(), b * t * 3 * c, "qkv length");
+        let heads = heads.into();
+        let n_head = heads.n_head;
+        let at = Layout::new(t, c, heads);
+        assert_eq!(qkv.len(), b * t * at.width(), "qkv length");
         assert_eq!(starts.len(), b * t, "starts length");
-        let hs = c / n_head;
+        let hs = at.hs;
         let scale = 1.0 / (hs as f64).sqrt();
-        let at = |bi: usize, ti: usize, part: usize, h: usize| (bi * t + ti) * 3 * c + part * c + h * hs;
         let mut y = vec![0.0; b * t * c];
         let mut lse = vec![0.0; b * n_head * t];
         let mut scores = vec![0.0; t];
@@ -281,9 +383,9 @@ pub mod cpu {
             for h in 0..n_head {
                 for i in 0..t {
                     let s0 = start(starts, bi, t, i);
-                    let q = &qkv[at(bi, i, 0, h)..][..hs];
+                    let q = &qkv[at.q(bi, i, h)..][..hs];
                     for j in s0..=i {
-                        let k = &qkv[at(bi, j, 1, h)..][..hs];
+                        let k = &qkv[at.k(bi, j, h)..][..hs];
                         scores[j] = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
                     }
                     let seen = &scores[s0..=i];
@@ -293,7 +395,7 @@ pub mod cpu {
                     let out = &mut y[(bi * t + i) * c + h * hs..][..hs];
                     for (j, s) in (s0..=i).zip(seen) {
                         let p = (s - m).exp() / sum;
-                        let v = &qkv[at(bi, j, 2, h)..][..hs];
+                        let v = &qkv[at.v(bi, j, h)..][..hs];
                         out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
                     }
                 }
@@ -304,9 +406,17 @@ pub mod cpu {
 
     /// Gradient of qkv for the upstream gradient dy [B, T, C], straight from the chain rule through the textbook
     /// forward: P = softmax row, dP_ij = dy_i·v_j, dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik) (the softmax Jacobian, not
-    /// the dy·y shortcut the GPU uses), dq_i = scale Σ_j dS_ij k_j, dk_j = scale Σ_i dS_ij q_i, dv_j = Σ_i P_ij dy_i.
-    pub fn attention_backward(qkv: &[f64], dy: &[f64], b: usize, t: usize, c: usize, n_head: usize) -> Vec<f64> {
-        attention_backward_segments(qkv, dy, b, t, c, n_head, &vec![0; b * t])
+    /// the dy·y shortcut the GPU uses), dq_i = scale Σ_j dS_ij k_j, dk_j = scale Σ_i dS_ij q_i, dv_j = Σ_i P_ij dy_i,
+    /// a shared key/value head summing over the query heads that read it.
+    pub fn attention_backward(
+        qkv: &[f64],
+        dy: &[f64],
+        b: usize,
+        t: usize,
+        c: usize,
+        heads: impl Into<Heads>,
+    ) -> Vec<f64> {
+        attention_backward_segments(qkv, dy, b, t, c, heads, &vec![0; b * t])
     }
 
     /// The same through `attention_forward_segments`: the sums over j run over starts[bi·T + i] ..= i only.
@@ -316,15 +426,17 @@ pub mod cpu {
         b: usize,
         t: usize,
         c: usize,
-        n_head: usize,
+        heads: impl Into<Heads>,
         starts: &[i32],
     ) -> Vec<f64> {
-        assert_eq!(qkv.len(), b * t * 3 * c, "qkv length");
+        let heads = heads.into();
+        let n_head = heads.n_head;
+        let at = Layout::new(t, c, heads);
+        assert_eq!(qkv.len(), b * t * at.width(), "qkv length");
         assert_eq!(dy.len(), b * t * c, "dy length");
         assert_eq!(starts.len(), b * t, "starts length");
-        let hs = c / n_head;
+        let hs = at.hs;
         let scale = 1.0 / (hs as f64).sqrt();
-        let at = |bi: usize, ti: usize, part: usize, h: usize| (bi * t + ti) * 3 * c + part * c + h * hs;
         let mut dqkv = vec![0.0; qkv.len()];
         let mut p = vec![0.0; t];
         let mut dp = vec![0.0; t];
@@ -333,11 +445,11 @@ pub mod cpu {
             for h in 0..n_head {
                 for i in 0..t {
                     let s0 = start(starts, bi, t, i);
-                    let q = &qkv[at(bi, i, 0, h)..][..hs];
+                    let q = &qkv[at.q(bi, i, h)..][..hs];
                     let g = &dy[(bi * t + i) * c + h * hs..][..hs];
                     for j in s0..=i {
-                        p[j] = dot(q, &qkv[at(bi, j, 1, h)..][..hs]) * scale;
-                        dp[j] = dot(g, &qkv[at(bi, j, 2, h)..][..hs]);
+                        p[j] = dot(q, &qkv[at.k(bi, j, h)..][..hs]) * scale;
+                        dp[j] = dot(g, &qkv[at.v(bi, j, h)..][..hs]);
                     }
                     let m = p[s0..=i].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     p[s0..=i].iter_mut().for_each(|s| *s = (*s - m).exp());
@@ -346,11 +458,12 @@ pub mod cpu {
                     let jacobian_term = dot(&p[s0..=i], &dp[s0..=i]);
                     for j in s0..=i {
                         let ds = p[j] * (dp[j] - jacobian_term) * scale;
+                        let (qi, kj, vj) = (at.q(bi, i, h), at.k(bi, j, h), at.v(bi, j, h));
                         for d in 0..hs {
-                            let (qd, kd) = (qkv[at(bi, i, 0, h) + d], qkv[at(bi, j, 1, h) + d]);
-                            dqkv[at(bi, i, 0, h) + d] += ds * kd;
-                            dqkv[at(bi, j, 1, h) + d] += ds * qd;
-                            dqkv[at(bi, j, 2, h) + d] += p[j] * g[d];
+                            let (qd, kd) = (qkv[qi + d], qkv[kj + d]);
+                            dqkv[qi + d] += ds * kd;
+                            dqkv[kj + d] += ds * qd;
+                            dqkv[vj + d] += p[j] * g[d];
                         }
                     }
                 }

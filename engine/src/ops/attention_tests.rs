@@ -521,3 +521,166 @@ fn bad_starts_are_typed_errors() {
     assert!(matches!(bwd, Err(Error::DType { op: "attention_backward", what: "starts", .. })), "{bwd:?}");
     assert!(format!("{}", fwd.unwrap_err()).contains("starts"));
 }
+
+// ---- grouped-query attention ----
+
+/// (B, T, HS, NH, NKV).
+type GqaShape = (usize, usize, usize, usize, usize);
+
+/// Random qkv [B, T, (NH + 2·NKV)·HS] with the q part scaled by `amp`.
+fn random_qkv_gqa((b, t, hs, nh, nkv): GqaShape, amp: f32, seed: u64) -> Vec<f32> {
+    let w = (nh + 2 * nkv) * hs;
+    let mut x = random_vec(b * t * w, seed);
+    x.chunks_mut(w).for_each(|row| row[..nh * hs].iter_mut().for_each(|v| *v *= amp));
+    x
+}
+
+/// The multi-head qkv [B, T, 3·NH·HS] that GQA stands for: each key/value head copied to every query head of its
+/// group, as Hugging Face's `repeat_kv` does (and as the kernels never do).
+fn repeat_kv<T: Copy>(x: &[T], hs: usize, nh: usize, nkv: usize) -> Vec<T> {
+    let (w, rep) = ((nh + 2 * nkv) * hs, nh / nkv);
+    let mut out = Vec::with_capacity(x.len() / w * 3 * nh * hs);
+    for row in x.chunks(w) {
+        out.extend_from_slice(&row[..nh * hs]);
+        for part in 0..2 {
+            for h in 0..nh {
+                let at = (nh + part * nkv + h / rep) * hs;
+                out.extend_from_slice(&row[at..at + hs]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse direction for gradients (and error magnitudes): the GQA layout, each shared key/value head getting
+/// the sum over the query heads of its group.
+fn fold_kv(d: &[f64], hs: usize, nh: usize, nkv: usize) -> Vec<f64> {
+    let (c, rep) = (nh * hs, nh / nkv);
+    let mut out = Vec::with_capacity(d.len() / (3 * c) * (nh + 2 * nkv) * hs);
+    for row in d.chunks(3 * c) {
+        out.extend_from_slice(&row[..c]);
+        for part in 1..3 {
+            for j in 0..nkv {
+                for e in 0..hs {
+                    out.push((0..rep).map(|r| row[part * c + (j * rep + r) * hs + e]).sum());
+                }
+            }
+        }
+    }
+    out
+}
+
+const GQA_SHAPES: [GqaShape; 7] = [
+    (1, 1, 4, 2, 1),
+    (2, 37, 8, 4, 2),
+    (1, 70, 64, 6, 2),  // HS = 64: 32-key blocks
+    (3, 19, 5, 3, 1),   // odd head size, multi-query
+    (1, 130, 16, 8, 1), // multi-query, two query workgroups
+    (2, 65, 12, 6, 3),
+    (1, 40, 128, 4, 2), // the kernels' max head size
+];
+
+#[test]
+fn gqa_reference_is_multi_head_attention_on_repeated_kv() {
+    for (case, &shape) in GQA_SHAPES.iter().enumerate() {
+        let (b, t, hs, nh, nkv) = shape;
+        let c = nh * hs;
+        let x = to_f64(&random_qkv_gqa(shape, 2.0, 1200 + case as u64));
+        let g = to_f64(&random_vec(b * t * c, 1300 + case as u64));
+        let mha = repeat_kv(&x, hs, nh, nkv);
+        let (y, lse) = cpu::attention_forward(&x, b, t, c, (nh, nkv));
+        assert!((y, lse) == cpu::attention_forward(&mha, b, t, c, nh), "case {case}: forward");
+        let want = fold_kv(&cpu::attention_backward(&mha, &g, b, t, c, nh), hs, nh, nkv);
+        let what = format!("case {case}: backward");
+        assert_close_f64(&cpu::attention_backward(&x, &g, b, t, c, (nh, nkv)), &want, 1e-12, 1e-14, &what);
+    }
+}
+
+#[test]
+fn gqa_reference_backward_matches_finite_differences() {
+    let starts = segment_starts(&[vec![3, 1, 3], vec![2, 4]], 7);
+    for (case, (shape, starts)) in [((2, 7, 3, 4, 2), starts), ((1, 6, 4, 3, 1), vec![0; 6])].into_iter().enumerate() {
+        let (b, t, hs, nh, nkv) = shape;
+        let c = nh * hs;
+        let x = to_f64(&random_qkv_gqa(shape, 2.0, 1400 + case as u64));
+        let w = to_f64(&random_vec(b * t * c, 1500 + case as u64));
+        let loss = |x: &[f64]| -> f64 {
+            let (y, _) = cpu::attention_forward_segments(x, b, t, c, (nh, nkv), &starts);
+            y.iter().zip(&w).map(|(y, w)| y * w).sum()
+        };
+        let numeric = numeric_gradient(loss, &x, 1e-6);
+        let analytic = cpu::attention_backward_segments(&x, &w, b, t, c, (nh, nkv), &starts);
+        // The bounds of the multi-head finite-difference test.
+        assert_close_f64(&analytic, &numeric, 1e-6, 1e-8, &format!("GQA dqkv {shape:?}"));
+    }
+}
+
+/// GPU forward and backward under GQA against the f64 reference, and the forward against the multi-head kernels
+/// on repeated K/V (the same arithmetic in the same order, so the same bits). Returns the worst backward error as
+/// a fraction of its bound.
+fn check_gqa(gpu: &Gpu, shape: GqaShape, starts: Option<&[i32]>, amp: f32, seed: u64) -> f64 {
+    let (b, t, hs, nh, nkv) = shape;
+    let (c, w) = (nh * hs, (nh + 2 * nkv) * hs);
+    let x = random_qkv_gqa(shape, amp, seed);
+    let g = random_vec(b * t * c, seed + 1_000_000);
+    let qkv = gpu.upload(&x, &[b, t, w]).unwrap();
+    let dy = gpu.upload(&g, &[b, t, c]).unwrap();
+    let st = starts.map(|s| gpu.upload_i32(s, &[b, t]).unwrap());
+    let heads = Heads::new(nh, nkv);
+    let (y, lse) = attention_forward_segments(gpu, &qkv, heads, st.as_ref()).unwrap();
+    let dqkv = attention_backward_segments(gpu, &qkv, &y, &lse, &dy, heads, st.as_ref()).unwrap();
+    assert_eq!((y.shape(), lse.shape(), dqkv.shape()), (&[b, t, c][..], &[b, nh, t][..], &[b, t, w][..]));
+    let (got_y, got_lse) = (gpu.read(&y).unwrap(), gpu.read(&lse).unwrap());
+
+    let mha = gpu.upload(&repeat_kv(&x, hs, nh, nkv), &[b, t, 3 * c]).unwrap();
+    let (my, mlse) = attention_forward_segments(gpu, &mha, nh, st.as_ref()).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let what = format!("GQA (B,T,HS,NH,NKV)={shape:?} amp {amp} segmented {}", starts.is_some());
+    assert!(bits(&got_y) == bits(&gpu.read(&my).unwrap()), "{what}: y differs from MHA on repeated K/V");
+    assert!(bits(&got_lse) == bits(&gpu.read(&mlse).unwrap()), "{what}: lse differs from MHA on repeated K/V");
+
+    let causal = vec![0; b * t];
+    let starts = starts.unwrap_or(&causal);
+    let (xd, gd) = (to_f64(&x), to_f64(&g));
+    let (want_y, want_lse) = cpu::attention_forward_segments(&xd, b, t, c, heads, starts);
+    let atol = tol(t, hs, amp as f64);
+    assert_close(&got_y, &want_y, 0.0, atol, &format!("y {what}"));
+    assert_close(&got_lse, &want_lse, f32::EPSILON as f64, atol, &format!("lse {what}"));
+    let want = cpu::attention_backward_segments(&xd, &gd, b, t, c, heads, starts);
+    // A shared key/value head sums the terms of its whole group: the multi-head magnitudes, folded the same way,
+    // and NH/NKV times as many terms in each sum.
+    let mha_x = repeat_kv(&xd, hs, nh, nkv);
+    let mag = fold_kv(&magnitudes_segments(&mha_x, &gd, b, t, c, nh, starts), hs, nh, nkv);
+    let tol = backward_tol(t * nh / nkv, hs, amp as f64);
+    assert_backward_close(&gpu.read(&dqkv).unwrap(), &want, &mag, tol, &format!("dqkv {what}"))
+}
+
+#[test]
+fn gqa_matches_reference_on_odd_shapes() {
+    let gpu = gpu();
+    let mut r = crate::testing::rng(79);
+    let mut worst: f64 = 0.0;
+    for (case, &shape) in GQA_SHAPES.iter().enumerate() {
+        let seed = 1600 + 10 * case as u64;
+        worst = worst.max(check_gqa(gpu, shape, None, 1.0, seed));
+        worst = worst.max(check_gqa(gpu, shape, None, 6.0, seed + 1));
+        let (b, t, ..) = shape;
+        let lengths: Vec<Vec<usize>> = (0..b).map(|_| random_lengths(t, &mut r)).collect();
+        worst = worst.max(check_gqa(gpu, shape, Some(&segment_starts(&lengths, t)), 3.0, seed + 2));
+    }
+    eprintln!("GQA attention backward: worst error {worst:.3} of the bound");
+}
+
+#[test]
+fn gqa_bad_head_counts_are_typed_errors() {
+    let gpu = gpu();
+    let qkv = gpu.upload(&vec![0.0; 2 * 3 * 40], &[2, 3, 40]).unwrap();
+    let invalid = |r: Result<(Tensor, Tensor)>, needle: &str| match r {
+        Err(Error::Invalid { op: "attention_forward", message }) => assert!(message.contains(needle), "{message}"),
+        other => panic!("expected Invalid mentioning {needle:?}, got {:?}", other.map(|_| ())),
+    };
+    invalid(attention_forward(gpu, &qkv, (6, 4)), "dividing n_head"); // 4 KV heads cannot share 6 query heads
+    invalid(attention_forward(gpu, &qkv, (6, 0)), "at least 1");
+    invalid(attention_forward(gpu, &qkv, (4, 1)), "divide the qkv width 40 into 6 heads");
+    assert!(attention_forward(gpu, &qkv, (4, 2)).is_ok()); // 8 heads of 5
+}

@@ -1,6 +1,7 @@
 //! The key/value cache of generation: per layer, k and v of every past position, so that each new token attends to
-//! the whole prefix without recomputing it. Appending takes the packed qkv that c_attn produces; attention reads
-//! the new queries from that same qkv and the keys from the cache, flash style like [`attention_forward`].
+//! the whole prefix without recomputing it. Appending takes the packed qkv the qkv projection produces; attention
+//! reads the new queries from that same qkv and the keys from the cache, flash style like [`attention_forward`].
+//! Under grouped-query attention the cache holds only the n_kv_head key/value heads.
 //!
 //! [`attention_forward`]: crate::ops::attention::attention_forward
 
@@ -8,7 +9,7 @@ use std::ops::Range;
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
-use crate::ops::attention::MAX_HEAD_SIZE;
+use crate::ops::attention::{Heads, MAX_HEAD_SIZE};
 use crate::ops::elementwise::fill;
 use crate::ops::{fits_u32, grid_1d, nonempty, shape_is, WG_1D};
 use crate::shaders::ATTENTION_CACHED;
@@ -40,27 +41,34 @@ struct Params {
     dst0: u32,
     dst1: u32,
     len: u32,
+    nkv: u32,
+    w: u32,
 }
 
-/// Per-layer cache: k and v as [B, NH, Tmax, HS] f32 tensors (head-major so a decode step reads contiguous keys).
+/// Per-layer cache: k and v as [B, NKV, Tmax, HS] f32 tensors (head-major so a decode step reads contiguous keys;
+/// NKV = n_kv_head, which is n_head for multi-head attention).
 pub struct KvCache {
     pub k: Tensor,
     pub v: Tensor,
     pub batch: usize,
     pub n_head: usize,
+    pub n_kv_head: usize,
     pub head_size: usize,
     pub max_len: usize,
 }
 
 impl KvCache {
-    /// A zeroed cache. Errors if a dimension is 0, the head size exceeds the attention kernels' max, or k (or v)
-    /// would not fit one storage binding of this adapter.
-    pub fn new(gpu: &Gpu, batch: usize, n_head: usize, head_size: usize, max_len: usize) -> Result<KvCache> {
+    /// A zeroed cache for `heads` (an n_head, or [`Heads`] with fewer key/value heads). Errors if a dimension is
+    /// 0, n_kv_head does not divide n_head, the head size exceeds the attention kernels' max, or k (or v) would
+    /// not fit one storage binding of this adapter.
+    pub fn new(gpu: &Gpu, batch: usize, heads: impl Into<Heads>, head_size: usize, max_len: usize) -> Result<KvCache> {
         const OP: &str = "KvCache::new";
-        let shape = [batch, n_head, max_len, head_size];
-        if shape.contains(&0) {
+        let Heads { n_head, n_kv_head } = heads.into();
+        let shape = [batch, n_kv_head, max_len, head_size];
+        if shape.contains(&0) || n_head == 0 {
             return Err(Error::Empty { op: OP, what: "cache", shape: shape.to_vec() });
         }
+        Heads::new(n_head, n_kv_head).check(OP)?;
         if head_size > MAX_HEAD_SIZE {
             let message = format!("head size {head_size} exceeds the attention kernels' max of {MAX_HEAD_SIZE}");
             return Err(Error::Invalid { op: OP, message });
@@ -76,15 +84,21 @@ impl KvCache {
         let v = gpu.alloc(&shape, DType::F32)?;
         fill(gpu, &k, 0.0)?;
         fill(gpu, &v, 0.0)?;
-        Ok(KvCache { k, v, batch, n_head, head_size, max_len })
+        Ok(KvCache { k, v, batch, n_head, n_kv_head, head_size, max_len })
+    }
+
+    fn heads(&self) -> Heads {
+        Heads::new(self.n_head, self.n_kv_head)
     }
 
     fn params(&self) -> Params {
         Params {
             nh: self.n_head as u32,
+            nkv: self.n_kv_head as u32,
             hs: self.head_size as u32,
             tmax: self.max_len as u32,
             c: (self.n_head * self.head_size) as u32,
+            w: self.heads().qkv_width(self.head_size) as u32,
             scale: 1.0 / (self.head_size as f32).sqrt(),
             ..Params::default()
         }
@@ -96,11 +110,12 @@ impl KvCache {
     }
 }
 
-/// Checks qkv ([B, T, 3C] f32 with B <= the cache's batch and C = n_head · head_size of the cache) and that
-/// positions pos..pos+T fit the cache. Returns the immediates with b, t and pos set.
+/// Checks qkv ([B, T, W] f32 with B <= the cache's batch and W = (n_head + 2·n_kv_head)·head_size of the cache)
+/// and that positions pos..pos+T fit the cache. Returns the immediates with b, t and pos set.
 fn check(op: &'static str, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result<Params> {
     // The fields are public: a cache built by hand must still match the sizes the kernels index with.
-    let shape = [cache.batch, cache.n_head, cache.max_len, cache.head_size];
+    cache.heads().check(op)?;
+    let shape = [cache.batch, cache.n_kv_head, cache.max_len, cache.head_size];
     for (what, t) in [("cache.k", &cache.k), ("cache.v", &cache.v)] {
         expect_dtype(op, what, t, DType::F32)?;
         shape_is(op, what, t, &shape)?;
@@ -110,26 +125,23 @@ fn check(op: &'static str, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result<
         return Err(Error::Invalid { op, message });
     }
     expect_dtype(op, "qkv", qkv, DType::F32)?;
-    let c = cache.n_head * cache.head_size;
-    let &[b, t, c3] = qkv.shape() else {
+    let width = cache.heads().qkv_width(cache.head_size);
+    let &[b, t, w] = qkv.shape() else {
         return Err(Error::Shape {
             op,
             what: "qkv",
-            expected: "3-D [B, T, 3C]".into(),
+            expected: "3-D [B, T, (n_head + 2·n_kv_head)·head_size]".into(),
             got: format!("{:?}", qkv.shape()),
         });
     };
     nonempty(op, "qkv", qkv)?;
-    if c3 != 3 * c || b > cache.batch {
+    if w != width || b > cache.batch {
         return Err(Error::Shape {
             op,
             what: "qkv",
             expected: format!(
-                "[B <= {}, T, {}] (3 · n_head {} · head_size {} of the cache)",
-                cache.batch,
-                3 * c,
-                cache.n_head,
-                cache.head_size
+                "[B <= {}, T, {width}] ((n_head {} + 2 · n_kv_head {}) · head_size {} of the cache)",
+                cache.batch, cache.n_head, cache.n_kv_head, cache.head_size
             ),
             got: format!("{:?}", qkv.shape()),
         });
@@ -146,7 +158,7 @@ fn check(op: &'static str, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result<
     Ok(Params { b: b as u32, t: t as u32, pos: pos as u32, ..cache.params() })
 }
 
-/// Append the k and v parts of a packed qkv [B, T_new, 3C] at positions pos..pos+T_new of every batch row (prefill
+/// Append the k and v parts of a packed qkv [B, T_new, W] at positions pos..pos+T_new of every batch row (prefill
 /// writes a whole prompt, decode one token). Error if pos + T_new > max_len (say both numbers).
 ///
 /// B may be smaller than the cache's batch: rows 0..B are written (prefill one prompt as a batch of 1, then fan it
@@ -154,7 +166,7 @@ fn check(op: &'static str, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result<
 pub fn kv_append(gpu: &Gpu, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result<()> {
     const OP: &str = "kv_append";
     let params = check(OP, cache, qkv, pos)?;
-    let n = qkv.numel() / 3;
+    let n = params.b as usize * params.t as usize * cache.n_kv_head * cache.head_size;
     gpu.dispatch(&Launch {
         op: OP,
         shader: &ATTENTION_CACHED,
@@ -166,7 +178,7 @@ pub fn kv_append(gpu: &Gpu, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result
     })
 }
 
-/// Causal attention of the T_new queries in qkv [B, T_new, 3C] (at absolute positions pos..pos+T_new) over cached
+/// Causal attention of the T_new queries in qkv [B, T_new, W] (at absolute positions pos..pos+T_new) over cached
 /// keys 0..pos+T_new (call kv_append first). Returns y [B, T_new, C] with heads merged like attention_forward, equal
 /// to attention_forward's rows pos..pos+T_new on the whole sequence (up to f32 rounding: the sums run in another
 /// order). Flash style, never T×T in memory: up to 8 new tokens, one workgroup per query whose invocations split
@@ -222,7 +234,7 @@ pub fn kv_copy_rows(gpu: &Gpu, cache: &KvCache, src: usize, dst: Range<usize>, l
         overrides: &[],
         args: &[&cache.k, &cache.v],
         params: bytemuck::bytes_of(&params),
-        groups: grid_1d(dst.len() * cache.n_head * len * cache.head_size, WG_1D),
+        groups: grid_1d(dst.len() * cache.n_kv_head * len * cache.head_size, WG_1D),
     })
 }
 
@@ -233,11 +245,20 @@ pub fn kv_broadcast_row(gpu: &Gpu, cache: &KvCache, src: usize, len: usize) -> R
 }
 
 pub mod cpu {
-    /// Attention of the queries at positions pos..pos+T_new given the whole sequence's qkv [B, pos+T_new, 3C]: the
+    use crate::ops::attention::Heads;
+
+    /// Attention of the queries at positions pos..pos+T_new given the whole sequence's qkv [B, pos+T_new, W]: the
     /// rows pos.. of the full causal attention (what a correct cache must reproduce), [B, T_new, C].
-    pub fn attention_cached(qkv_full: &[f64], b: usize, pos: usize, t_new: usize, c: usize, n_head: usize) -> Vec<f64> {
+    pub fn attention_cached(
+        qkv_full: &[f64],
+        b: usize,
+        pos: usize,
+        t_new: usize,
+        c: usize,
+        heads: impl Into<Heads>,
+    ) -> Vec<f64> {
         let t = pos + t_new;
-        let (y, _) = crate::ops::attention::cpu::attention_forward(qkv_full, b, t, c, n_head);
+        let (y, _) = crate::ops::attention::cpu::attention_forward(qkv_full, b, t, c, heads);
         y.chunks(t * c).flat_map(|rows| rows[pos * c..].to_vec()).collect()
     }
 }

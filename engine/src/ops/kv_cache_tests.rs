@@ -24,14 +24,27 @@ fn rows(x: &[f32], b: usize, t: usize, w: usize, (t0, t1): (usize, usize)) -> Ve
 
 /// Appends and attends chunk by chunk (`chunks` = new tokens per call) through a cache first filled with NaN, so a
 /// read of a position never appended would poison the result; returns y of every position, [B, T, C].
-fn run_chunks(gpu: &Gpu, x: &[f32], (b, t, c, nh): (usize, usize, usize, usize), chunks: &[usize]) -> Vec<f32> {
-    let cache = KvCache::new(gpu, b, nh, c / nh, t + 3).unwrap();
+fn run_chunks(gpu: &Gpu, x: &[f32], shape: (usize, usize, usize, usize), chunks: &[usize]) -> Vec<f32> {
+    run_chunks_gqa(gpu, x, shape, shape.3, chunks)
+}
+
+/// [`run_chunks`] with `nkv` key/value heads: x is [B, T, (NH + 2·NKV)·HS].
+fn run_chunks_gqa(
+    gpu: &Gpu,
+    x: &[f32],
+    (b, t, c, nh): (usize, usize, usize, usize),
+    nkv: usize,
+    chunks: &[usize],
+) -> Vec<f32> {
+    let w = (nh + 2 * nkv) * (c / nh);
+    let cache = KvCache::new(gpu, b, (nh, nkv), c / nh, t + 3).unwrap();
+    assert_eq!(cache.k.shape(), &[b, nkv, t + 3, c / nh]);
     fill(gpu, &cache.k, f32::NAN).unwrap();
     fill(gpu, &cache.v, f32::NAN).unwrap();
     let mut ys = Vec::new();
     let mut pos = 0;
     for &n in chunks {
-        let qkv = gpu.upload(&rows(x, b, t, 3 * c, (pos, pos + n)), &[b, n, 3 * c]).unwrap();
+        let qkv = gpu.upload(&rows(x, b, t, w, (pos, pos + n)), &[b, n, w]).unwrap();
         kv_append(gpu, &cache, &qkv, pos).unwrap();
         let y = attention_cached(gpu, &cache, &qkv, pos).unwrap();
         assert_eq!(y.shape(), &[b, n, c]);
@@ -205,4 +218,54 @@ fn bad_inputs_are_typed_errors() {
     assert!(matches!(KvCache::new(gpu, 1, 1, 129, 4), Err(Error::Invalid { .. })));
     let huge = KvCache::new(gpu, 1 << 10, 16, 128, 1 << 10).map(|_| ());
     assert!(matches!(huge, Err(Error::Limit { .. })), "{huge:?}");
+}
+
+#[test]
+fn gqa_prefill_then_decode_matches_full_attention() {
+    // (B, T, C, NH), NKV, chunks: grouped and multi-query caches hold only the NKV heads and give the rows of
+    // full GQA attention, through both the split (decode) and the row (prefill) kernels.
+    let cases = [
+        ((2, 40, 20, 4), 2, prefill_decode(30, 10)),
+        ((1, 130, 384, 6), 2, vec![70, 1, 9, 50]),   // HS 64
+        ((3, 25, 15, 3), 1, vec![1, 1, 8, 9, 2, 4]), // HS 5, multi-query
+    ];
+    let gpu = gpu();
+    for (i, (shape @ (b, t, c, nh), nkv, chunks)) in cases.into_iter().enumerate() {
+        let hs = c / nh;
+        let w = (nh + 2 * nkv) * hs;
+        let mut x = random_vec(b * t * w, 300 + i as u64);
+        x.chunks_mut(w).for_each(|row| row[..c].iter_mut().for_each(|v| *v *= 3.0));
+        let got = run_chunks_gqa(gpu, &x, shape, nkv, &chunks);
+        let (want, _) = attn_cpu::attention_forward(&to_f64(&x), b, t, c, (nh, nkv));
+        let what = format!("GQA (B,T,C,NH)={shape:?} NKV {nkv} chunks {chunks:?}");
+        assert_close(&got, &want, 0.0, tol(t, hs, 3.0), &what);
+    }
+}
+
+#[test]
+fn gqa_broadcast_copies_only_the_kv_heads() {
+    let gpu = gpu();
+    let (g, nh, nkv, hs, p) = (3, 4, 2, 6, 9);
+    let w = (nh + 2 * nkv) * hs;
+    let cache = KvCache::new(gpu, g, (nh, nkv), hs, p + 1).unwrap();
+    fill(gpu, &cache.k, f32::NAN).unwrap();
+    fill(gpu, &cache.v, f32::NAN).unwrap();
+    let prompt = random_vec(p * w, 5);
+    kv_append(gpu, &cache, &gpu.upload(&prompt, &[1, p, w]).unwrap(), 0).unwrap();
+    kv_broadcast_row(gpu, &cache, 0, p).unwrap();
+    let (k, v) = (gpu.read(&cache.k).unwrap(), gpu.read(&cache.v).unwrap());
+    for row in 0..g {
+        for j in 0..nkv {
+            for tok in 0..p {
+                let at = ((row * nkv + j) * (p + 1) + tok) * hs;
+                let src = tok * w + (nh + j) * hs;
+                assert_eq!(&k[at..at + hs], &prompt[src..src + hs], "k row {row} head {j} token {tok}");
+                assert_eq!(&v[at..at + hs], &prompt[src + nkv * hs..src + (nkv + 1) * hs], "v row {row} head {j}");
+            }
+        }
+    }
+    let e = KvCache::new(gpu, 1, (4, 3), 6, 4).map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::Invalid { op: "KvCache::new", .. }), "{e:?}");
+    let bad = gpu.upload(&vec![0.0; 3 * nh * hs], &[1, 1, 3 * nh * hs]).unwrap(); // a multi-head qkv
+    assert!(matches!(kv_append(gpu, &cache, &bad, 0), Err(Error::Shape { op: "kv_append", what: "qkv", .. })));
 }
