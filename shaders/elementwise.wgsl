@@ -1,9 +1,11 @@
-// Elementwise kernels: fill, copy, scale, add (residual), GELU (tanh form, as GPT-2).
+// Elementwise kernels: fill, copy, scale, add (residual), GELU (tanh form, as GPT-2), SwiGLU (Llama's MLP gate).
 // Launch grid: 1-D over n elements, folded into x/y because one grid dimension holds at most 65535 workgroups.
 
 struct Params {
     n: u32,
     alpha: f32,
+    // swiglu: the MLP's inner width I (gu rows are 2I wide: gate, then up).
+    inner: u32,
 }
 var<immediate> p: Params;
 
@@ -100,4 +102,35 @@ fn gelu_grad(v: f32) -> f32 {
 fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = index(wg, nwg, lid);
     if (i < p.n) { out[i] = y[i] * gelu_grad(x[i]); }
+}
+
+// silu(g) = g·σ(g). σ = 1/(1 + exp(−g)): exp overflows to +inf for g < −88, giving σ = 0 and silu = −0, the limit.
+fn sigmoid(g: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-g));
+}
+
+// out1[r, j] = silu(gu[r, j]) · gu[r, I + j]: gate and up come from one fused [N, 2I] projection, so the MLP's
+// hidden activation is written once, never the separate silu(gate) tensor.
+@compute @workgroup_size(256)
+fn swiglu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i >= p.n) { return; }
+    let at = (i / p.inner) * 2u * p.inner + i % p.inner;
+    let g = x[at];
+    out1[i] = g * sigmoid(g) * x[at + p.inner];
+}
+
+// d gate = dy·up·σ(g)(1 + g(1 − σ(g))), d up = dy·silu(g); x = gu, y = dy [N, I], out = dgu [N, 2I]. One
+// invocation per (row, j) writes both halves.
+@compute @workgroup_size(256)
+fn swiglu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = index(wg, nwg, lid);
+    if (i >= p.n) { return; }
+    let at = (i / p.inner) * 2u * p.inner + i % p.inner;
+    let g = x[at];
+    let u = x[at + p.inner];
+    let s = sigmoid(g);
+    let d = y[i];
+    out[at] = d * u * s * (1.0 + g * (1.0 - s));
+    out[at + p.inner] = d * g * s;
 }

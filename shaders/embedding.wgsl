@@ -1,5 +1,6 @@
 // Token + position embedding: out[b, t, :] = wte[tokens[b, t], :] + wpe[pos(b, t), :], and its backward. pos(b, t)
-// is t, or positions[b, t] when the host gives position ids (packed sequences restart at 0 in each row).
+// is t, or positions[b, t] when the host gives position ids (packed sequences restart at 0 in each row). Models with
+// rotary positions have no wpe (has_wpe = 0): out = wte[tokens[b, t], :], and the backward has no position section.
 // One invocation per output element, 1-D over B*T*C folded into x/y (one grid dimension holds at most 65535
 // workgroups). A token id outside [0, V) writes NaN across its row: the host cannot check ids without a readback.
 
@@ -13,6 +14,7 @@ struct Params {
     has_positions: u32, // forward: read positions[] instead of t
     max_t: u32,        // forward: rows of wpe
     batch_t: u32,      // backward: B·T
+    has_wpe: u32,      // forward: add wpe (0 = token embedding only)
 }
 var<immediate> p: Params;
 
@@ -47,6 +49,14 @@ fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
         pos = positions[bt];
     }
     let tok = tokens[bt];
+    if (p.has_wpe == 0u) {
+        if (tok < 0 || u32(tok) >= p.v) {
+            out[i] = nan();
+            return;
+        }
+        out[i] = wte[u32(tok) * p.c + ch];
+        return;
+    }
     if (tok < 0 || u32(tok) >= p.v || pos < 0 || u32(pos) >= p.max_t) {
         out[i] = nan();
         return;

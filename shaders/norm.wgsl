@@ -1,5 +1,5 @@
-// Row kernels over the last dimension: LayerNorm (saving mean and rstd for the backward pass) and softmax, and
-// their backward passes.
+// Row kernels over the last dimension: LayerNorm and RMSNorm (saving their row statistics for the backward pass)
+// and softmax, and their backward passes.
 // One workgroup per row, its index folded over the x/y grid (one grid dimension holds at most 65535 workgroups).
 // Threads stride over the row; partial results meet in a fixed-order tree in workgroup memory, so every run gives
 // the same bits (no atomics).
@@ -30,6 +30,14 @@ var<immediate> p: Params;
 @group(0) @binding(0) var<storage, read> sm_y: array<f32>;
 @group(0) @binding(1) var<storage, read> sm_dy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sm_dx: array<f32>;
+
+// rmsnorm: 0 x, 1 gamma, then these.
+@group(0) @binding(2) var<storage, read_write> rms_y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rms_rstd: array<f32>;
+// rmsnorm_backward: 0 x, 1 gamma, 2 ln_dy, then these.
+@group(0) @binding(3) var<storage, read> rms_rstd_in: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rms_dx: array<f32>;
+@group(0) @binding(5) var<storage, read_write> rms_dgx: array<f32>;
 
 var<workgroup> red2: array<vec2<f32>, WG>;
 
@@ -127,5 +135,48 @@ fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     let dot = reduce_sum(lid, s);
     for (var j = lid; j < p.c; j += WG) {
         sm_dx[base + j] = sm_y[base + j] * (sm_dy[base + j] - dot);
+    }
+}
+
+// RMSNorm (Llama): y = x * rstd * gamma with rstd = 1/sqrt(mean(x^2) + eps), in that order as Hugging Face's
+// LlamaRMSNorm. One pass for the sum of squares (no mean to subtract, so nothing cancels), one for the output.
+@compute @workgroup_size(256)
+fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wg, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.c;
+    var q = 0.0;
+    for (var j = lid; j < p.c; j += WG) {
+        let v = x[base + j];
+        q += v * v;
+    }
+    let rstd = 1.0 / sqrt(reduce_sum(lid, q) / f32(p.c) + p.eps);
+    for (var j = lid; j < p.c; j += WG) {
+        rms_y[base + j] = x[base + j] * rstd * gamma[j];
+    }
+    if (lid == 0u) {
+        rms_rstd[row] = rstd;
+    }
+}
+
+// With xhat = x * rstd and dxhat = dy * gamma: dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) (LayerNorm's
+// formula without the mean terms). Writes dy * xhat per element for the host's fixed-order column sums (dgamma).
+@compute @workgroup_size(256)
+fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = row_index(wg, nwg);
+    if (row >= p.rows) { return; }
+    let base = row * p.c;
+    let rstd = rms_rstd_in[row];
+    var s = 0.0;
+    for (var j = lid; j < p.c; j += WG) {
+        let xhat = x[base + j] * rstd;
+        let d = ln_dy[base + j];
+        s += d * gamma[j] * xhat;
+        rms_dgx[base + j] = d * xhat;
+    }
+    let m = reduce_sum(lid, s) / f32(p.c);
+    for (var j = lid; j < p.c; j += WG) {
+        let xhat = x[base + j] * rstd;
+        rms_dx[base + j] = rstd * (ln_dy[base + j] * gamma[j] - xhat * m);
     }
 }

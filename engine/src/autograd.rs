@@ -4,7 +4,10 @@
 //! backward runs, so activations return to the pool as the walk goes. Parameters are leaves owning a persistent
 //! `grad` that backward adds into (so several backward passes accumulate, as gradient accumulation wants).
 
+use crate::ops::attention::Heads;
+use crate::ops::kv_cache::{self, KvCache};
 use crate::ops::matmul::{matmul, matmul_backward, MatmulSpec};
+use crate::ops::rope::{self, RopeTable};
 use crate::ops::{attention, elementwise, embedding, loss, norm};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
@@ -34,12 +37,15 @@ enum Op<'a> {
     Const,
     Param(&'a Param),
     Matmul { a: Var, b: Var, bias: Option<Var>, spec: MatmulSpec },
-    Attention { qkv: Var, lse: Tensor, n_head: usize, starts: Option<Tensor> },
+    Attention { qkv: Var, lse: Tensor, heads: Heads, starts: Option<Tensor> },
     LayerNorm { x: Var, gamma: Var, beta: Var, mean: Tensor, rstd: Tensor },
+    RmsNorm { x: Var, gamma: Var, rstd: Tensor },
+    Rope { x: Var, positions: Tensor, table: &'a RopeTable, heads: Heads },
     Gelu { x: Var },
+    Swiglu { x: Var },
     Add { a: Var, b: Var },
     Scale { x: Var, alpha: f32 },
-    Embedding { tokens: Vec<i32>, positions: Option<Vec<i32>>, wte: &'a Param, wpe: &'a Param },
+    Embedding { tokens: Vec<i32>, positions: Option<Vec<i32>>, wte: &'a Param, wpe: Option<&'a Param> },
     CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
     WeightedSum { x: Var, weights: Tensor },
     Reshape { x: Var, from: Vec<usize> },
@@ -106,16 +112,44 @@ impl<'a> Tape<'a> {
         Ok(self.push(out, Op::Matmul { a, b, bias, spec: MatmulSpec { alpha: 1.0, beta: 0.0, ..spec } }, &inputs))
     }
 
-    /// Causal self-attention over a packed qkv [B, T, 3C] → y [B, T, C].
-    pub fn attention(&mut self, qkv: Var, n_head: usize) -> Result<Var> {
-        self.attention_segments(qkv, n_head, None)
+    /// Causal self-attention over a packed qkv [B, T, (NH + 2·NKV)·HS] → y [B, T, NH·HS]; `heads` is an n_head
+    /// (multi-head, qkv [B, T, 3C]) or [`Heads`] for grouped-query attention.
+    pub fn attention(&mut self, qkv: Var, heads: impl Into<Heads>) -> Result<Var> {
+        self.attention_segments(qkv, heads, None)
     }
 
     /// Self-attention over rows of packed sequences: starts (I32 [B, T], see `attention::segment_starts`) gives
     /// each query the first key it may see, so no sequence attends to the ones packed before it. None = causal.
-    pub fn attention_segments(&mut self, qkv: Var, n_head: usize, starts: Option<&Tensor>) -> Result<Var> {
-        let (y, lse) = attention::attention_forward_segments(self.gpu, self.value(qkv), n_head, starts)?;
-        Ok(self.push(y, Op::Attention { qkv, lse, n_head, starts: starts.cloned() }, &[qkv]))
+    pub fn attention_segments(&mut self, qkv: Var, heads: impl Into<Heads>, starts: Option<&Tensor>) -> Result<Var> {
+        let heads = heads.into();
+        let (y, lse) = attention::attention_forward_segments(self.gpu, self.value(qkv), heads, starts)?;
+        Ok(self.push(y, Op::Attention { qkv, lse, heads, starts: starts.cloned() }, &[qkv]))
+    }
+
+    /// Decoding: appends the new tokens' k and v (qkv [B, T, W] at positions pos..pos+T) to `cache` and attends
+    /// over the cached prefix. It has no backward, so it is refused where a gradient would have to flow through it.
+    pub fn attention_cached(&mut self, qkv: Var, cache: &KvCache, pos: usize) -> Result<Var> {
+        if self.needs(qkv) {
+            let message = "attention over a KV cache has no backward: decode on a no_grad tape".into();
+            return Err(Error::Invalid { op: "attention_cached", message });
+        }
+        kv_cache::kv_append(self.gpu, cache, self.value(qkv), pos)?;
+        let y = kv_cache::attention_cached(self.gpu, cache, self.value(qkv), pos)?;
+        Ok(self.input(y))
+    }
+
+    /// Rotary embeddings of qkv's query and key heads at `positions` (I32, one per row of qkv).
+    pub fn rope(&mut self, qkv: Var, positions: &Tensor, table: &'a RopeTable, heads: impl Into<Heads>) -> Result<Var> {
+        let heads = heads.into();
+        let y = rope::rope(self.gpu, self.value(qkv), positions, table, heads)?;
+        Ok(self.push(y, Op::Rope { x: qkv, positions: positions.clone(), table, heads }, &[qkv]))
+    }
+
+    /// The same values under another shape (same number of elements).
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let from = self.value(x).shape().to_vec();
+        let y = self.value(x).reshape(shape)?;
+        Ok(self.push(y, Op::Reshape { x, from }, &[x]))
     }
 
     pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
@@ -123,9 +157,20 @@ impl<'a> Tape<'a> {
         Ok(self.push(y, Op::LayerNorm { x, gamma, beta, mean, rstd }, &[x, gamma, beta]))
     }
 
+    pub fn rmsnorm(&mut self, x: Var, gamma: Var, eps: f32) -> Result<Var> {
+        let (y, rstd) = norm::rmsnorm(self.gpu, self.value(x), self.value(gamma), eps)?;
+        Ok(self.push(y, Op::RmsNorm { x, gamma, rstd }, &[x, gamma]))
+    }
+
     pub fn gelu(&mut self, x: Var) -> Result<Var> {
         let y = elementwise::gelu(self.gpu, self.value(x))?;
         Ok(self.push(y, Op::Gelu { x }, &[x]))
+    }
+
+    /// silu(gate)·up of a fused gate/up projection [..., 2I] → [..., I].
+    pub fn swiglu(&mut self, gu: Var) -> Result<Var> {
+        let y = elementwise::swiglu(self.gpu, self.value(gu))?;
+        Ok(self.push(y, Op::Swiglu { x: gu }, &[gu]))
     }
 
     /// a + b (the residual connection).
@@ -153,10 +198,12 @@ impl<'a> Tape<'a> {
         wte: &'a Param,
         wpe: &'a Param,
     ) -> Result<Var> {
-        self.embedding_at(tokens, None, batch, time, wte, wpe)
+        self.embedding_at(tokens, None, batch, time, wte, Some(wpe))
     }
 
-    /// [`Tape::embedding`] with host position ids ([batch, time]; None = t), for packed sequences.
+    /// [`Tape::embedding`] with host position ids ([batch, time]; None = t), for packed sequences. Without a
+    /// position table (`wpe` None: models with rotary positions) it is the token embedding alone and the position
+    /// ids are not used.
     pub fn embedding_at(
         &mut self,
         tokens: &[i32],
@@ -164,7 +211,7 @@ impl<'a> Tape<'a> {
         batch: usize,
         time: usize,
         wte: &'a Param,
-        wpe: &'a Param,
+        wpe: Option<&'a Param>,
     ) -> Result<Var> {
         for (what, n) in [("tokens", Some(tokens.len())), ("positions", positions.map(<[i32]>::len))] {
             if let Some(n) = n.filter(|&n| n != batch * time) {
@@ -177,8 +224,13 @@ impl<'a> Tape<'a> {
             }
         }
         let ids = self.gpu.upload_i32(tokens, &[batch, time])?;
-        let pos = positions.map(|p| self.gpu.upload_i32(p, &[batch, time])).transpose()?;
-        let y = embedding::embedding_at(self.gpu, &ids, pos.as_ref(), &wte.value, &wpe.value)?;
+        let (y, positions) = match wpe {
+            Some(wpe) => {
+                let pos = positions.map(|p| self.gpu.upload_i32(p, &[batch, time])).transpose()?;
+                (embedding::embedding_at(self.gpu, &ids, pos.as_ref(), &wte.value, &wpe.value)?, positions)
+            }
+            None => (embedding::token_embedding(self.gpu, &ids, &wte.value)?, None),
+        };
         let op = Op::Embedding { tokens: tokens.to_vec(), positions: positions.map(<[i32]>::to_vec), wte, wpe };
         Ok(self.push(y, op, &[]))
     }
@@ -263,11 +315,24 @@ impl<'a> Tape<'a> {
                     }
                 }
             }
-            Op::Attention { qkv, lse, n_head, starts } => {
+            Op::Attention { qkv, lse, heads, starts } => {
                 let y = value.expect("attention keeps its output until its backward");
                 let q = self.value(qkv);
-                let d = attention::attention_backward_segments(gpu, q, &y, &lse, &g, n_head, starts.as_ref())?;
+                let d = attention::attention_backward_segments(gpu, q, &y, &lse, &g, heads, starts.as_ref())?;
                 self.accumulate(qkv, d)?;
+            }
+            Op::RmsNorm { x, gamma, rstd } => {
+                let (dx, dg) = norm::rmsnorm_backward(gpu, &g, self.value(x), self.value(gamma), &rstd)?;
+                self.accumulate(x, dx)?;
+                self.accumulate(gamma, dg)?;
+            }
+            Op::Rope { x, positions, table, heads } => {
+                let dx = rope::rope_backward(gpu, &g, &positions, table, heads)?;
+                self.accumulate(x, dx)?;
+            }
+            Op::Swiglu { x } => {
+                let dx = elementwise::swiglu_backward(gpu, self.value(x), &g)?;
+                self.accumulate(x, dx)?;
             }
             Op::LayerNorm { x, gamma, beta, mean, rstd } => {
                 let (dx, dg, db) = norm::layernorm_backward(gpu, &g, self.value(x), self.value(gamma), &mean, &rstd)?;
@@ -287,8 +352,11 @@ impl<'a> Tape<'a> {
                 let dx = elementwise::scale(gpu, &g, alpha)?;
                 self.accumulate(x, dx)?;
             }
-            Op::Embedding { tokens, positions, wte, wpe } => {
+            Op::Embedding { tokens, positions, wte, wpe: Some(wpe) } => {
                 embedding::embedding_backward_at(gpu, &tokens, positions.as_deref(), &g, &wte.grad, &wpe.grad)?;
+            }
+            Op::Embedding { tokens, wte, wpe: None, .. } => {
+                embedding::token_embedding_backward(gpu, &tokens, &g, &wte.grad)?;
             }
             Op::CrossEntropy { logits, targets, lse } => {
                 let d = loss::cross_entropy_backward(gpu, self.value(logits), &targets, &lse, &g)?;
@@ -316,56 +384,3 @@ pub fn mean_weights(targets: &[i32]) -> Vec<f32> {
 #[cfg(test)]
 #[path = "autograd_tests.rs"]
 mod tests;
-
-// SHIM (removed when the Llama kernels land): the tape API the model is written against.
-impl<'a> Tape<'a> {
-    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
-        let y = self.value(x).reshape(shape)?;
-        let from = self.value(x).shape().to_vec();
-        Ok(self.push(y, Op::Reshape { x, from }, &[x]))
-    }
-    pub fn attention_segments_gqa(
-        &mut self,
-        qkv: Var,
-        n_head: usize,
-        n_kv_head: usize,
-        starts: Option<&Tensor>,
-    ) -> Result<Var> {
-        if n_kv_head != n_head {
-            return Err(Error::Invalid { op: "attention", message: "GQA not yet".into() });
-        }
-        self.attention_segments(qkv, n_head, starts)
-    }
-    pub fn attention_cached(&mut self, qkv: Var, cache: &crate::ops::kv_cache::KvCache, pos: usize) -> Result<Var> {
-        crate::ops::kv_cache::kv_append(self.gpu, cache, self.value(qkv), pos)?;
-        let y = crate::ops::kv_cache::attention_cached(self.gpu, cache, self.value(qkv), pos)?;
-        Ok(self.input(y))
-    }
-    pub fn embedding_opt(
-        &mut self,
-        tokens: &[i32],
-        positions: Option<&[i32]>,
-        batch: usize,
-        time: usize,
-        wte: &'a Param,
-        wpe: Option<&'a Param>,
-    ) -> Result<Var> {
-        self.embedding_at(tokens, positions, batch, time, wte, wpe.expect("SHIM"))
-    }
-    pub fn rope(
-        &mut self,
-        _qkv: Var,
-        _p: &Tensor,
-        _t: &'a crate::ops::rope::RopeTable,
-        _nh: usize,
-        _nkv: usize,
-    ) -> Result<Var> {
-        Err(Error::Invalid { op: "rope", message: "not yet".into() })
-    }
-    pub fn rmsnorm(&mut self, _x: Var, _g: Var, _eps: f32) -> Result<Var> {
-        Err(Error::Invalid { op: "rmsnorm", message: "not yet".into() })
-    }
-    pub fn swiglu(&mut self, _x: Var) -> Result<Var> {
-        Err(Error::Invalid { op: "swiglu", message: "not yet".into() })
-    }
-}

@@ -53,5 +53,6 @@ shader!(EMBEDDING, "embedding.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(OPTIMIZER, "optimizer.wgsl");
 shader!(SAMPLING, "sampling.wgsl");
+shader!(ROPE, "rope.wgsl");
 // Attention over a KV cache (generation): its own module, since it needs immediates attention.wgsl lacks.
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");

@@ -11,18 +11,17 @@ fn config() -> ModelConfig {
     ModelConfig::gpt2(53, 40, 2, 3, 24)
 }
 
-#[test]
-fn kv_cache_logits_equal_the_full_forward() {
+/// Logits through the KV cache (a prefill, then one token at a time) against the full forward of the same tokens.
+fn check_cache_equals_full_forward(config: &ModelConfig, seed: u64) {
     let gpu = gpu();
-    let model = Model::new(gpu, &config(), 5).unwrap();
-    let (b, prompt, extra) = (2, 7, 5);
+    let model = Model::new(gpu, config, seed).unwrap();
+    let (b, prompt, extra, v) = (2, 7, 5, config.vocab_size);
     let t = prompt + extra;
-    let tokens: Vec<i32> = (0..b * t).map(|i| ((i * 13 + 3) % 53) as i32).collect();
+    let tokens: Vec<i32> = (0..b * t).map(|i| ((i * 13 + 3) % v) as i32).collect();
     let mut tape = Tape::no_grad(gpu);
     let full = model.logits(&mut tape, &tokens, b, t).unwrap();
     let full = gpu.read(tape.value(full)).unwrap();
 
-    let v = 53;
     let mut session = Session::new(gpu, &model, b).unwrap();
     let rows = |from: usize, to: usize| -> Vec<i32> {
         (0..b).flat_map(|r| tokens[r * t + from..r * t + to].to_vec()).collect()
@@ -38,14 +37,35 @@ fn kv_cache_logits_equal_the_full_forward() {
             cached[r][pos * v..(pos + 1) * v].copy_from_slice(&step[r * v..(r + 1) * v]);
         }
     }
+    let spread = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(spread > 0.05, "{:?}: logits too flat to compare ({spread})", config.family);
     for r in 0..b {
         for (i, (c, f)) in cached[r].iter().zip(&full[r * t * v..(r + 1) * t * v]).enumerate() {
             // Same math in a different order (cached keys, one query at a time): f32 rounding only.
-            assert!((c - f).abs() <= 1e-5 * (1.0 + f.abs()), "row {r} logit {i}: cached {c}, full {f}");
+            assert!(
+                (c - f).abs() <= 1e-5 * (1.0 + f.abs()),
+                "{:?} row {r} logit {i}: cached {c}, full {f}",
+                config.family
+            );
         }
     }
     // The context is a hard limit.
-    assert!(session.feed(gpu, &vec![1; b * 40], 40).is_err());
+    let n_ctx = config.n_ctx;
+    assert!(session.feed(gpu, &vec![1; b * n_ctx], n_ctx).is_err());
+}
+
+#[test]
+fn kv_cache_logits_equal_the_full_forward() {
+    check_cache_equals_full_forward(&config(), 5);
+}
+
+#[test]
+fn kv_cache_logits_equal_the_full_forward_for_llama() {
+    // Grouped-query attention (4 query heads on 2 KV heads), rotary positions, SwiGLU, untied head with q/k/v
+    // biases (Qwen2's variant), and the plain tied Llama.
+    let llama = ModelConfig::llama(53, 40, 2, (4, 2), 32, 44);
+    check_cache_equals_full_forward(&ModelConfig { tie_embeddings: false, qkv_bias: true, ..llama.clone() }, 7);
+    check_cache_equals_full_forward(&ModelConfig { n_kv_head: 1, ..llama }, 8);
 }
 
 #[test]

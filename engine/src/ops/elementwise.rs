@@ -1,5 +1,5 @@
-//! Elementwise kernels: fill, copy, scale, residual add, GELU (tanh form) and GELU's backward (the others' backward
-//! passes are these same kernels: a scale, a copy, an accumulate).
+//! Elementwise kernels: fill, copy, scale, residual add, GELU (tanh form) and SwiGLU with their backward passes (the
+//! others' backward passes are these same kernels: a scale, a copy, an accumulate).
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
@@ -12,15 +12,28 @@ use crate::{DType, Gpu, Result, Tensor};
 struct Params {
     n: u32,
     alpha: f32,
+    inner: u32,
 }
 
 fn launch(gpu: &Gpu, op: &'static str, entry: &'static str, args: &[&Tensor], alpha: f32) -> Result<()> {
+    launch_n(gpu, op, entry, args, alpha, args[0].numel(), 0)
+}
+
+/// `n` invocations (the elements of args[0] for most kernels).
+fn launch_n(
+    gpu: &Gpu,
+    op: &'static str,
+    entry: &'static str,
+    args: &[&Tensor],
+    alpha: f32,
+    n: usize,
+    inner: usize,
+) -> Result<()> {
     for t in args {
         nonempty(op, "input", t)?;
         expect_dtype(op, "input", t, DType::F32)?;
     }
-    let n = args[0].numel();
-    let params = Params { n: fits_u32(op, "tensor", n)?, alpha };
+    let params = Params { n: fits_u32(op, "tensor", n)?, alpha, inner: inner as u32 };
     gpu.dispatch(&Launch {
         op,
         shader: &ELEMENTWISE,
@@ -95,7 +108,70 @@ pub fn gelu_backward(gpu: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// [..., 2I] → (rows, I), or a Shape error: the fused gate/up projection's output must have an even last dim.
+fn swiglu_dims(op: &'static str, gu: &Tensor) -> Result<(usize, usize)> {
+    nonempty(op, "gu", gu)?;
+    expect_dtype(op, "gu", gu, DType::F32)?;
+    match gu.shape().last() {
+        Some(&w) if w % 2 == 0 => Ok((gu.numel() / w, w / 2)),
+        _ => Err(crate::Error::Shape {
+            op,
+            what: "gu",
+            expected: "[..., 2I] (gate, then up)".into(),
+            got: format!("{:?}", gu.shape()),
+        }),
+    }
+}
+
+/// SwiGLU of the fused gate/up projection `gu` [..., 2I] (gate = the first I columns, up = the last I, the
+/// order of Kiln's fused gate_up_proj): silu(gate) · up, a NEW [..., I] tensor, as Llama's MLP before down_proj.
+pub fn swiglu(gpu: &Gpu, gu: &Tensor) -> Result<Tensor> {
+    let op = "swiglu";
+    let (rows, inner) = swiglu_dims(op, gu)?;
+    let mut shape = gu.shape().to_vec();
+    *shape.last_mut().expect("checked: at least one dim") = inner;
+    let out = gpu.alloc(&shape, DType::F32)?;
+    launch_n(gpu, op, "swiglu", &[gu, &out], 0.0, rows * inner, inner)?;
+    Ok(out)
+}
+
+/// Gradient of [`swiglu`]: dgu [..., 2I] (NEW) from the forward's input `gu` and the upstream `dy` [..., I].
+pub fn swiglu_backward(gpu: &Gpu, gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let op = "swiglu_backward";
+    let (rows, inner) = swiglu_dims(op, gu)?;
+    expect_dtype(op, "dy", dy, DType::F32)?;
+    let mut shape = gu.shape().to_vec();
+    *shape.last_mut().expect("checked: at least one dim") = inner;
+    crate::ops::shape_is(op, "dy", dy, &shape)?;
+    let dgu = gpu.alloc(gu.shape(), DType::F32)?;
+    launch_n(gpu, op, "swiglu_backward", &[gu, dy, &dgu], 0.0, rows * inner, inner)?;
+    Ok(dgu)
+}
+
 pub mod cpu {
+    fn sigmoid(z: f64) -> f64 {
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// silu(gate)·up per row of gu [N, 2I] (gate first): [N, I].
+    pub fn swiglu(gu: &[f64], inner: usize) -> Vec<f64> {
+        gu.chunks(2 * inner).flat_map(|r| (0..inner).map(move |j| r[j] * sigmoid(r[j]) * r[inner + j])).collect()
+    }
+
+    /// Gradient of [`swiglu`] by the chain rule: d gate = dy·up·silu'(g), silu' = σ(g)(1 + g(1 − σ(g))),
+    /// d up = dy·silu(g).
+    pub fn swiglu_backward(gu: &[f64], dy: &[f64], inner: usize) -> Vec<f64> {
+        let mut out = vec![0.0; gu.len()];
+        for (r, (row, d)) in gu.chunks(2 * inner).zip(dy.chunks(inner)).enumerate() {
+            for j in 0..inner {
+                let (g, u, s) = (row[j], row[inner + j], sigmoid(row[j]));
+                out[r * 2 * inner + j] = d[j] * u * s * (1.0 + g * (1.0 - s));
+                out[r * 2 * inner + inner + j] = d[j] * g * s;
+            }
+        }
+        out
+    }
+
     pub fn gelu(x: &[f64]) -> Vec<f64> {
         let s = (2.0 / std::f64::consts::PI).sqrt();
         x.iter().map(|&v| 0.5 * v * (1.0 + (s * (v + 0.044715 * v * v * v)).tanh())).collect()
@@ -228,6 +304,83 @@ mod tests {
         // Zeros, gelu's minimum, both sides of the clamp, and |x| whose cube overflows f32.
         let x = [0.0, -0.0, -0.7517916, 6.8, 7.0, -6.8, -7.0, 15.0, -15.0, 1e20, -1e20, 3.0, -3.0];
         check_gelu_backward(&x, &random_vec(x.len(), 99), &[x.len()]);
+    }
+
+    #[test]
+    fn swiglu_matches_reference_forward_and_backward() {
+        let gpu = gpu();
+        for (i, &rows) in [1, 3, 17, 129].iter().enumerate() {
+            for (j, &inner) in [1, 7, 255, 769].iter().enumerate() {
+                let seed = (300 + 10 * i + j) as u64;
+                // Gates across silu's range: deep negative (σ ≈ 0), the minimum near −1.28, and large positive.
+                let gu: Vec<f32> = random_vec(rows * 2 * inner, seed).iter().map(|v| v * 12.0).collect();
+                let dy = random_vec(rows * inner, seed + 1);
+                let tgu = gpu.upload(&gu, &[rows, 2 * inner]).unwrap();
+                let y = swiglu(gpu, &tgu).unwrap();
+                assert_eq!(y.shape(), &[rows, inner]);
+                let dgu = swiglu_backward(gpu, &tgu, &gpu.upload(&dy, &[rows, inner]).unwrap()).unwrap();
+                assert_eq!(dgu.shape(), &[rows, 2 * inner]);
+                let (gd, dyd) = (to_f64(&gu), to_f64(&dy));
+                let what = format!("swiglu rows={rows} I={inner}");
+                // exp(−g) errs by 3 + 2|g| ulp (Vulkan's bound), σ = 1/(1 + e) carries it relative to (1 − σ),
+                // so silu errs by (3 + 2|g|)·2u·σ(1 − σ)·|g|·|up| plus a few roundings of |silu·up|.
+                let sig = |g: f64| 1.0 / (1.0 + (-g).exp());
+                let bound: Vec<f64> = gd
+                    .chunks(2 * inner)
+                    .flat_map(|r| {
+                        (0..inner).map(move |k| {
+                            let (g, u, s) = (r[k], r[inner + k].abs(), sig(r[k]));
+                            let e = (3.0 + 2.0 * g.abs()) * 2.0 * U;
+                            (e * s * (1.0 - s) * g.abs() + 6.0 * U * s * g.abs()) * u + FLUSH
+                        })
+                    })
+                    .collect();
+                assert_within(&gpu.read(&y).unwrap(), &cpu::swiglu(&gd, inner), &bound, &what);
+                // d gate = dy·up·σ(1 + g(1 − σ)) and d up = dy·g·σ: σ and 1 − σ each off by e relative (1 − σ is
+                // exact given σ near 1, and σ itself near 0 carries the same relative error), a few roundings more.
+                let bound: Vec<f64> = gd
+                    .chunks(2 * inner)
+                    .zip(dyd.chunks(inner))
+                    .flat_map(|(r, d)| {
+                        let (r, d) = (r.to_vec(), d.to_vec());
+                        (0..2 * inner).map(move |k| {
+                            let j = k % inner;
+                            let (g, u, s) = (r[j], r[inner + j].abs(), sig(r[j]));
+                            let e = (3.0 + 2.0 * g.abs()) * 2.0 * U + 8.0 * U;
+                            let mag = if k < inner { u * s * (1.0 + g.abs() * (1.0 - s)) * 2.0 } else { g.abs() * s };
+                            d[j].abs() * e * mag + FLUSH
+                        })
+                    })
+                    .collect();
+                let want = cpu::swiglu_backward(&gd, &dyd, inner);
+                assert_within(&gpu.read(&dgu).unwrap(), &want, &bound, &format!("{what} backward"));
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_reference_backward_matches_finite_differences() {
+        let inner = 4;
+        let mut gu: Vec<f64> = random_vec(3 * 2 * inner, 40).iter().map(|&v| 5.0 * v as f64).collect();
+        // Gates at silu's minimum (−1.278) and at 0, besides random ones on both sides of it.
+        (gu[0], gu[1]) = (-1.278, 0.0);
+        let gu = &gu[..];
+        let w = to_f64(&random_vec(3 * inner, 41));
+        let fd = numeric_gradient(|v| dot(&cpu::swiglu(v, inner), &w), gu, FD_H);
+        assert_close_f64(&cpu::swiglu_backward(gu, &w, inner), &fd, FD_RTOL, FD_ATOL, "swiglu backward");
+    }
+
+    #[test]
+    fn swiglu_bad_inputs_are_typed_errors() {
+        let gpu = gpu();
+        let odd = gpu.upload(&[1.0; 6], &[2, 3]).unwrap();
+        assert!(matches!(swiglu(gpu, &odd), Err(crate::Error::Shape { op: "swiglu", what: "gu", .. })));
+        let gu = gpu.upload(&[1.0; 8], &[2, 4]).unwrap();
+        let dy = gpu.upload(&[1.0; 6], &[2, 3]).unwrap();
+        let e = swiglu_backward(gpu, &gu, &dy).unwrap_err();
+        assert!(matches!(e, crate::Error::Shape { op: "swiglu_backward", what: "dy", .. }), "{e:?}");
+        let i = gpu.upload_i32(&[1; 8], &[2, 4]).unwrap();
+        assert!(matches!(swiglu(gpu, &i), Err(crate::Error::DType { .. })));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Token + position embedding, out[b, t] = wte[tokens[b, t]] + wpe[t] (the first op of a GPT), and its backward,
-//! a deterministic scatter-add into the two tables.
+//! a deterministic scatter-add into the two tables; and the token-only embedding of models with rotary positions.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
 use crate::ops::{fits_u32, grid_1d, nonempty, shape_is, WG_1D};
 use crate::shaders::EMBEDDING;
 use crate::{DType, Error, Gpu, Result, Tensor};
+use bytemuck::Zeroable;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -22,6 +23,8 @@ struct Params {
     max_t: u32,
     /// Backward only: B·T.
     batch_t: u32,
+    /// Forward only: add wpe (0 for models without a position table).
+    has_wpe: u32,
 }
 
 /// The two dims of a rank-2 tensor, or a Shape error naming the expected layout.
@@ -88,6 +91,7 @@ pub fn embedding_at(
         has_positions: positions.is_some() as u32,
         max_t: max_t as u32,
         batch_t: 0,
+        has_wpe: 1,
     };
     let out = gpu.alloc(&[b, t, c], DType::F32)?;
     // The kernel reads `positions` only when has_positions is set, but every binding needs a buffer.
@@ -204,6 +208,7 @@ pub fn embedding_backward_at(
         has_positions: 0,
         max_t: max_t as u32,
         batch_t: (b * t) as u32,
+        has_wpe: 1,
     };
     let buckets = gpu.upload_i32(&buckets, &[buckets.len()])?;
     gpu.dispatch(&Launch {
@@ -212,6 +217,86 @@ pub fn embedding_backward_at(
         entry: "embedding_backward",
         overrides: &[],
         args: &[&buckets, dout, dwte, dwpe],
+        params: bytemuck::bytes_of(&params),
+        groups: grid_1d(n as usize, WG_1D),
+    })
+}
+
+/// `tokens` I32 [B, T], `wte` [V, C] → [B, T, C] = wte[token]: the embedding of models whose positions enter
+/// elsewhere (rotary). A token id outside [0, V) makes its row NaN, as in [`embedding`].
+pub fn token_embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor) -> Result<Tensor> {
+    let op = "token_embedding";
+    for (what, t, dtype) in [("tokens", tokens, DType::I32), ("wte", wte, DType::F32)] {
+        nonempty(op, what, t)?;
+        expect_dtype(op, what, t, dtype)?;
+    }
+    let (b, t) = dims2(op, "tokens", "[B, T]", tokens)?;
+    let (v, c) = dims2(op, "wte", "[V, C]", wte)?;
+    fits_u32(op, "wte", wte.numel())?;
+    let n = b * t * c;
+    let params = Params { n: fits_u32(op, "output", n)?, c: c as u32, t: t as u32, v: v as u32, ..Params::zeroed() };
+    let out = gpu.alloc(&[b, t, c], DType::F32)?;
+    let (wpe, positions) = (gpu.placeholder()?, gpu.placeholder()?);
+    gpu.dispatch(&Launch {
+        op,
+        shader: &EMBEDDING,
+        entry: "embedding",
+        overrides: &[],
+        args: &[tokens, wte, &wpe, &out, &positions],
+        params: bytemuck::bytes_of(&params),
+        groups: grid_1d(n, WG_1D),
+    })?;
+    Ok(out)
+}
+
+/// ACCUMULATES (+=) into `dwte` [V, C] the gradient of [`token_embedding`] given `dout` [B, T, C]; `tokens` is the
+/// host copy of the ids. Deterministic like [`embedding_backward`]; an id outside [0, V) is an `Error::Invalid`.
+pub fn token_embedding_backward(gpu: &Gpu, tokens: &[i32], dout: &Tensor, dwte: &Tensor) -> Result<()> {
+    let op = "token_embedding_backward";
+    for (what, t) in [("dout", dout), ("dwte", dwte)] {
+        nonempty(op, what, t)?;
+        expect_dtype(op, what, t, DType::F32)?;
+    }
+    let &[b, t, c] = dout.shape() else {
+        return Err(Error::Shape {
+            op,
+            what: "dout",
+            expected: "[B, T, C]".into(),
+            got: format!("{:?}", dout.shape()),
+        });
+    };
+    let (v, _) = dims2(op, "dwte", "[V, C]", dwte)?;
+    shape_is(op, "dwte", dwte, &[v, c])?;
+    if tokens.len() != b * t {
+        return Err(Error::Shape {
+            op,
+            what: "tokens",
+            expected: format!("{} ids (B·T of dout {:?})", b * t, dout.shape()),
+            got: format!("{} ids", tokens.len()),
+        });
+    }
+    fits_u32(op, "dwte", dwte.numel())?;
+    fits_u32(op, "dout", dout.numel())?;
+    let buckets = bucket_positions(op, tokens, v, t)?;
+    let distinct = (buckets.len() - 1 - tokens.len()) / 2;
+    let n = fits_u32(op, "work items (distinct tokens · C)", distinct * c)?;
+    let params = Params {
+        n,
+        c: c as u32,
+        t: t as u32,
+        v: v as u32,
+        distinct: distinct as u32,
+        batch_t: (b * t) as u32,
+        ..Params::zeroed()
+    };
+    let buckets = gpu.upload_i32(&buckets, &[buckets.len()])?;
+    let dwpe = gpu.placeholder()?;
+    gpu.dispatch(&Launch {
+        op,
+        shader: &EMBEDDING,
+        entry: "embedding_backward",
+        overrides: &[],
+        args: &[&buckets, dout, dwte, &dwpe],
         params: bytemuck::bytes_of(&params),
         groups: grid_1d(n as usize, WG_1D),
     })
@@ -252,6 +337,16 @@ fn bucket_positions(op: &'static str, tokens: &[i32], v: usize, t: usize) -> Res
 }
 
 pub mod cpu {
+    /// wte rows of `tokens` ([B·T] flattened), [B·T, C]; out-of-range ids give NaN rows, as the kernel.
+    pub fn token_embedding(tokens: &[i32], wte: &[f64], c: usize) -> Vec<f64> {
+        let v = (wte.len() / c) as i64;
+        let row = |&tok: &i32| match tok >= 0 && (tok as i64) < v {
+            true => wte[tok as usize * c..][..c].to_vec(),
+            false => vec![f64::NAN; c],
+        };
+        tokens.iter().flat_map(row).collect()
+    }
+
     /// Position of flat index i: positions[i] if given, else i mod T.
     fn pos(positions: Option<&[i32]>, i: usize, t: usize) -> i64 {
         positions.map_or((i % t) as i64, |p| p[i] as i64)

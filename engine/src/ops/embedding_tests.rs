@@ -301,3 +301,49 @@ fn bad_position_ids_are_errors_or_nan_rows() {
     let e = embedding_backward_at(gpu, &tokens, Some(&[0, 1, 3]), &dout, &dwte, &dwpe).unwrap_err().to_string();
     assert!(e.contains("position ids"), "{e}");
 }
+
+#[test]
+fn token_embedding_gathers_rows_and_scatters_their_gradient() {
+    let gpu = gpu();
+    for (case, &(b, t, v, c)) in [(1, 1, 1, 1), (2, 5, 13, 3), (3, 17, 101, 769), (2, 129, 50257, 7)].iter().enumerate()
+    {
+        let mut r = rng(70 + case as u64);
+        // Repeated ids, so the backward sums several rows into one.
+        let mut tokens: Vec<i32> = (0..b * t).map(|_| r.random_range(0..v.min(9) as i32)).collect();
+        tokens[0] = v as i32 - 1;
+        let wte = random_vec(v * c, 80 + case as u64);
+        let ids = gpu.upload_i32(&tokens, &[b, t]).unwrap();
+        let out = token_embedding(gpu, &ids, &gpu.upload(&wte, &[v, c]).unwrap()).unwrap();
+        assert_eq!(out.shape(), &[b, t, c]);
+        let what = format!("token_embedding b={b} t={t} v={v} c={c}");
+        // A gather: exact.
+        assert_exact(&gpu.read(&out).unwrap(), &cpu::token_embedding(&tokens, &to_f64(&wte), c), &what);
+
+        let dout = random_vec(b * t * c, 90 + case as u64);
+        let start = random_vec(v * c, 95 + case as u64);
+        let dwte = gpu.upload(&start, &[v, c]).unwrap();
+        token_embedding_backward(gpu, &tokens, &gpu.upload(&dout, &[b, t, c]).unwrap(), &dwte).unwrap();
+        let mut want = to_f64(&start);
+        let mut no_positions = vec![0.0; t * c];
+        cpu::embedding_backward(&tokens, t, &to_f64(&dout), c, &mut want, &mut no_positions);
+        // Each element sums at most B·T terms of |x| < 1 sequentially onto its start: (B·T + 1)·u each.
+        let mut mag = start.iter().map(|v| v.abs() as f64).collect::<Vec<_>>();
+        for (i, &tok) in tokens.iter().enumerate() {
+            for j in 0..c {
+                mag[tok as usize * c + j] += dout[i * c + j].abs() as f64;
+            }
+        }
+        let bound: Vec<f64> = mag.iter().map(|m| (b * t + 1) as f64 * U * m).collect();
+        assert_within(&gpu.read(&dwte).unwrap(), &want, &bound, &format!("{what} backward"));
+    }
+    // Bad ids: NaN rows forward, a typed error backward naming the position.
+    let wte = gpu.upload(&random_vec(8, 1), &[4, 2]).unwrap();
+    let out = token_embedding(gpu, &gpu.upload_i32(&[1, 4, -1], &[1, 3]).unwrap(), &wte).unwrap();
+    let got = gpu.read(&out).unwrap();
+    assert!(got[..2].iter().all(|v| v.is_finite()) && got[2..].iter().all(|v| v.is_nan()), "{got:?}");
+    let dout = gpu.upload(&[0.0; 6], &[1, 3, 2]).unwrap();
+    let e = token_embedding_backward(gpu, &[1, 4, 0], &dout, &wte).unwrap_err();
+    assert!(matches!(&e, Error::Invalid { op: "token_embedding_backward", message } if message.contains("token id 4")));
+    let e = token_embedding_backward(gpu, &[1, 2], &dout, &wte).unwrap_err();
+    assert!(matches!(e, Error::Shape { what: "tokens", .. }), "{e:?}");
+}

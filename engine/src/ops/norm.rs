@@ -1,5 +1,6 @@
 //! Row kernels over the last dimension: LayerNorm (forward, returning the per-row mean and rstd its backward pass
-//! reuses) and softmax, each with its backward. Leading dimensions are flattened into rows.
+//! reuses), RMSNorm (Llama's, returning rstd) and softmax, each with its backward. Leading dimensions are flattened
+//! into rows.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
@@ -43,9 +44,7 @@ pub fn layernorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32)
         expect_dtype(op, what, t, DType::F32)?;
         shape_is(op, what, t, &[c])?;
     }
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::Invalid { op, message: format!("eps must be finite and >= 0, got {eps}") });
-    }
+    check_eps(op, eps)?;
     let y = gpu.alloc(x.shape(), DType::F32)?;
     let mean = gpu.alloc(&[rows], DType::F32)?;
     let rstd = gpu.alloc(&[rows], DType::F32)?;
@@ -60,6 +59,62 @@ pub fn layernorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32)
         groups: row_grid(rows),
     })?;
     Ok((y, mean, rstd))
+}
+
+fn check_eps(op: &'static str, eps: f32) -> Result<()> {
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::Invalid { op, message: format!("eps must be finite and >= 0, got {eps}") });
+    }
+    Ok(())
+}
+
+/// RMSNorm over the last dim of `x` ([N, C], or any leading dims) with `gamma` [C]: y = x · rstd · gamma where
+/// rstd = 1/sqrt(mean(x²) + eps), as Hugging Face's LlamaRMSNorm. Returns (y shaped like x, rstd [N]).
+pub fn rmsnorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let op = "rmsnorm";
+    let (rows, c) = rows_cols(op, "x", x)?;
+    expect_dtype(op, "gamma", gamma, DType::F32)?;
+    shape_is(op, "gamma", gamma, &[c])?;
+    check_eps(op, eps)?;
+    let y = gpu.alloc(x.shape(), DType::F32)?;
+    let rstd = gpu.alloc(&[rows], DType::F32)?;
+    let params = Params { rows: rows as u32, c: c as u32, eps };
+    gpu.dispatch(&Launch {
+        op,
+        shader: &NORM,
+        entry: "rmsnorm",
+        overrides: &[],
+        args: &[x, gamma, &y, &rstd],
+        params: bytemuck::bytes_of(&params),
+        groups: row_grid(rows),
+    })?;
+    Ok((y, rstd))
+}
+
+/// Gradients of [`rmsnorm`]: NEW (dx shaped like x, dgamma [C]) from the upstream `dy`, the forward input `x`,
+/// `gamma` and the forward's `rstd` [N]. dgamma is a fixed-tree column sum ([`sum_rows`]): bit-reproducible.
+pub fn rmsnorm_backward(gpu: &Gpu, dy: &Tensor, x: &Tensor, gamma: &Tensor, rstd: &Tensor) -> Result<(Tensor, Tensor)> {
+    let op = "rmsnorm_backward";
+    let (rows, c) = rows_cols(op, "dy", dy)?;
+    expect_dtype(op, "x", x, DType::F32)?;
+    same_shape(op, "x", dy, x)?;
+    expect_dtype(op, "gamma", gamma, DType::F32)?;
+    shape_is(op, "gamma", gamma, &[c])?;
+    expect_dtype(op, "rstd", rstd, DType::F32)?;
+    shape_is(op, "rstd", rstd, &[rows])?;
+    let dx = gpu.alloc(x.shape(), DType::F32)?;
+    let dgx = gpu.alloc(&[rows, c], DType::F32)?;
+    let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
+    gpu.dispatch(&Launch {
+        op,
+        shader: &NORM,
+        entry: "rmsnorm_backward",
+        overrides: &[],
+        args: &[x, gamma, dy, rstd, &dx, &dgx],
+        params: bytemuck::bytes_of(&params),
+        groups: row_grid(rows),
+    })?;
+    Ok((dx, sum_rows(gpu, &dgx)?))
 }
 
 /// Numerically stable softmax over the last dim (the row max is subtracted before exponentiating).
@@ -154,6 +209,34 @@ pub mod cpu {
             rstds.push(rstd);
         }
         (y, means, rstds)
+    }
+
+    /// RMSNorm of rows of length `gamma.len()`: (y, rstd).
+    pub fn rmsnorm(x: &[f64], gamma: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>) {
+        let c = gamma.len();
+        let (mut y, mut rstds) = (Vec::with_capacity(x.len()), Vec::new());
+        for row in x.chunks(c) {
+            let rstd = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / c as f64 + eps).sqrt();
+            y.extend(row.iter().zip(gamma).map(|(v, g)| v * rstd * g));
+            rstds.push(rstd);
+        }
+        (y, rstds)
+    }
+
+    /// Gradients of [`rmsnorm`] given the forward's `rstd`: (dx, dgamma).
+    pub fn rmsnorm_backward(dy: &[f64], x: &[f64], gamma: &[f64], rstd: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let c = gamma.len();
+        let (mut dx, mut dgamma) = (Vec::with_capacity(x.len()), vec![0.0; c]);
+        for ((dyr, xr), &r) in dy.chunks(c).zip(x.chunks(c)).zip(rstd) {
+            let xhat: Vec<f64> = xr.iter().map(|v| v * r).collect();
+            let dxhat: Vec<f64> = dyr.iter().zip(gamma).map(|(d, g)| d * g).collect();
+            let m = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / c as f64;
+            dx.extend(dxhat.iter().zip(&xhat).map(|(d, h)| r * (d - h * m)));
+            for j in 0..c {
+                dgamma[j] += dyr[j] * xhat[j];
+            }
+        }
+        (dx, dgamma)
     }
 
     /// Softmax of each row of length `c`.

@@ -329,3 +329,106 @@ fn backward_bad_inputs_are_typed_errors() {
     assert!(matches!(sm(&x, &xi), Error::DType { op: "softmax_backward", what: "dy", .. }));
     assert!(matches!(sm(&x, &x43), Error::Shape { op: "softmax_backward", what: "dy", .. }));
 }
+
+// ---- RMSNorm ----
+
+fn gpu_rmsnorm(x: &[f32], g: &[f32], dy: &[f32], rows: usize, c: usize) -> [Vec<f32>; 4] {
+    let gpu = gpu();
+    let tx = gpu.upload(x, &[rows, c]).unwrap();
+    let tg = gpu.upload(g, &[c]).unwrap();
+    let (y, rstd) = rmsnorm(gpu, &tx, &tg, 1e-5).unwrap();
+    assert_eq!((y.shape(), rstd.shape()), (&[rows, c][..], &[rows][..]));
+    let (dx, dg) = rmsnorm_backward(gpu, &gpu.upload(dy, &[rows, c]).unwrap(), &tx, &tg, &rstd).unwrap();
+    assert_eq!((dx.shape(), dg.shape()), (&[rows, c][..], &[c][..]));
+    [&y, &rstd, &dx, &dg].map(|t| gpu.read(t).unwrap())
+}
+
+fn check_rmsnorm(rows: usize, c: usize, offset: f32, seed: u64) {
+    let x: Vec<f32> = random_vec(rows * c, seed).iter().map(|v| v + offset).collect();
+    let g: Vec<f32> = random_vec(c, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let dy = random_vec(rows * c, seed + 2);
+    let [y, rstd, dx, dg] = gpu_rmsnorm(&x, &g, &dy, rows, c);
+    let (xd, gd, dyd) = (to_f64(&x), to_f64(&g), to_f64(&dy));
+    let (want_y, want_rstd) = cpu::rmsnorm(&xd, &gd, 1e-5);
+    let what = format!("rmsnorm rows={rows} c={c} offset={offset}");
+    // rstd: a sum of C non-negative squares (no cancellation) to (ceil(C/256) + 8 + 1)·u relative, halved by the
+    // sqrt, plus sqrt and divide; y = x·rstd·gamma adds two roundings.
+    let k = (c.div_ceil(256) + 12) as f64 * U;
+    let bound: Vec<f64> = want_rstd.iter().map(|r| k * r).collect();
+    assert_within(&rstd, &want_rstd, &bound, &format!("{what} rstd"));
+    let bound: Vec<f64> = want_y.iter().map(|y| (k + 2.0 * U) * y.abs() + FLUSH).collect();
+    assert_within(&y, &want_y, &bound, &format!("{what} y"));
+    // The backward from the GPU's own rstd, as a training step runs it: dx = rstd·(dxhat − xhat·m) with
+    // m = mean(dxhat·xhat) a sequential-then-tree sum, bounded like LayerNorm's.
+    let rstd = to_f64(&rstd);
+    let (want_dx, want_dg) = cpu::rmsnorm_backward(&dyd, &xd, &gd, &rstd);
+    let mut bound = Vec::with_capacity(rows * c);
+    let mut abs_dgx = vec![0.0; c];
+    for r in 0..rows {
+        let row = r * c..(r + 1) * c;
+        let xhat: Vec<f64> = xd[row.clone()].iter().map(|v| v * rstd[r]).collect();
+        let dxhat: Vec<f64> = dyd[row.clone()].iter().zip(&gd).map(|(d, g)| (d * g).abs()).collect();
+        let a = dxhat.iter().zip(&xhat).map(|(d, h)| d * h.abs()).sum::<f64>() / c as f64;
+        bound.extend(dxhat.iter().zip(&xhat).map(|(d, h)| rstd[r] * k * (d + h.abs() * a) + FLUSH));
+        for j in 0..c {
+            abs_dgx[j] += (dyd[r * c + j] * xhat[j]).abs();
+        }
+    }
+    assert_within(&dx, &want_dx, &bound, &format!("{what} dx"));
+    let depth = (rows as f64).log2().ceil() + 4.0;
+    let bound: Vec<f64> = abs_dgx.iter().map(|a| (depth + 2.0) * U * a + FLUSH).collect();
+    assert_within(&dg, &want_dg, &bound, &format!("{what} dgamma"));
+}
+
+#[test]
+fn rmsnorm_matches_reference_forward_and_backward() {
+    for (i, &rows) in BWD_ROWS.iter().enumerate() {
+        for (j, &c) in COLS.iter().enumerate() {
+            check_rmsnorm(rows, c, 0.0, (800 + 10 * i + j) as u64);
+        }
+    }
+    check_rmsnorm(2, VOCAB, 0.0, 850);
+    // A large common offset: RMSNorm keeps it (no mean subtracted), and nothing cancels.
+    check_rmsnorm(17, 769, 100.0, 851);
+}
+
+#[test]
+fn rmsnorm_reference_backward_matches_finite_differences() {
+    for (rows, c, seed) in [(3, 5, 20), (1, 7, 21), (2, 1, 22), (4, 3, 23)] {
+        let x = to_f64(&random_vec(rows * c, seed));
+        let g: Vec<f64> = random_vec(c, seed + 1).iter().map(|&v| 1.0 + 0.5 * v as f64).collect();
+        let w = to_f64(&random_vec(rows * c, seed + 2));
+        let loss = |x: &[f64], g: &[f64]| dot(&cpu::rmsnorm(x, g, 1e-5).0, &w);
+        let (_, rstd) = cpu::rmsnorm(&x, &g, 1e-5);
+        let (dx, dg) = cpu::rmsnorm_backward(&w, &x, &g, &rstd);
+        let what = format!("rmsnorm backward rows={rows} c={c}");
+        assert_close_f64(&dx, &numeric_gradient(|v| loss(v, &g), &x, FD_H), FD_RTOL, FD_ATOL, &format!("{what} dx"));
+        assert_close_f64(&dg, &numeric_gradient(|v| loss(&x, v), &g, FD_H), FD_RTOL, FD_ATOL, &format!("{what} dg"));
+    }
+}
+
+#[test]
+fn rmsnorm_is_bit_identical_across_runs_and_refuses_bad_inputs() {
+    let (rows, c) = (129, 769);
+    let (x, dy) = (random_vec(rows * c, 860), random_vec(rows * c, 861));
+    let g: Vec<f32> = random_vec(c, 862).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let (a, b) = (gpu_rmsnorm(&x, &g, &dy, rows, c), gpu_rmsnorm(&x, &g, &dy, rows, c));
+    for k in 0..4 {
+        assert_eq!(bits(&a[k]), bits(&b[k]), "rmsnorm output {k} differs between runs");
+    }
+    let gpu = gpu();
+    let x = gpu.upload(&random_vec(12, 1), &[3, 4]).unwrap();
+    let g3 = gpu.upload(&[1.0; 3], &[3]).unwrap();
+    let g4 = gpu.upload(&[1.0; 4], &[4]).unwrap();
+    let r3 = gpu.upload(&[1.0; 3], &[3]).unwrap();
+    assert!(matches!(rmsnorm(gpu, &x, &g3, 1e-5), Err(Error::Shape { op: "rmsnorm", what: "gamma", .. })));
+    assert!(matches!(rmsnorm(gpu, &x, &g4, f32::NAN), Err(Error::Invalid { op: "rmsnorm", .. })));
+    let xi = gpu.upload_i32(&[1; 12], &[3, 4]).unwrap();
+    assert!(matches!(rmsnorm(gpu, &xi, &g4, 1e-5), Err(Error::DType { op: "rmsnorm", what: "x", .. })));
+    let bwd = |dy: &Tensor, x: &Tensor, g: &Tensor, r: &Tensor| rmsnorm_backward(gpu, dy, x, g, r).unwrap_err();
+    assert!(matches!(bwd(&x, &x, &g3, &r3), Error::Shape { what: "gamma", .. }));
+    assert!(matches!(bwd(&x, &x, &g4, &g4), Error::Shape { what: "rstd", .. }));
+    let x43 = gpu.upload(&random_vec(12, 2), &[4, 3]).unwrap();
+    assert!(matches!(bwd(&x, &x43, &g4, &r3), Error::Shape { what: "x", .. }));
+}

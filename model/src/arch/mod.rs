@@ -279,7 +279,7 @@ impl Model {
         };
         let l = &self.layout;
         let wpe = l.wpe.map(|i| &self.params[i]);
-        let x = tape.embedding_opt(tokens, positions.as_deref(), batch, time, &self.params[l.wte], wpe)?;
+        let x = tape.embedding_at(tokens, positions.as_deref(), batch, time, &self.params[l.wte], wpe)?;
         let mut x = tape.reshape(x, &[batch * time, c.n_embd])?;
         let ctx = BlockCtx { batch, time, starts: starts.as_ref(), rope_positions: rope_positions.as_ref(), attend };
         for (i, b) in l.blocks.iter().enumerate() {
@@ -298,11 +298,11 @@ impl Model {
         let qkv = self.linear(tape, h, b.qkv)?;
         let mut qkv = tape.reshape(qkv, &[ctx.batch, ctx.time, c.qkv_width()])?;
         if let (Some(table), Some(positions)) = (&self.rope, ctx.rope_positions) {
-            qkv = tape.rope(qkv, positions, table, nh, nkv)?;
+            qkv = tape.rope(qkv, positions, table, (nh, nkv))?;
         }
         let a = match ctx.attend {
             Attend::Cached { caches, pos } => tape.attention_cached(qkv, &caches[layer], pos)?,
-            _ => tape.attention_segments_gqa(qkv, nh, nkv, ctx.starts)?,
+            _ => tape.attention_segments(qkv, (nh, nkv), ctx.starts)?,
         };
         let a = tape.reshape(a, &[ctx.batch * ctx.time, c.n_embd])?;
         let a = self.linear(tape, a, b.proj)?;
@@ -389,7 +389,7 @@ impl Model {
     /// A KV cache per layer for `batch` rows of up to `max_len` positions.
     pub fn kv_caches(&self, gpu: &Gpu, batch: usize, max_len: usize) -> Result<Vec<KvCache>> {
         let c = &self.config;
-        (0..c.n_layer).map(|_| Ok(KvCache::new(gpu, batch, c.n_head, c.head_size(), max_len)?)).collect()
+        (0..c.n_layer).map(|_| Ok(KvCache::new(gpu, batch, (c.n_head, c.n_kv_head), c.head_size(), max_len)?)).collect()
     }
 }
 
