@@ -495,3 +495,121 @@ fn gpt2_preset_shapes_sum_to_124m_in_fixed_order() {
     assert_eq!(shapes[12], ("transformer.h.0.mlp.c_proj.weight".to_string(), vec![3072, 768]));
     assert_eq!(shapes.last().unwrap().0, "transformer.ln_f.bias");
 }
+
+fn llama_config() -> ModelConfig {
+    ModelConfig { tie_embeddings: false, ..ModelConfig::llama(13, 16, 2, (4, 2), 8, 12) }
+}
+
+#[test]
+fn llama_checkpoint_is_written_in_hugging_face_layout_and_reads_back_exactly() {
+    let s = Scratch::new("llama");
+    let config = llama_config();
+    let model = tiny_model(&config, 5);
+    let ckpt = Checkpoint {
+        config: config.clone(),
+        model: model.clone(),
+        optimizer: vec![],
+        state: None,
+        tokenizer_json: None,
+    };
+    let dir = s.0.join("ck");
+    save_checkpoint(&dir, &ckpt).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["model_type"], "llama");
+    assert_eq!(json["architectures"][0], "LlamaForCausalLM");
+    assert_eq!((json["num_attention_heads"].as_u64(), json["num_key_value_heads"].as_u64()), (Some(4), Some(2)));
+    assert_eq!(json["tie_word_embeddings"], false);
+    // Separate q/k/v and gate/up tensors, [out, in], as LlamaForCausalLM holds them; nothing fused on disk.
+    let file = load_safetensors(&dir.join(MODEL_FILE)).unwrap();
+    let shape = |n: &str| file.iter().find(|t| t.name == n).map(|t| t.shape.clone());
+    assert_eq!(shape("model.layers.0.self_attn.q_proj.weight"), Some(vec![8, 8]));
+    assert_eq!(shape("model.layers.1.self_attn.k_proj.weight"), Some(vec![4, 8]));
+    assert_eq!(shape("model.layers.0.mlp.gate_proj.weight"), Some(vec![12, 8]));
+    assert_eq!(shape("model.layers.0.mlp.down_proj.weight"), Some(vec![8, 12]));
+    assert_eq!(shape("lm_head.weight"), Some(vec![13, 8]));
+    assert!(file.iter().all(|t| !t.name.contains("qkv_proj") && !t.name.contains("gate_up")));
+    assert_eq!(file.len(), 1 + 2 * 9 + 1 + 1);
+    let back = load_checkpoint(&dir).unwrap();
+    assert_eq!(back.config, config);
+    assert!(back.model == model, "round trip must give Kiln's tensors back bit for bit");
+}
+
+/// Writes `tensors` as the Hub does for larger models: BF16, split over two shard files with an index.
+fn write_sharded_bf16(dir: &Path, tensors: &[HostTensor]) {
+    fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|t| t.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()).collect();
+    let mut weight_map = serde_json::Map::new();
+    let half = tensors.len() / 2;
+    for (k, range) in [0..half, half..tensors.len()].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let views: Vec<(String, TensorView)> = range
+            .map(|i| {
+                weight_map.insert(tensors[i].name.clone(), file.clone().into());
+                (tensors[i].name.clone(), TensorView::new(Dtype::BF16, tensors[i].shape.clone(), &bytes[i]).unwrap())
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    fs::write(dir.join(INDEX_FILE), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn hub_style_sharded_bf16_llama_checkpoints_load() {
+    let s = Scratch::new("hub");
+    let config = ModelConfig { tie_embeddings: true, ..llama_config() };
+    let model = tiny_model(&config, 9);
+    let mut hf = crate::arch::export_hf(&config, &model).unwrap();
+    // What Hub files also carry: a tied lm_head equal to the embedding, and old rotary buffers.
+    let embed = hf.iter().find(|t| t.name == "model.embed_tokens.weight").unwrap().clone();
+    hf.push(HostTensor { name: "lm_head.weight".into(), ..embed });
+    hf.push(HostTensor::new("model.layers.0.self_attn.rotary_emb.inv_freq", vec![2], vec![1.0, 0.01]));
+    let dir = s.0.join("hub");
+    write_sharded_bf16(&dir, &hf);
+    let mut json = config.to_hf_json();
+    json["torch_dtype"] = "bfloat16".into();
+    fs::write(dir.join("config.json"), serde_json::to_vec(&json).unwrap()).unwrap();
+    let back = load_checkpoint(&dir).unwrap();
+    assert_eq!(back.config, config);
+    let rounded: Vec<HostTensor> = model
+        .iter()
+        .map(|t| HostTensor { data: t.data.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(), ..t.clone() })
+        .collect();
+    assert!(back.model == rounded, "BF16 shards must load as the BF16-rounded Kiln tensors");
+
+    // A shard the index names but that is missing, and a tensor in the wrong shard, are named.
+    fs::rename(dir.join("model-00002-of-00002.safetensors"), s.0.join("moved")).unwrap();
+    let e = load_checkpoint(&dir).unwrap_err().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("missing"), "{e}");
+    fs::rename(s.0.join("moved"), dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let mut index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join(INDEX_FILE)).unwrap()).unwrap();
+    index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors".into();
+    fs::write(dir.join(INDEX_FILE), serde_json::to_vec(&index).unwrap()).unwrap();
+    let e = load_checkpoint(&dir).unwrap_err().to_string();
+    assert!(e.contains("model.norm.weight") && e.contains("weight_map"), "{e}");
+}
+
+#[test]
+fn qwen2_configs_load_with_qkv_biases_and_unsupported_variants_are_refused() {
+    let config = ModelConfig { qkv_bias: true, ..llama_config() };
+    let json = config.to_hf_json();
+    assert_eq!(json["model_type"], "qwen2");
+    assert_eq!(ModelConfig::from_hf_json(&json).unwrap(), config);
+    let hf = crate::arch::export_hf(&config, &tiny_model(&config, 1)).unwrap();
+    assert!(hf.iter().any(|t| t.name == "model.layers.1.self_attn.v_proj.bias" && t.shape == vec![4]));
+    assert!(hf.iter().all(|t| !t.name.contains("o_proj.bias")));
+    let mut llama = llama_config().to_hf_json();
+    for (key, value, needle) in [
+        ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
+        ("hidden_act", "gelu".into(), "hidden_act"),
+        ("attention_bias", true.into(), "attention_bias"),
+    ] {
+        let mut bad = llama.clone();
+        bad[key] = value;
+        let e = ModelConfig::from_hf_json(&bad).unwrap_err().to_string();
+        assert!(e.contains(needle), "{key}: {e}");
+    }
+    llama["num_key_value_heads"] = 3.into();
+    assert!(ModelConfig::from_hf_json(&llama).is_err());
+}
