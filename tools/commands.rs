@@ -176,7 +176,7 @@ pub fn eval_cmd(gpu: &Gpu, checkpoint: &Path, text: &Path, batch: usize, seq_len
     let loss = eval_loss(gpu, &model, &ids, batch, t, usize::MAX)?;
     let covered = ((ids.len() - 1) / (batch * t)) * batch * t;
     println!(
-        "{}: {} tokens evaluated (of {}), loss {:.4} nats/token, perplexity {:.2}, {:.4} bits/byte",
+        "{}: {} tokens evaluated (of {}), loss {:.6} nats/token, perplexity {:.2}, {:.4} bits/byte",
         text.display(),
         covered,
         ids.len(),

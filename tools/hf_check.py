@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Check a checkpoint directory against Hugging Face transformers: it must load strictly (no missing, unexpected
+or misshapen tensor) in the class its config.json names, and the mean next-token loss over TEXT must be what
+`kiln eval --checkpoint DIR --text TEXT` prints (same windows: consecutive SEQ_LEN-token windows from the start,
+whole batches of BATCH windows only).
+
+    python tools/hf_check.py DIR TEXT [--seq-len T] [--batch B]
+    python tools/hf_check.py --random-llama DIR --tokenizer-from KILN_CKPT   # the user's own random LlamaForCausalLM
+
+Needs torch, transformers and tokenizers (pip install torch transformers tokenizers).
+"""
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+
+def write_random_llama(out: Path, tokenizer_from: Path, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # far from 0 so that every tensor shows in the loss
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    shutil.copy(tokenizer_from / "tokenizer.json", out / "tokenizer.json")
+    print(f"wrote a random LlamaForCausalLM ({sum(p.numel() for p in model.parameters())} parameters) to {out}")
+
+
+def check(ckpt: Path, text: Path, seq_len: int | None, batch: int) -> float:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True, dtype=torch.float32)
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        sys.exit(f"{ckpt} does not load strictly in {type(model).__name__}: {problems}")
+    model.eval()
+    ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(text.read_text(), add_special_tokens=False).ids
+    t = min(seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    windows = (len(ids) - 1) // t
+    batch = max(1, min(batch, windows))
+    used = windows // batch * batch
+    if used == 0:
+        sys.exit(f"{text}: {len(ids)} tokens is too short for one {t}-token window")
+    total = 0.0
+    with torch.no_grad():
+        for w in range(used):
+            x = torch.tensor([ids[w * t : w * t + t]])
+            y = torch.tensor([ids[w * t + 1 : w * t + t + 1]])
+            logits = model(x).logits.double()
+            total += torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum").item()
+    loss = total / (used * t)
+    print(
+        f"{ckpt}: loads strictly in {type(model).__name__}; {used * t} tokens in {used} windows of {t}, "
+        f"loss {loss:.6f} nats/token, perplexity {math.exp(loss):.2f}"
+    )
+    return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt", type=Path, nargs="?")
+    ap.add_argument("text", type=Path, nargs="?")
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--random-llama", type=Path, help="write a random LlamaForCausalLM checkpoint here and stop")
+    ap.add_argument("--tokenizer-from", type=Path, help="a Kiln checkpoint whose tokenizer and vocab to use")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if a.random_llama:
+        if not a.tokenizer_from:
+            ap.error("--random-llama needs --tokenizer-from")
+        write_random_llama(a.random_llama, a.tokenizer_from, a.seed)
+        return
+    if not (a.ckpt and a.text):
+        ap.error("give a checkpoint directory and a text file")
+    check(a.ckpt, a.text, a.seq_len, a.batch)
+
+
+if __name__ == "__main__":
+    main()
