@@ -5,16 +5,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::ops::sampling::SamplingParams;
 use kiln_engine::Gpu;
 use kiln_model::arch::Model;
-use kiln_model::checkpoint::{load_checkpoint, save_checkpoint};
+use kiln_model::checkpoint::load_checkpoint;
 use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::data::{bundled_corpus, prepare, read_corpus, read_shard, PrepareReport};
 use kiln_model::eval::generate::{generate, GenerateConfig};
+use kiln_model::train::driver::{drive, Evaluation, RunDir, Schedule};
+use kiln_model::train::optim::OptimConfig;
 use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
 use kiln_model::ModelConfig;
+
+use crate::progress::Bar;
 
 /// Where `prepare` gets its tokenizer: trained on the corpus, a tokenizer.json, or GPT-2's vocab.json + merges.txt.
 pub enum TokenizerSource<'a> {
@@ -78,9 +81,13 @@ pub enum ModelChoice<'a> {
 
 /// `kiln pretrain`; returns the final validation loss.
 pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<f32> {
+    let tok_json = std::fs::read_to_string(opts.data.join("tokenizer.json")).with_context(|| {
+        format!("reading {} (run `kiln prepare` first)", opts.data.join("tokenizer.json").display())
+    })?;
+    // Take the output directory before reading anything from it: a live run there keeps it.
+    let mut out = RunDir::open(opts.out, Some(tok_json))?;
     let train = read_shard(&opts.data.join("train.bin")).context("reading train.bin (run `kiln prepare` first)")?;
     let val = read_shard(&opts.data.join("val.bin")).context("reading val.bin")?;
-    let tok_json = std::fs::read_to_string(opts.data.join("tokenizer.json")).context("reading tokenizer.json")?;
     let config = match opts.model {
         ModelChoice::Preset(name) => ModelConfig::preset(name, train.vocab_size)?,
         ModelChoice::Toml(p) => {
@@ -95,65 +102,46 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
         );
     }
     let train_tokens = Arc::new(train.tokens);
-    let ckpt_dir = opts.out.join("checkpoint");
     let mut trainer = if opts.resume {
-        let ckpt = load_checkpoint(&ckpt_dir).with_context(|| format!("resuming from {}", ckpt_dir.display()))?;
+        let dir = out.checkpoint_dir();
+        let ckpt = load_checkpoint(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
         println!("pretrain: resuming at step {}", ckpt.state.as_ref().map_or(0, |s| s.step));
         Trainer::resume(gpu, ckpt, cfg.clone(), train_tokens)?
     } else {
         Trainer::new(gpu, Model::new(gpu, &config, cfg.seed)?, cfg.clone(), train_tokens)?
     };
+    let c = &trainer.model.config;
     println!(
-        "pretrain: {} parameters ({} layers, {} heads, width {}, context {}), batch {}×{}×{} tokens, {} steps on {}",
-        config.num_params(),
-        config.n_layer,
-        config.n_head,
-        config.n_embd,
-        config.n_ctx,
+        "pretrain: {} parameters ({}: {} layers, {} heads{}, width {}, context {}), batch {}×{}×{} tokens, {} steps on {}",
+        c.num_params(),
+        c.family.name(),
+        c.n_layer,
+        c.n_head,
+        if c.n_kv_head != c.n_head { format!(" ({} KV)", c.n_kv_head) } else { String::new() },
+        c.n_embd,
+        c.n_ctx,
         cfg.batch,
         cfg.seq_len,
         cfg.grad_accum,
         cfg.steps,
         gpu.adapter_name()
     );
-    std::fs::create_dir_all(opts.out)?;
-    let metrics_path = opts.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
+    let mut val_eval = |model: &Model| -> kiln_model::Result<Evaluation> {
+        let loss = eval_loss(gpu, model, &val.tokens, cfg.batch, cfg.seq_len, opts.eval_batches)?;
+        let mut fields = serde_json::Map::new();
+        fields.insert("val_loss".into(), serde_json::json!(loss));
+        Ok(Evaluation { fields, summary: format!("val {loss:.3}") })
+    };
+    let schedule = Schedule { eval_every: opts.eval_every, ckpt_every: opts.ckpt_every };
+    let last = drive(&mut trainer, u64::MAX, schedule, Some(&mut val_eval), Some(&mut out), &mut Bar::new("pretrain"))?;
+    let val_loss = match last {
+        Some(e) => e.fields["val_loss"].as_f64().unwrap_or(f64::NAN) as f32,
+        None => eval_loss(gpu, &trainer.model, &val.tokens, cfg.batch, cfg.seq_len, opts.eval_batches)?,
+    };
+    println!(
+        "pretrain: final validation loss {val_loss:.4} nats/token; checkpoint in {}",
+        out.checkpoint_dir().display()
     );
-    bar.set_position(trainer.step);
-    let val_eval =
-        |trainer: &Trainer| eval_loss(gpu, &trainer.model, &val.tokens, cfg.batch, cfg.seq_len, opts.eval_batches);
-    let mut val_loss = f32::NAN;
-    while trainer.step < cfg.steps {
-        let m = trainer.step()?;
-        let mut record = serde_json::to_value(&m)?;
-        if m.step % opts.eval_every == 0 || m.step == cfg.steps {
-            val_loss = val_eval(&trainer)?;
-            record["val_loss"] = serde_json::json!(val_loss);
-        }
-        writeln!(metrics, "{record}")?;
-        bar.set_position(m.step);
-        bar.set_message(format!(
-            "loss {:.3} val {:.3} | {:.0} tok/s | {:.0} ms/step | lr {:.1e}",
-            m.loss, val_loss, m.tokens_per_s, m.ms_per_step, m.lr
-        ));
-        if m.step % opts.ckpt_every == 0 || m.step == cfg.steps {
-            save_checkpoint(&ckpt_dir, &trainer.checkpoint(Some(tok_json.clone()))?)?;
-        }
-    }
-    bar.finish();
-    if val_loss.is_nan() {
-        val_loss = val_eval(&trainer)?;
-    }
-    println!("pretrain: final validation loss {val_loss:.4} nats/token; checkpoint in {}", ckpt_dir.display());
     Ok(val_loss)
 }
 
@@ -235,9 +223,7 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
         steps,
         batch: 8,
         seq_len: 128,
-        lr: 3e-3,
-        min_lr: 3e-4,
-        warmup: steps / 20 + 1,
+        optim: OptimConfig { lr: 3e-3, min_lr: 3e-4, warmup: steps / 20 + 1, ..OptimConfig::default() },
         ..TrainConfig::default()
     };
     let run = out.join("tiny");

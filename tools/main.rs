@@ -6,6 +6,7 @@
 mod commands;
 mod plot;
 mod posttrain;
+mod progress;
 mod study;
 
 use std::path::PathBuf;
@@ -13,55 +14,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_engine::{list_adapters, selfcheck, Gpu};
+use kiln_model::train::pretrain::TrainConfig;
+use kiln_model::train::rl::RlConfig;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Train language models on any GPU with hand-written WGSL kernels")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Optimisation settings of `kiln pretrain` (see `TrainConfig`).
-#[derive(clap::Args)]
-struct TrainArgs {
-    #[arg(long, default_value_t = 1000)]
-    steps: u64,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f32,
-    #[arg(long, default_value_t = 1e-4)]
-    min_lr: f32,
-    #[arg(long, default_value_t = 50)]
-    warmup: u64,
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f32,
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f32,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
-}
-
-impl From<TrainArgs> for kiln_model::train::pretrain::TrainConfig {
-    fn from(a: TrainArgs) -> Self {
-        kiln_model::train::pretrain::TrainConfig {
-            steps: a.steps,
-            batch: a.batch,
-            seq_len: a.seq_len,
-            grad_accum: a.grad_accum,
-            lr: a.lr,
-            min_lr: a.min_lr,
-            warmup: a.warmup,
-            weight_decay: a.weight_decay,
-            grad_clip: a.grad_clip,
-            seed: a.seed,
-            ..Default::default()
-        }
-    }
 }
 
 /// Where post-training examples come from.
@@ -81,80 +41,6 @@ struct ExampleArgs {
 impl ExampleArgs {
     fn source(&self, seed: u64) -> posttrain::ExampleSource<'_> {
         posttrain::ExampleSource { tasks: &self.tasks, data: self.data.as_deref(), per_task: self.examples, seed }
-    }
-}
-
-/// Settings of `kiln rl` (see `RlConfig`).
-#[derive(clap::Args)]
-struct RlArgs {
-    /// grpo or reinforce.
-    #[arg(long, default_value = "grpo")]
-    algorithm: String,
-    #[arg(long, default_value_t = 100)]
-    steps: u64,
-    /// Prompts per step.
-    #[arg(long, default_value_t = 16)]
-    prompts: usize,
-    /// Completions per prompt (G).
-    #[arg(long, default_value_t = 8)]
-    group: usize,
-    #[arg(long, default_value_t = 16)]
-    max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0.2)]
-    clip_eps: f32,
-    /// KL penalty weight (0 turns it off).
-    #[arg(long, default_value_t = 0.04)]
-    beta: f32,
-    /// Optimisation passes per batch of rollouts.
-    #[arg(long, default_value_t = 2)]
-    epochs: usize,
-    /// Do not divide advantages by the group's std.
-    #[arg(long)]
-    no_std_scale: bool,
-    /// Sequences per forward/backward micro-batch (0 = all).
-    #[arg(long, default_value_t = 0)]
-    micro_batch: usize,
-    #[arg(long, default_value_t = 3e-4)]
-    lr: f32,
-    #[arg(long, default_value_t = 3e-5)]
-    min_lr: f32,
-    #[arg(long, default_value_t = 10)]
-    warmup: u64,
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f32,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-}
-
-impl RlArgs {
-    fn config(&self) -> Result<kiln_model::train::rl::RlConfig> {
-        use kiln_model::train::rl::{Algorithm, RlConfig};
-        let algorithm = match self.algorithm.as_str() {
-            "grpo" => Algorithm::Grpo,
-            "reinforce" => Algorithm::Reinforce,
-            other => anyhow::bail!("unknown --algorithm {other:?}: use grpo or reinforce"),
-        };
-        Ok(RlConfig {
-            algorithm,
-            steps: self.steps,
-            prompts_per_step: self.prompts,
-            group_size: self.group,
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            clip_eps: self.clip_eps,
-            beta: self.beta,
-            epochs: self.epochs,
-            scale_by_std: !self.no_std_scale,
-            micro_batch: self.micro_batch,
-            lr: self.lr,
-            min_lr: self.min_lr,
-            warmup: self.warmup,
-            weight_decay: 0.0,
-            grad_clip: self.grad_clip,
-            seed: self.seed,
-        })
     }
 }
 
@@ -189,16 +75,18 @@ enum Command {
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
     },
-    /// Pretrain a GPT on prepared shards; metrics to OUT/metrics.jsonl, checkpoints to OUT/checkpoint.
+    /// Pretrain a model (GPT-2 or Llama family) on prepared shards; metrics to OUT/metrics.jsonl, checkpoints to
+    /// OUT/checkpoint.
     Pretrain {
         #[arg(long, default_value = "runs/data")]
         data: PathBuf,
         #[arg(long, default_value = "runs/pretrain")]
         out: PathBuf,
-        /// tiny, small or gpt2 (vocabulary from the data).
+        /// GPT-2 family: tiny, small, gpt2 (124M); Llama family: llama-tiny, smollm2-135m (vocabulary from the data).
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// A TOML model config (vocab_size, n_ctx, n_layer, n_head, n_embd) instead of a preset.
+        /// A TOML model config instead of a preset: family ("gpt2" or "llama"), vocab_size, n_ctx, n_layer, n_head,
+        /// n_embd, and optionally n_kv_head, n_inner, rope_theta, norm_eps, tie_embeddings, qkv_bias.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Continue from OUT/checkpoint exactly where it stopped.
@@ -211,7 +99,7 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         ckpt_every: u64,
         #[command(flatten)]
-        train: TrainArgs,
+        train: TrainConfig,
     },
     /// Supervised fine-tuning from a checkpoint on chat-formatted task examples (loss on responses only).
     Sft {
@@ -238,7 +126,7 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         ckpt_every: u64,
         #[command(flatten)]
-        train: TrainArgs,
+        train: TrainConfig,
     },
     /// Policy-gradient RL (GRPO or REINFORCE) from a checkpoint on tasks with exact-match rewards.
     Rl {
@@ -260,7 +148,7 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         ckpt_every: u64,
         #[command(flatten)]
-        rl: RlArgs,
+        rl: RlConfig,
     },
     /// Pretrain → SFT → RL on the bundled corpus and tasks, scoring every checkpoint with one evaluation suite
     /// (bits/byte on held-out text, greedy and pass@k accuracy, reward, exact KL from the base); writes a table,
@@ -396,8 +284,7 @@ fn run() -> Result<()> {
             };
             commands::prepare_cmd(&inputs, &out, source, val_fraction).map(|_| ())
         }
-        Command::Pretrain { data, out, preset, config, resume, eval_every, eval_batches, ckpt_every, train } => {
-            let cfg = kiln_model::train::pretrain::TrainConfig::from(train);
+        Command::Pretrain { data, out, preset, config, resume, eval_every, eval_batches, ckpt_every, train: cfg } => {
             let model = match &config {
                 Some(p) => commands::ModelChoice::Toml(p),
                 None => commands::ModelChoice::Preset(&preset),
@@ -423,9 +310,8 @@ fn run() -> Result<()> {
             eval_every,
             eval_examples,
             ckpt_every,
-            train,
+            train: cfg,
         } => {
-            let cfg = kiln_model::train::pretrain::TrainConfig::from(train);
             let opts = posttrain::SftOpts {
                 init: &init,
                 out: &out,
@@ -439,8 +325,7 @@ fn run() -> Result<()> {
             };
             posttrain::sft_cmd(&open_gpu()?, &opts, cfg)
         }
-        Command::Rl { init, reference, out, examples, resume, eval_every, eval_examples, ckpt_every, rl } => {
-            let cfg = rl.config()?;
+        Command::Rl { init, reference, out, examples, resume, eval_every, eval_examples, ckpt_every, rl: cfg } => {
             let opts = posttrain::RlOpts {
                 init: &init,
                 reference: reference.as_deref(),

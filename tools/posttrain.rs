@@ -1,23 +1,26 @@
-//! `kiln sft` and `kiln rl`: post-training from a checkpoint, with the same progress bar, JSONL metrics and
-//! atomic checkpoints as pretraining, and the task evaluation of `kiln_model::eval::evaluate` along the way.
+//! `kiln sft` and `kiln rl`: post-training from a checkpoint through the same training driver as pretraining
+//! (progress bar, JSONL metrics, atomic checkpoints, run lock), with the task evaluation of
+//! `kiln_model::eval::evaluate` along the way.
 
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::Gpu;
 use kiln_model::arch::Model;
-use kiln_model::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+use kiln_model::checkpoint::{load_checkpoint, Checkpoint};
 use kiln_model::data::chat::ChatTokens;
 use kiln_model::data::read_shard;
 use kiln_model::data::tasks::{read_rl_jsonl, read_sft_jsonl, reward, Example, Split, Task};
 use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::eval::evaluate::greedy_accuracy;
+use kiln_model::train::driver::{drive, Evaluation, RunDir, Schedule};
 use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
 use kiln_model::train::rl::{RlConfig, RlTrainer};
 use kiln_model::train::sft::SftSource;
+
+use crate::progress::Bar;
 
 /// Where examples come from: generated tasks (train split) or a JSONL file.
 pub struct ExampleSource<'a> {
@@ -56,26 +59,6 @@ pub fn load_policy(dir: &Path) -> Result<(Checkpoint, Tokenizer)> {
     Ok((ckpt, tok))
 }
 
-fn bar(len: u64, at: u64) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
-    );
-    bar.set_position(at);
-    bar
-}
-
-fn metrics_file(out: &Path) -> Result<std::fs::File> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let path = out.join("metrics.jsonl");
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))
-}
-
 /// Greedy accuracy on each task's eval split: (task name, accuracy) pairs.
 pub fn task_accuracies(
     gpu: &Gpu,
@@ -84,7 +67,7 @@ pub fn task_accuracies(
     tasks: &[Task],
     n: usize,
     max_new: usize,
-) -> Result<Vec<(String, f64)>> {
+) -> kiln_model::Result<Vec<(String, f64)>> {
     tasks
         .iter()
         .map(|t| {
@@ -107,9 +90,22 @@ pub struct SftOpts<'a> {
     pub ckpt_every: u64,
 }
 
+/// The evaluation fields of post-training: greedy accuracy per task (under `key`) and, given held-out text, the
+/// general loss.
+fn accuracy_eval(acc: Vec<(String, f64)>, key: &str, val_loss: Option<f32>) -> Evaluation {
+    let summary = acc.iter().map(|(t, a)| format!("{t} {a:.2}")).collect::<Vec<_>>().join(" ");
+    let mut fields = serde_json::Map::new();
+    fields.insert(key.into(), serde_json::json!(acc.into_iter().collect::<BTreeMap<_, _>>()));
+    if let Some(v) = val_loss {
+        fields.insert("val_loss".into(), serde_json::json!(v));
+    }
+    Evaluation { fields, summary }
+}
+
 /// `kiln sft`.
 pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
-    let ckpt_dir = opts.out.join("checkpoint");
+    let mut out = RunDir::open(opts.out, None)?;
+    let ckpt_dir = out.checkpoint_dir();
     let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
     let examples = opts.examples.load(false)?;
     let tasks = opts.examples.parsed_tasks()?;
@@ -138,37 +134,24 @@ pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
         cfg.seq_len,
         gpu.adapter_name()
     );
-    let tok_json = start.tokenizer_json.clone();
+    let out_tok = start.tokenizer_json.clone();
     let mut trainer = if opts.resume {
         Trainer::resume_with_source(gpu, start, cfg.clone(), Box::new(source))?
     } else {
         let model = Model::from_host(gpu, &start.config, start.model)?;
         Trainer::with_source(gpu, model, cfg.clone(), Box::new(source))?
     };
-    let mut metrics = metrics_file(opts.out)?;
-    let bar = bar(cfg.steps, trainer.step);
-    let mut last_eval = String::new();
-    while trainer.step < cfg.steps {
-        let m = trainer.step()?;
-        let mut record = serde_json::to_value(&m)?;
-        if m.step % opts.eval_every == 0 || m.step == cfg.steps {
-            let acc = task_accuracies(gpu, &trainer.model, &tok, &tasks, opts.eval_examples, 16)?;
-            last_eval = acc.iter().map(|(t, a)| format!("{t} {a:.2}")).collect::<Vec<_>>().join(" ");
-            record["accuracy"] = serde_json::json!(acc.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
-            if let Some(v) = &val {
-                let t = cfg.seq_len.min(trainer.model.config.n_ctx);
-                record["val_loss"] = serde_json::json!(eval_loss(gpu, &trainer.model, v, cfg.batch, t, 16)?);
-            }
-        }
-        writeln!(metrics, "{record}")?;
-        bar.set_position(m.step);
-        bar.set_message(format!("loss {:.3} | {last_eval} | {:.0} tok/s", m.loss, m.tokens_per_s));
-        if m.step % opts.ckpt_every == 0 || m.step == cfg.steps {
-            save_checkpoint(&ckpt_dir, &trainer.checkpoint(tok_json.clone())?)?;
-        }
-    }
-    bar.finish();
-    println!("sft: done; checkpoint in {} ({last_eval})", ckpt_dir.display());
+    out.set_tokenizer(out_tok);
+    let mut eval = |model: &Model| -> kiln_model::Result<Evaluation> {
+        let acc = task_accuracies(gpu, model, &tok, &tasks, opts.eval_examples, 16)?;
+        let t = cfg.seq_len.min(model.config.n_ctx);
+        let val_loss = val.as_ref().map(|v| eval_loss(gpu, model, v, cfg.batch, t, 16)).transpose()?;
+        Ok(accuracy_eval(acc, "accuracy", val_loss))
+    };
+    let schedule = Schedule { eval_every: opts.eval_every, ckpt_every: opts.ckpt_every };
+    let last = drive(&mut trainer, u64::MAX, schedule, Some(&mut eval), Some(&mut out), &mut Bar::new("sft"))?;
+    let summary = last.map(|e| e.summary).unwrap_or_default();
+    println!("sft: done; checkpoint in {} ({summary})", ckpt_dir.display());
     Ok(())
 }
 
@@ -186,7 +169,8 @@ pub struct RlOpts<'a> {
 
 /// `kiln rl`.
 pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
-    let ckpt_dir = opts.out.join("checkpoint");
+    let mut out = RunDir::open(opts.out, None)?;
+    let ckpt_dir = out.checkpoint_dir();
     let reference_dir: PathBuf = opts.reference.unwrap_or(opts.init).to_path_buf();
     let (reference, _) = load_policy(&reference_dir)?;
     let reference = Model::from_host(gpu, &reference.config, reference.model)
@@ -194,7 +178,7 @@ pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
     let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
     let examples = opts.examples.load(true)?;
     let tasks = opts.examples.parsed_tasks()?;
-    let tok_json = start.tokenizer_json.clone();
+    out.set_tokenizer(start.tokenizer_json.clone());
     let mut trainer = if opts.resume {
         RlTrainer::resume(gpu, start, reference, tok.clone(), examples, reward, cfg.clone())?
     } else {
@@ -213,29 +197,14 @@ pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
         cfg.passes(),
         gpu.adapter_name()
     );
-    let mut metrics = metrics_file(opts.out)?;
-    let bar = bar(cfg.steps, trainer.step);
-    let mut last_eval = String::new();
-    while trainer.step < cfg.steps {
-        let m = trainer.step()?;
-        let mut record = serde_json::to_value(&m)?;
-        if !tasks.is_empty() && (m.step % opts.eval_every == 0 || m.step == cfg.steps) {
-            let acc = task_accuracies(gpu, &trainer.policy, &tok, &tasks, opts.eval_examples, cfg.max_new_tokens)?;
-            last_eval = acc.iter().map(|(t, a)| format!("{t} {a:.2}")).collect::<Vec<_>>().join(" ");
-            record["eval_accuracy"] =
-                serde_json::json!(acc.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
-        }
-        writeln!(metrics, "{record}")?;
-        bar.set_position(m.step);
-        bar.set_message(format!(
-            "reward {:.2} kl {:.3} clip {:.2} H {:.2} | {last_eval} | {:.0} rollout tok/s",
-            m.mean_reward, m.kl, m.clip_fraction, m.entropy, m.rollout_tokens_per_s
-        ));
-        if m.step % opts.ckpt_every == 0 || m.step == cfg.steps {
-            save_checkpoint(&ckpt_dir, &trainer.checkpoint(tok_json.clone())?)?;
-        }
-    }
-    bar.finish();
-    println!("rl: done; checkpoint in {} ({last_eval})", ckpt_dir.display());
+    let mut eval = |model: &Model| -> kiln_model::Result<Evaluation> {
+        let acc = task_accuracies(gpu, model, &tok, &tasks, opts.eval_examples, cfg.max_new_tokens)?;
+        Ok(accuracy_eval(acc, "eval_accuracy", None))
+    };
+    let eval: Option<&mut kiln_model::train::driver::Evaluate> = if tasks.is_empty() { None } else { Some(&mut eval) };
+    let schedule = Schedule { eval_every: opts.eval_every, ckpt_every: opts.ckpt_every };
+    let last = drive(&mut trainer, u64::MAX, schedule, eval, Some(&mut out), &mut Bar::new("rl"))?;
+    let summary = last.map(|e| e.summary).unwrap_or_default();
+    println!("rl: done; checkpoint in {} ({summary})", ckpt_dir.display());
     Ok(())
 }

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_engine::Gpu;
 use kiln_model::arch::Model;
 use kiln_model::checkpoint::{save_checkpoint, HostTensor};
@@ -20,6 +19,8 @@ use kiln_model::eval::evaluate::{
     bits_per_byte, chat_prompts, greedy_accuracy, mean_kl, sampled_scores, TEMPERATURE_1,
 };
 use kiln_model::eval::generate::{rollouts, GenerateConfig};
+use kiln_model::train::driver::{drive, Quiet, Schedule, Stage};
+use kiln_model::train::optim::OptimConfig;
 use kiln_model::train::pretrain::{TrainConfig, Trainer};
 use kiln_model::train::rl::{RlConfig, RlTrainer};
 use kiln_model::train::sft::SftSource;
@@ -27,6 +28,7 @@ use kiln_model::ModelConfig;
 use serde::Serialize;
 
 use crate::commands::{prepare_cmd, TokenizerSource};
+use crate::progress::{spinner, Bar};
 
 pub struct StudyOpts {
     pub out: std::path::PathBuf,
@@ -220,28 +222,32 @@ impl<'a> Suite<'a> {
     }
 }
 
-fn spinner(msg: String) -> ProgressBar {
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
-    bar.set_message(msg);
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what:<14} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
-        ))
-        .expect("valid template"),
-    );
-    bar
-}
-
 /// Steps at which a phase of `steps` takes its snapshots.
 fn snapshot_steps(steps: u64, n: u64) -> Vec<u64> {
     (1..=n).map(|i| (steps * i / n).max(1)).collect()
+}
+
+/// The study scores its own snapshots: the driver neither evaluates nor writes (the phases save their final
+/// weights themselves).
+const NO_EVAL: Schedule = Schedule { eval_every: u64::MAX, ckpt_every: u64::MAX };
+
+/// Train `stage` through the driver, stopping at each of `n` evenly spaced snapshots to call `at_snapshot` (with
+/// the progress bar out of the way); returns the seconds spent training.
+fn snapshots(
+    stage: &mut dyn Stage,
+    n: u64,
+    label: &str,
+    at_snapshot: &mut dyn FnMut(&Model, u64) -> Result<()>,
+) -> Result<f64> {
+    let mut secs = 0.0;
+    for at in snapshot_steps(stage.total_steps(), n) {
+        let start = std::time::Instant::now();
+        drive(stage, at, NO_EVAL, None, None, &mut Quiet)?;
+        secs += start.elapsed().as_secs_f64();
+        let bar = Bar::transient(label);
+        bar.suspend(|| at_snapshot(stage.model(), at))?;
+    }
+    Ok(secs)
 }
 
 /// One seed: the whole pipeline and every checkpoint's scores.
@@ -268,23 +274,14 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         steps: plan.pretrain_steps,
         batch: 8,
         seq_len: 128,
-        lr: 3e-3,
-        min_lr: 3e-4,
-        warmup: plan.pretrain_steps / 20 + 1,
         seed,
+        optim: OptimConfig { lr: 3e-3, min_lr: 3e-4, warmup: plan.pretrain_steps / 20 + 1, ..OptimConfig::default() },
         ..TrainConfig::default()
     };
     let mut tr = Trainer::new(gpu, Model::new(gpu, &config, seed)?, cfg.clone(), train.clone())?;
-    let bar = progress(cfg.steps, "pretrain");
-    let (mut ms, mut last) = (0.0, f32::NAN);
-    while tr.step < cfg.steps {
-        let m = tr.step()?;
-        (ms, last) = (ms + m.ms_per_step, m.loss);
-        bar.set_position(m.step);
-        bar.set_message(format!("loss {:.3}", m.loss));
-    }
-    bar.finish_and_clear();
-    println!("  pretrain: {} steps in {:.0} s, final loss {:.3}", cfg.steps, ms / 1e3, last);
+    let start = std::time::Instant::now();
+    drive(&mut tr, u64::MAX, NO_EVAL, None, None, &mut Bar::transient("pretrain"))?;
+    println!("  pretrain: {} steps in {:.0} s", cfg.steps, start.elapsed().as_secs_f64());
     let base = tr.model;
     save("base", &base)?;
     let base_host = base.to_host(gpu)?;
@@ -317,10 +314,8 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         steps: plan.sft_steps,
         batch: 16,
         seq_len: 64,
-        lr: 1e-3,
-        min_lr: 1e-4,
-        warmup: 10,
         seed,
+        optim: OptimConfig { lr: 1e-3, min_lr: 1e-4, warmup: 10, ..OptimConfig::default() },
         ..TrainConfig::default()
     };
     let mut sft_final = None;
@@ -331,22 +326,11 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         let source = SftSource::new(&tok, &examples, sft_cfg.batch, sft_cfg.seq_len, seed, mix_src)?;
         let model = Model::from_host(gpu, &config, base_host.clone())?;
         let mut tr = Trainer::with_source(gpu, model, sft_cfg.clone(), Box::new(source))?;
-        let bar = progress(sft_cfg.steps, phase);
-        let mut ms = 0.0;
-        for at in snapshot_steps(sft_cfg.steps, plan.snapshots) {
-            while tr.step < at {
-                let m = tr.step()?;
-                ms += m.ms_per_step;
-                bar.set_position(m.step);
-                bar.set_message(format!("loss {:.3}", m.loss));
-            }
-            bar.suspend(|| -> Result<()> {
-                scores.push(score(&tr.model, None, &format!("{phase}@{at}"), phase, at)?);
-                Ok(())
-            })?;
-        }
-        bar.finish_and_clear();
-        println!("  {phase}: {} steps trained in {:.0} s", sft_cfg.steps, ms / 1e3);
+        let train_secs = snapshots(&mut tr, plan.snapshots, phase, &mut |model: &Model, at| {
+            scores.push(score(model, None, &format!("{phase}@{at}"), phase, at)?);
+            Ok(())
+        })?;
+        println!("  {phase}: {} steps trained in {train_secs:.0} s", sft_cfg.steps);
         if phase == "sft" {
             save("sft", &tr.model)?;
             sft_final = Some(tr.model.to_host(gpu)?);
@@ -367,31 +351,18 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
             max_new_tokens: MAX_NEW,
             beta,
             epochs: 2,
-            lr: 3e-4,
-            min_lr: 3e-5,
-            warmup: 10,
             seed,
+            optim: OptimConfig { lr: 3e-4, min_lr: 3e-5, warmup: 10, weight_decay: 0.0, ..OptimConfig::default() },
             ..RlConfig::default()
         };
         let policy = Model::from_host(gpu, &config, sft_host.clone())?;
         let reference = Model::from_host(gpu, &config, sft_host.clone())?;
         let mut tr = RlTrainer::new(gpu, policy, reference, tok.clone(), rl_examples.clone(), reward, rl_cfg.clone())?;
-        let bar = progress(rl_cfg.steps, phase);
-        let mut ms = 0.0;
-        for at in snapshot_steps(rl_cfg.steps, plan.snapshots) {
-            while tr.step < at {
-                let m = tr.step()?;
-                ms += m.ms_per_step;
-                bar.set_position(m.step);
-                bar.set_message(format!("reward {:.3} kl {:.4}", m.mean_reward, m.kl));
-            }
-            bar.suspend(|| -> Result<()> {
-                scores.push(score(&tr.policy, Some(&sft), &format!("{phase}@{at}"), phase, at)?);
-                Ok(())
-            })?;
-        }
-        bar.finish_and_clear();
-        println!("  {phase}: {} steps trained in {:.0} s", rl_cfg.steps, ms / 1e3);
+        let train_secs = snapshots(&mut tr, plan.snapshots, phase, &mut |model: &Model, at| {
+            scores.push(score(model, Some(&sft), &format!("{phase}@{at}"), phase, at)?);
+            Ok(())
+        })?;
+        println!("  {phase}: {} steps trained in {train_secs:.0} s", rl_cfg.steps);
         if phase == "rl" {
             save("rl", &tr.policy)?;
         }

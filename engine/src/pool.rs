@@ -129,7 +129,7 @@ mod tests {
         for bytes in [1u64, 4, 255, 256, 257, 4096, 4097, 5000, 1 << 20, (1 << 20) + 1, 123_456_789] {
             let c = size_class(bytes);
             assert!(c >= bytes, "{bytes} -> {c}");
-            assert!(c % 4 == 0, "class must stay a multiple of 4 bytes: {c}");
+            assert!(c.is_multiple_of(4), "class must stay a multiple of 4 bytes: {c}");
             // 256-byte granule below 4 KiB, otherwise at most 1/8 extra.
             assert!(c - bytes < 256 || (c - bytes) * 8 <= bytes, "{bytes} -> {c} wastes too much");
         }

@@ -23,6 +23,13 @@ pub enum ModelError {
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
+    #[error(
+        "{} is in use by another Kiln run ({owner}); wait for it to finish, stop it, or choose another output \
+         directory",
+        dir.display()
+    )]
+    RunDirBusy { dir: PathBuf, owner: String },
+
     #[error("training diverged: {what} is {value} at step {step}")]
     NonFinite { what: &'static str, value: f32, step: u64 },
 }

@@ -12,6 +12,7 @@ use kiln_model::data::tasks::{reward, Example, Split, Task};
 use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::eval::evaluate::{greedy_accuracy, sampled_scores, TEMPERATURE_1};
 use kiln_model::eval::generate::GenerateConfig;
+use kiln_model::train::optim::OptimConfig;
 use kiln_model::train::pretrain::{TrainConfig, Trainer};
 use kiln_model::train::rl::{RlConfig, RlTrainer};
 use kiln_model::train::sft::SftSource;
@@ -58,9 +59,7 @@ fn sft_model() -> &'static SftRun {
             steps: 300,
             batch: 16,
             seq_len: 32,
-            lr: 3e-3,
-            min_lr: 3e-4,
-            warmup: 10,
+            optim: OptimConfig { lr: 3e-3, min_lr: 3e-4, warmup: 10, ..OptimConfig::default() },
             ..TrainConfig::default()
         };
         let source = SftSource::new(tok, &train, cfg.batch, cfg.seq_len, 7, None).unwrap();
@@ -113,9 +112,7 @@ fn short_rl_from_the_sft_model_raises_mean_reward() {
         prompts_per_step: 32,
         group_size: 8,
         max_new_tokens: 4,
-        lr: 3e-4,
-        min_lr: 1e-5,
-        warmup: 10,
+        optim: OptimConfig { lr: 3e-4, min_lr: 1e-5, warmup: 10, weight_decay: 0.0, ..OptimConfig::default() },
         beta: 0.0,
         epochs: 2,
         ..RlConfig::default()
@@ -162,7 +159,7 @@ fn rl_resumes_exactly_from_a_checkpoint() {
         group_size: 4,
         max_new_tokens: 3,
         epochs: 2,
-        lr: 1e-3,
+        optim: OptimConfig { lr: 1e-3, ..RlConfig::default().optim },
         ..RlConfig::default()
     };
     let model = || Model::new(gpu, &config(), 5).unwrap();

@@ -10,6 +10,7 @@ use kiln_model::arch::Model;
 use kiln_model::checkpoint::{load_checkpoint, save_checkpoint};
 use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::data::{bundled_corpus, unigram_entropy_bits};
+use kiln_model::train::optim::OptimConfig;
 use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
 use kiln_model::ModelConfig;
 
@@ -34,7 +35,8 @@ fn tiny_config(vocab: usize) -> ModelConfig {
 }
 
 fn train_cfg(steps: u64) -> TrainConfig {
-    TrainConfig { steps, batch: 8, seq_len: 64, lr: 3e-3, min_lr: 3e-4, warmup: 10, ..TrainConfig::default() }
+    let optim = OptimConfig { lr: 3e-3, min_lr: 3e-4, warmup: 10, ..OptimConfig::default() };
+    TrainConfig { steps, batch: 8, seq_len: 64, optim, ..TrainConfig::default() }
 }
 
 #[test]

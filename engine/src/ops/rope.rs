@@ -34,7 +34,7 @@ impl RopeTable {
     /// turn every pair by the same angle: no position information).
     pub fn new(gpu: &Gpu, head_size: usize, max_pos: usize, theta: f64) -> Result<RopeTable> {
         const OP: &str = "RopeTable::new";
-        if head_size < 2 || head_size % 2 != 0 {
+        if head_size < 2 || !head_size.is_multiple_of(2) {
             let message = format!("rotary embeddings need an even head size of at least 2, got {head_size}");
             return Err(Error::Invalid { op: OP, message });
         }

@@ -163,7 +163,7 @@ impl ModelConfig {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be at least 1"));
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!("n_embd ({}) must be divisible by n_head ({})", self.n_embd, self.n_head));
         }
         let head = self.head_size();
@@ -188,13 +188,13 @@ impl ModelConfig {
                 }
             }
             Family::Llama => {
-                if self.n_head % self.n_kv_head != 0 {
+                if !self.n_head.is_multiple_of(self.n_kv_head) {
                     return bad(format!(
                         "n_kv_head ({}) must divide n_head ({}): each key/value head serves a whole group",
                         self.n_kv_head, self.n_head
                     ));
                 }
-                if head % 2 != 0 {
+                if !head.is_multiple_of(2) {
                     return bad(format!("rotary embeddings need an even head size, n_embd / n_head = {head}"));
                 }
                 if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {

@@ -47,7 +47,7 @@ fn fnv1a(s: &str) -> u64 {
 
 /// One prompt in ten belongs to eval, decided by the prompt text itself: the splits are disjoint by construction.
 pub fn split_of(prompt: &str) -> Split {
-    if fnv1a(prompt) % 10 == 0 {
+    if fnv1a(prompt).is_multiple_of(10) {
         Split::Eval
     } else {
         Split::Train

@@ -1,6 +1,6 @@
-//! Pretraining: AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient accumulation,
-//! clipping by the global gradient norm (computed on the GPU), periodic validation loss, checkpoints that resume
-//! exactly. The caller (the CLI) owns progress display and metric files; `step` returns what it needs.
+//! Next-token training (pretraining, and SFT with its own batches): gradient accumulation over micro-batches, the
+//! shared optimizer (`optim.rs`), checkpoints that resume exactly. The loop, metrics, evaluation and progress are
+//! the driver's (`driver.rs`); `step` returns what they need.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,82 +8,56 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use kiln_engine::autograd::{mean_weights, Tape};
-use kiln_engine::ops::adamw::{adamw_step, AdamW};
-use kiln_engine::ops::{elementwise, reduce};
-use kiln_engine::{Gpu, Tensor};
+use kiln_engine::ops::elementwise;
+use kiln_engine::Gpu;
 
 use crate::arch::Model;
-use crate::checkpoint::{Checkpoint, HostTensor, TrainState};
+use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::{sequential_batches, BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
+use crate::train::driver::StepReport;
+use crate::train::optim::{OptimConfig, Optimizer};
 
-/// Optimisation settings (also stored in checkpoints so `--resume` continues the same schedule).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Settings of next-token training (pretraining and SFT), stored in checkpoints so `--resume` continues the same
+/// schedule. Its fields are the commands' flags: each default is the one in `Default` below.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct TrainConfig {
+    /// Optimizer steps.
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
     pub steps: u64,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = TrainConfig::default().batch)]
     pub batch: usize,
+    /// Positions per row.
+    #[arg(long, default_value_t = TrainConfig::default().seq_len)]
     pub seq_len: usize,
     /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = TrainConfig::default().grad_accum)]
     pub grad_accum: usize,
-    pub lr: f32,
-    pub min_lr: f32,
-    pub warmup: u64,
-    pub weight_decay: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// Clip the global gradient norm to this (0 = off).
-    pub grad_clip: f32,
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
+    #[serde(flatten)]
+    #[command(flatten)]
+    pub optim: OptimConfig,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig {
-            steps: 1000,
-            batch: 8,
-            seq_len: 128,
-            grad_accum: 1,
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup: 50,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            seed: 1337,
-        }
+        TrainConfig { steps: 1000, batch: 8, seq_len: 128, grad_accum: 1, seed: 1337, optim: OptimConfig::default() }
     }
 }
 
 impl TrainConfig {
-    /// Learning rate at 1-based `step`: linear warmup to `lr`, then cosine down to `min_lr` at `steps`.
+    /// Learning rate at 1-based `step` of this run's schedule.
     pub fn lr_at(&self, step: u64) -> f32 {
-        if step <= self.warmup {
-            return self.lr * step as f32 / self.warmup.max(1) as f32;
-        }
-        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup) as f64 / span).min(1.0);
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * cosine) as f32
+        self.optim.lr_at(step, self.steps)
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelError::Config(m));
         if self.batch == 0 || self.seq_len == 0 || self.grad_accum == 0 || self.steps == 0 {
-            return bad("steps, batch, seq_len and grad_accum must all be at least 1".into());
+            return Err(ModelError::Config("steps, batch, seq_len and grad_accum must all be at least 1".into()));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return bad(format!("need 0 < lr ({}) and 0 <= min_lr ({}) <= lr", self.lr, self.min_lr));
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return bad(format!("betas must be in [0, 1): got {} and {}", self.beta1, self.beta2));
-        }
-        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
-            return bad("grad_clip and weight_decay must not be negative".into());
-        }
-        Ok(())
+        self.optim.validate()
     }
 }
 
@@ -131,97 +105,6 @@ impl BatchSource for BatchSampler {
     fn restore(&mut self, state: serde_json::Value) -> Result<()> {
         let s: SamplerState = serde_json::from_value(state).map_err(|e| ModelError::Data(e.to_string()))?;
         BatchSampler::restore(self, &s)
-    }
-}
-
-/// AdamW moments of every parameter plus the step count, and the end of every optimizer step: global gradient
-/// norm, one readback, NaN check, clipping, update. Pretraining, SFT and RL all finish their steps here.
-pub struct Optimizer {
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    /// Optimizer steps taken so far.
-    pub step: u64,
-}
-
-impl Optimizer {
-    pub fn new(gpu: &Gpu, model: &Model) -> Result<Optimizer> {
-        let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
-        let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
-        let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
-        Ok(Optimizer { m, v, step: 0 })
-    }
-
-    /// Update `model` from the gradients it holds. `report` tensors (scalars the caller wants, such as the loss)
-    /// are read back together with the gradient norm in one readback, the only one of the step; returns
-    /// (learning rate, gradient norm, the reported values in order). A non-finite norm is an error naming the step.
-    pub fn apply(
-        &mut self,
-        gpu: &Gpu,
-        model: &Model,
-        cfg: &TrainConfig,
-        report: &[&Tensor],
-    ) -> Result<(f32, f32, Vec<f32>)> {
-        self.step += 1;
-        let grads: Vec<&Tensor> = model.params.iter().map(|p| &p.grad).collect();
-        let norm_t = reduce::global_norm(gpu, &grads)?;
-        let n: usize = report.iter().map(|t| t.numel()).sum();
-        let all = gpu.alloc(&[n + 1], kiln_engine::DType::F32)?;
-        gpu.copy_elements(&norm_t, 0, &all, 0, 1)?;
-        let mut at = 1;
-        for t in report {
-            gpu.copy_elements(t, 0, &all, at, t.numel())?;
-            at += t.numel();
-        }
-        let values = gpu.read(&all)?;
-        let grad_norm = values[0];
-        if !grad_norm.is_finite() {
-            return Err(ModelError::NonFinite { what: "gradient norm", value: grad_norm, step: self.step });
-        }
-        if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
-            let scale = cfg.grad_clip / grad_norm;
-            for g in &grads {
-                elementwise::scale_inplace(gpu, g, scale)?;
-            }
-        }
-        let lr = cfg.lr_at(self.step);
-        let decay = AdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay };
-        let no_decay = AdamW { weight_decay: 0.0, ..decay };
-        for (((p, spec), m), v) in model.params.iter().zip(&model.specs).zip(&self.m).zip(&self.v) {
-            // The table says which parameters decay: matrices, not biases or norm gains.
-            let cfg = if spec.decay { &decay } else { &no_decay };
-            adamw_step(gpu, &p.value, &p.grad, m, v, cfg, self.step as u32)?;
-        }
-        gpu.sync()?;
-        Ok((lr, grad_norm, values[1..].to_vec()))
-    }
-
-    /// The moments as host tensors named `<param>.m` / `<param>.v` (the checkpoint's optimizer file).
-    pub fn to_host(&self, gpu: &Gpu, model: &Model) -> Result<Vec<HostTensor>> {
-        let mut out = Vec::new();
-        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
-            let shape = p.value.shape().to_vec();
-            out.push(HostTensor { name: format!("{}.m", p.name), shape: shape.clone(), data: gpu.read(m)? });
-            out.push(HostTensor { name: format!("{}.v", p.name), shape, data: gpu.read(v)? });
-        }
-        Ok(out)
-    }
-
-    /// Load moments written by `to_host`; every parameter's pair must be present.
-    pub fn restore(&mut self, gpu: &Gpu, model: &Model, tensors: Vec<HostTensor>, step: u64) -> Result<()> {
-        let moments: std::collections::HashMap<String, HostTensor> =
-            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
-            for (suffix, dst) in [("m", m), ("v", v)] {
-                let name = format!("{}.{suffix}", p.name);
-                let t = moments.get(&name).ok_or_else(|| ModelError::Checkpoint {
-                    path: "<checkpoint>".into(),
-                    message: format!("optimizer state lacks {name}"),
-                })?;
-                gpu.write(dst, &t.data)?;
-            }
-        }
-        self.step = step;
-        Ok(())
     }
 }
 
@@ -295,7 +178,8 @@ impl<'g> Trainer<'g> {
             elementwise::add_inplace(gpu, &loss_sum, tape.value(f.loss), 1.0)?;
             tape.backward(f.loss)?;
         }
-        let (lr, grad_norm, reported) = self.opt.apply(gpu, &self.model, &self.cfg, &[&loss_sum])?;
+        let (lr, grad_norm, reported) =
+            self.opt.apply(gpu, &self.model, &self.cfg.optim, self.cfg.steps, &[&loss_sum])?;
         self.step = self.opt.step;
         let loss = reported[0];
         if !loss.is_finite() {
@@ -361,6 +245,34 @@ impl<'g> Trainer<'g> {
     }
 }
 
+impl crate::train::driver::Stage for Trainer<'_> {
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.cfg.steps
+    }
+
+    fn step(&mut self) -> Result<StepReport> {
+        let m = Trainer::step(self)?;
+        let message = format!(
+            "loss {:.3} | {:.0} tok/s | {:.0} ms/step | lr {:.1e}",
+            m.loss, m.tokens_per_s, m.ms_per_step, m.lr
+        );
+        let metrics = serde_json::to_value(&m).map_err(|e| ModelError::Data(e.to_string()))?;
+        Ok(StepReport { step: m.step, metrics, message })
+    }
+
+    fn model(&self) -> &Model {
+        &self.model
+    }
+
+    fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
+        Trainer::checkpoint(self, tokenizer_json)
+    }
+}
+
 /// Refuse, before any work, a model and batch whose largest tensors exceed what one storage binding of this
 /// adapter holds (the kernels would refuse them mid-step otherwise), naming the setting to change.
 pub fn check_fits(gpu: &Gpu, c: &crate::arch::config::ModelConfig, batch: usize, seq_len: usize) -> Result<()> {
@@ -411,4 +323,28 @@ pub fn eval_loss(
         elementwise::add_inplace(gpu, &total, tape.value(f.loss), 1.0)?;
     }
     Ok(gpu.read(&total)?[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Args, FromArgMatches};
+
+    #[test]
+    fn flags_default_to_the_config_defaults() {
+        let cmd = TrainConfig::augment_args(clap::Command::new("train"));
+        let parsed = TrainConfig::from_arg_matches(&cmd.clone().get_matches_from(["train"])).unwrap();
+        assert_eq!(parsed, TrainConfig::default());
+        let parsed = TrainConfig::from_arg_matches(&cmd.get_matches_from(["train", "--lr", "0.5", "--batch", "3"]));
+        let parsed = parsed.unwrap();
+        assert_eq!((parsed.optim.lr, parsed.batch), (0.5, 3));
+    }
+
+    #[test]
+    fn checkpointed_settings_keep_their_flat_json_layout() {
+        // train_state.json of earlier runs stores the optimizer fields beside steps and batch.
+        let json = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert_eq!(json["lr"], serde_json::json!(1e-3f32));
+        assert_eq!(serde_json::from_value::<TrainConfig>(json).unwrap(), TrainConfig::default());
+    }
 }

@@ -36,9 +36,11 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
 use crate::eval::evaluate::{chat_prompts, completion_text};
 use crate::eval::generate::{rollouts, stream_seed, Completion, GenerateConfig};
-use crate::train::pretrain::{check_fits, resumable_state, Optimizer, TrainConfig};
+use crate::train::driver::StepReport;
+use crate::train::optim::{OptimConfig, Optimizer};
+use crate::train::pretrain::{check_fits, resumable_state};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
     /// Clipped ratio objective, several passes per batch, advantages optionally divided by the group std.
@@ -47,33 +49,52 @@ pub enum Algorithm {
     Reinforce,
 }
 
-/// Settings of an RL run (stored in its checkpoints).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Settings of an RL run (stored in its checkpoints). Its fields are `kiln rl`'s flags, each defaulting to the
+/// value in `Default` below (the optimizer's flags too: RL's learning rate, warmup and decay are RL's own).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+#[command(
+    mut_arg("lr", |a| a.default_value(RlConfig::default().optim.lr.to_string())),
+    mut_arg("min_lr", |a| a.default_value(RlConfig::default().optim.min_lr.to_string())),
+    mut_arg("warmup", |a| a.default_value(RlConfig::default().optim.warmup.to_string())),
+    mut_arg("weight_decay", |a| a.default_value(RlConfig::default().optim.weight_decay.to_string())),
+)]
 pub struct RlConfig {
+    #[arg(long, value_enum, default_value_t = RlConfig::default().algorithm)]
     pub algorithm: Algorithm,
+    /// RL steps (each: rollouts, rewards, `epochs` optimizer steps).
+    #[arg(long, default_value_t = RlConfig::default().steps)]
     pub steps: u64,
+    /// Prompts per step.
+    #[arg(long = "prompts", default_value_t = RlConfig::default().prompts_per_step)]
     pub prompts_per_step: usize,
     /// Completions per prompt (G).
+    #[arg(long = "group", default_value_t = RlConfig::default().group_size)]
     pub group_size: usize,
+    #[arg(long, default_value_t = RlConfig::default().max_new_tokens)]
     pub max_new_tokens: usize,
     /// Sampling temperature of the rollouts (log-probs in the loss are always at temperature 1).
+    #[arg(long, default_value_t = RlConfig::default().temperature)]
     pub temperature: f32,
     /// Ratio clip ε (GRPO).
+    #[arg(long, default_value_t = RlConfig::default().clip_eps)]
     pub clip_eps: f32,
-    /// Weight of the k3 KL penalty to the reference model.
+    /// Weight of the k3 KL penalty to the reference model (0 turns it off).
+    #[arg(long, default_value_t = RlConfig::default().beta)]
     pub beta: f32,
     /// Optimisation passes over each batch of rollouts (GRPO; REINFORCE uses 1).
+    #[arg(long, default_value_t = RlConfig::default().epochs)]
     pub epochs: usize,
-    /// Divide advantages by the group's standard deviation (GRPO).
+    /// Divide advantages by the group's standard deviation (GRPO); `--no-std-scale` turns it off.
+    #[arg(long = "no-std-scale", action = clap::ArgAction::SetFalse)]
     pub scale_by_std: bool,
     /// Sequences per forward/backward micro-batch (0 = all at once).
+    #[arg(long, default_value_t = RlConfig::default().micro_batch)]
     pub micro_batch: usize,
-    pub lr: f32,
-    pub min_lr: f32,
-    pub warmup: u64,
-    pub weight_decay: f32,
-    pub grad_clip: f32,
+    #[arg(long, default_value_t = RlConfig::default().seed)]
     pub seed: u64,
+    #[serde(flatten)]
+    #[command(flatten)]
+    pub optim: OptimConfig,
 }
 
 impl Default for RlConfig {
@@ -81,21 +102,17 @@ impl Default for RlConfig {
         RlConfig {
             algorithm: Algorithm::Grpo,
             steps: 100,
-            prompts_per_step: 8,
+            prompts_per_step: 16,
             group_size: 8,
             max_new_tokens: 16,
             temperature: 1.0,
             clip_eps: 0.2,
             beta: 0.04,
-            epochs: 1,
+            epochs: 2,
             scale_by_std: true,
             micro_batch: 0,
-            lr: 1e-4,
-            min_lr: 1e-5,
-            warmup: 5,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
             seed: 1,
+            optim: OptimConfig { lr: 3e-4, min_lr: 3e-5, warmup: 10, weight_decay: 0.0, ..OptimConfig::default() },
         }
     }
 }
@@ -109,20 +126,9 @@ impl RlConfig {
         }
     }
 
-    /// The optimiser's settings: one optimiser step per pass.
-    pub fn optim(&self) -> TrainConfig {
-        TrainConfig {
-            steps: self.steps * self.passes() as u64,
-            batch: 1,
-            seq_len: 1,
-            lr: self.lr,
-            min_lr: self.min_lr,
-            warmup: self.warmup,
-            weight_decay: self.weight_decay,
-            grad_clip: self.grad_clip,
-            seed: self.seed,
-            ..TrainConfig::default()
-        }
+    /// Optimizer steps of the whole run (the schedule's length): one per pass.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.steps * self.passes() as u64
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -142,7 +148,7 @@ impl RlConfig {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature must be > 0 for RL rollouts, got {}", self.temperature));
         }
-        self.optim().validate()
+        self.optim.validate()
     }
 }
 
@@ -347,7 +353,6 @@ impl<'g> RlTrainer<'g> {
         };
         let mut sums = [0.0f64; 4]; // objective, k3, clipped, entropy — summed over passes
         let (mut lr, mut grad_norm) = (0.0, 0.0);
-        let optim = self.cfg.optim();
         for _ in 0..passes {
             self.policy.zero_grad(gpu)?;
             let totals = elementwise::zeros(gpu, &[3])?;
@@ -374,7 +379,8 @@ impl<'g> RlTrainer<'g> {
                 let loss = tape.weighted_sum(losses, &pl.weights)?;
                 tape.backward(loss)?;
             }
-            let (l, g, values) = self.opt.apply(gpu, &self.policy, &optim, &[&totals, &entropy])?;
+            let total = self.cfg.optimizer_steps();
+            let (l, g, values) = self.opt.apply(gpu, &self.policy, &self.cfg.optim, total, &[&totals, &entropy])?;
             for (sum, v) in sums.iter_mut().zip(&values) {
                 *sum += *v as f64;
             }
@@ -497,9 +503,50 @@ impl<'g> RlTrainer<'g> {
     }
 }
 
+impl crate::train::driver::Stage for RlTrainer<'_> {
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.cfg.steps
+    }
+
+    fn step(&mut self) -> Result<StepReport> {
+        let m = RlTrainer::step(self)?;
+        let message = format!(
+            "reward {:.2} kl {:.3} clip {:.2} H {:.2} | {:.0} rollout tok/s",
+            m.mean_reward, m.kl, m.clip_fraction, m.entropy, m.rollout_tokens_per_s
+        );
+        let metrics = serde_json::to_value(&m).map_err(|e| ModelError::Data(e.to_string()))?;
+        Ok(StepReport { step: m.step, metrics, message })
+    }
+
+    fn model(&self) -> &Model {
+        &self.policy
+    }
+
+    fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
+        RlTrainer::checkpoint(self, tokenizer_json)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{Args, FromArgMatches};
+
+    #[test]
+    fn flags_default_to_the_config_defaults() {
+        let cmd = RlConfig::augment_args(clap::Command::new("rl"));
+        let parsed = RlConfig::from_arg_matches(&cmd.clone().get_matches_from(["rl"])).unwrap();
+        assert_eq!(parsed, RlConfig::default());
+        let m =
+            cmd.get_matches_from(["rl", "--lr", "0.01", "--no-std-scale", "--algorithm", "reinforce", "--group", "3"]);
+        let parsed = RlConfig::from_arg_matches(&m).unwrap();
+        assert_eq!((parsed.optim.lr, parsed.scale_by_std, parsed.group_size), (0.01, false, 3));
+        assert_eq!(parsed.algorithm, Algorithm::Reinforce);
+    }
 
     #[test]
     fn equal_rewards_give_zero_advantage_and_grpo_scales_by_std() {

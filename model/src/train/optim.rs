@@ -1,0 +1,177 @@
+//! The optimizer every stage shares: AdamW (weight decay where the parameter table says so), linear warmup then
+//! cosine decay, clipping by the global gradient norm computed on the GPU, and the NaN check that names the step.
+
+use serde::{Deserialize, Serialize};
+
+use kiln_engine::ops::adamw::{adamw_step, AdamW};
+use kiln_engine::ops::{elementwise, reduce};
+use kiln_engine::{Gpu, Tensor};
+
+use crate::arch::Model;
+use crate::checkpoint::HostTensor;
+use crate::error::{ModelError, Result};
+
+/// AdamW and learning-rate schedule settings. The defaults are pretraining's; each stage's config holds its own
+/// (so RL's smaller learning rate is RL's default, not a second copy of pretraining's flags).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct OptimConfig {
+    /// Peak learning rate, reached after the warmup.
+    #[arg(long, default_value_t = OptimConfig::default().lr)]
+    pub lr: f32,
+    /// Learning rate at the last step (cosine decay from lr).
+    #[arg(long, default_value_t = OptimConfig::default().min_lr)]
+    pub min_lr: f32,
+    /// Optimizer steps of linear warmup.
+    #[arg(long, default_value_t = OptimConfig::default().warmup)]
+    pub warmup: u64,
+    /// AdamW weight decay of the matrices (biases and norm gains never decay).
+    #[arg(long, default_value_t = OptimConfig::default().weight_decay)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = OptimConfig::default().beta1)]
+    pub beta1: f32,
+    #[arg(long, default_value_t = OptimConfig::default().beta2)]
+    pub beta2: f32,
+    #[arg(long, default_value_t = OptimConfig::default().eps)]
+    pub eps: f32,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = OptimConfig::default().grad_clip)]
+    pub grad_clip: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 50,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Learning rate at 1-based `step` of `total` optimizer steps: linear warmup to `lr`, then cosine down to
+    /// `min_lr` at `total`.
+    pub fn lr_at(&self, step: u64, total: u64) -> f32 {
+        if step <= self.warmup {
+            return self.lr * step as f32 / self.warmup.max(1) as f32;
+        }
+        let span = total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * cosine) as f32
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if !(self.lr > 0.0 && self.lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(format!("need 0 < lr ({}) and 0 <= min_lr ({}) <= lr", self.lr, self.min_lr));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad(format!("betas must be in [0, 1): got {} and {}", self.beta1, self.beta2));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad(format!("eps must be a positive number, got {}", self.eps));
+        }
+        if !(self.grad_clip >= 0.0 && self.weight_decay >= 0.0) {
+            return bad("grad_clip and weight_decay must not be negative".into());
+        }
+        Ok(())
+    }
+}
+
+/// AdamW moments of every parameter plus the step count, and the end of every optimizer step: global gradient
+/// norm, one readback, NaN check, clipping, update. Pretraining, SFT and RL all finish their steps here.
+pub struct Optimizer {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+}
+
+impl Optimizer {
+    pub fn new(gpu: &Gpu, model: &Model) -> Result<Optimizer> {
+        let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
+        let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        Ok(Optimizer { m, v, step: 0 })
+    }
+
+    /// Update `model` from the gradients it holds. `report` tensors (scalars the caller wants, such as the loss)
+    /// are read back together with the gradient norm in one readback, the only one of the step; returns
+    /// (learning rate, gradient norm, the reported values in order). A non-finite norm is an error naming the step.
+    pub fn apply(
+        &mut self,
+        gpu: &Gpu,
+        model: &Model,
+        cfg: &OptimConfig,
+        total_steps: u64,
+        report: &[&Tensor],
+    ) -> Result<(f32, f32, Vec<f32>)> {
+        self.step += 1;
+        let grads: Vec<&Tensor> = model.params.iter().map(|p| &p.grad).collect();
+        let norm_t = reduce::global_norm(gpu, &grads)?;
+        let n: usize = report.iter().map(|t| t.numel()).sum();
+        let all = gpu.alloc(&[n + 1], kiln_engine::DType::F32)?;
+        gpu.copy_elements(&norm_t, 0, &all, 0, 1)?;
+        let mut at = 1;
+        for t in report {
+            gpu.copy_elements(t, 0, &all, at, t.numel())?;
+            at += t.numel();
+        }
+        let values = gpu.read(&all)?;
+        let grad_norm = values[0];
+        if !grad_norm.is_finite() {
+            return Err(ModelError::NonFinite { what: "gradient norm", value: grad_norm, step: self.step });
+        }
+        if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
+            let scale = cfg.grad_clip / grad_norm;
+            for g in &grads {
+                elementwise::scale_inplace(gpu, g, scale)?;
+            }
+        }
+        let lr = cfg.lr_at(self.step, total_steps);
+        let decay = AdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay };
+        let no_decay = AdamW { weight_decay: 0.0, ..decay };
+        for (((p, spec), m), v) in model.params.iter().zip(&model.specs).zip(&self.m).zip(&self.v) {
+            // The table says which parameters decay: matrices, not biases or norm gains.
+            let cfg = if spec.decay { &decay } else { &no_decay };
+            adamw_step(gpu, &p.value, &p.grad, m, v, cfg, self.step as u32)?;
+        }
+        gpu.sync()?;
+        Ok((lr, grad_norm, values[1..].to_vec()))
+    }
+
+    /// The moments as host tensors named `<param>.m` / `<param>.v` (the checkpoint's optimizer file).
+    pub fn to_host(&self, gpu: &Gpu, model: &Model) -> Result<Vec<HostTensor>> {
+        let mut out = Vec::new();
+        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
+            let shape = p.value.shape().to_vec();
+            out.push(HostTensor { name: format!("{}.m", p.name), shape: shape.clone(), data: gpu.read(m)? });
+            out.push(HostTensor { name: format!("{}.v", p.name), shape, data: gpu.read(v)? });
+        }
+        Ok(out)
+    }
+
+    /// Load moments written by `to_host`; every parameter's pair must be present.
+    pub fn restore(&mut self, gpu: &Gpu, model: &Model, tensors: Vec<HostTensor>, step: u64) -> Result<()> {
+        let moments: std::collections::HashMap<String, HostTensor> =
+            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        for ((p, m), v) in model.params.iter().zip(&self.m).zip(&self.v) {
+            for (suffix, dst) in [("m", m), ("v", v)] {
+                let name = format!("{}.{suffix}", p.name);
+                let t = moments.get(&name).ok_or_else(|| ModelError::Checkpoint {
+                    path: "<checkpoint>".into(),
+                    message: format!("optimizer state lacks {name}"),
+                })?;
+                gpu.write(dst, &t.data)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
