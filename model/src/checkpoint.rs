@@ -7,16 +7,16 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs::{self, OpenOptions};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::config::ModelConfig;
 use crate::arch::{export_hf, import_hf};
+use crate::atomic::{split_path, sync_dir, sync_dir_io, write_atomic_with, write_file_synced};
 use crate::error::{io_err, ModelError, Result};
 
 /// File names inside a checkpoint directory; the first three are what Hugging Face tools look for.
@@ -91,17 +91,7 @@ impl View for F32View<'_> {
 /// directory, fsync, rename, fsync the directory. Files meant for `transformers` need `format: pt` in the metadata
 /// (`save_checkpoint` adds it).
 pub fn save_safetensors(path: &Path, tensors: &[HostTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
-    let (parent, name) = split_path(path)?;
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = parent.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
-    let result = write_safetensors_synced(&tmp, tensors, metadata)
-        .and_then(|()| fs::rename(&tmp, path).map_err(io_err(path)))
-        .and_then(|()| sync_dir(&parent));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_atomic_with(path, |tmp| write_safetensors_synced(tmp, tensors, metadata))
 }
 
 /// Write and fsync in place; callers provide atomicity (a temp name, or a temp directory).
@@ -491,45 +481,6 @@ fn load_model_tensors(dir: &Path) -> Result<(PathBuf, Vec<HostTensor>)> {
         ));
     }
     Ok((index_path, tensors))
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// file system helpers
-
-/// The parent directory ("." for a bare name) and the UTF-8 final component, from which sibling temp names are made.
-fn split_path(path: &Path) -> Result<(PathBuf, String)> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| ckpt_err(path, "needs a final path component in UTF-8 (a name, not \"..\" or \"/\")"))?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((parent, name.to_string()))
-}
-
-fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(io_err(path))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io_err(path))
-}
-
-/// Makes renames and new entries in `dir` durable; without it a power cut can lose a rename that already returned.
-fn sync_dir(dir: &Path) -> Result<()> {
-    sync_dir_io(dir).map_err(io_err(dir))
-}
-
-fn sync_dir_io(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir)?.sync_all()
-    }
-    #[cfg(not(unix))]
-    {
-        // Directories cannot be opened as files here; NTFS journals renames itself.
-        let _ = dir;
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@ use super::*;
 use crate::arch::{import_hf, param_table};
 
 use safetensors::tensor::TensorView;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A unique directory under the system temp dir, removed on drop (tests run in parallel in one process).
 struct Scratch(PathBuf);

@@ -6,9 +6,10 @@
 //! - `data`: tokenizer, token shards and batches, chat format, synthetic tasks.
 //! - `train`: the optimizer and the training stages.
 //! - `eval`: evaluation suite and generation (KV cache, sampling, rollouts).
-//! - `checkpoint`: the on-disk format and atomic directory writes.
+//! - `checkpoint`: the on-disk format and atomic directory writes (`atomic`: the crate's one atomic file writer).
 
 pub mod arch;
+mod atomic;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -1,7 +1,7 @@
 //! The pretraining data pipeline: the bundled and user corpora, token shard files, the deterministic train/val
 //! split with its unigram baseline, and the (B, T) batches the trainer and evaluation draw from a shard.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -52,36 +52,7 @@ pub fn read_corpus(paths: &[PathBuf]) -> Result<String> {
     Ok(out)
 }
 
-/// Write `bytes` to `path` so that a crash leaves either the old file or the whole new one: a temporary file
-/// beside it, fsync, rename over, fsync the directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| ModelError::Data(format!("{}: not a file path", path.display())))?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp)(e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(path)(e));
-    }
-    // The rename itself is durable only once the directory is synced; not every platform can open a
-    // directory, and the data is already safe, so failing here is not an error.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
+pub(crate) use crate::atomic::write_atomic;
 
 const SHARD_MAGIC: &[u8; 8] = b"KILNTOK1";
 const SHARD_VERSION: u32 = 1;
