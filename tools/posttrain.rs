@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use kiln_engine::Gpu;
 use kiln_model::arch::Model;
 use kiln_model::checkpoint::{load_checkpoint, Checkpoint};
-use kiln_model::data::chat::ChatTokens;
+use kiln_model::data::chat::add_chat_tokens;
 use kiln_model::data::read_shard;
 use kiln_model::data::tasks::{read_rl_jsonl, read_sft_jsonl, reward, Example, Split, Task};
 use kiln_model::data::tokenizer::Tokenizer;
@@ -48,14 +48,25 @@ impl ExampleSource<'_> {
     }
 }
 
-/// A checkpoint's model and tokenizer (the tokenizer must carry the chat tokens).
+/// A checkpoint's model and tokenizer, with the chat tokens added (and the embedding grown) where the tokenizer
+/// lacks them, as for a pretrained GPT-2 or Llama from the Hub.
 pub fn load_policy(dir: &Path) -> Result<(Checkpoint, Tokenizer)> {
-    let ckpt = load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let mut ckpt = load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     if ckpt.tokenizer_json.is_none() {
         bail!("{} has no tokenizer.json: post-training needs the tokenizer the model was trained with", dir.display());
     }
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-    ChatTokens::from_tokenizer(&tok)?;
+    let mut tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let vocab = ckpt.config.vocab_size;
+    let added = add_chat_tokens(&mut ckpt, &mut tok)?;
+    if !added.is_empty() {
+        println!(
+            "{}: added the chat tokens {} to its tokenizer (model vocabulary {vocab} → {}; new rows start at the \
+             mean embedding)",
+            dir.display(),
+            added.join(" "),
+            ckpt.config.vocab_size
+        );
+    }
     Ok((ckpt, tok))
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use kiln_engine::autograd::Tape;
 use kiln_engine::testing::gpu;
 use kiln_model::arch::Model;
 use kiln_model::checkpoint::HostTensor;
@@ -260,5 +261,51 @@ fn packed_examples_compute_what_they_would_alone() {
         let scale = want.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
         let err = g.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= 1e-3 * scale, "{}: packed gradient differs from the sum of alone gradients by {err}", p.name);
+    }
+}
+
+#[test]
+fn chat_tokens_are_added_to_a_tokenizer_without_them_and_old_logits_stay() {
+    use kiln_model::checkpoint::Checkpoint;
+    use kiln_model::data::chat::{add_chat_tokens, ChatTokens};
+    let gpu = gpu();
+    let tok = Tokenizer::train(&"12+34=46 the king said\n".repeat(40), 300, &["<|endoftext|>"]).unwrap();
+    assert!(ChatTokens::from_tokenizer(&tok).is_err());
+    let v = tok.vocab_size();
+    for config in [
+        ModelConfig::gpt2(v, 32, 1, 2, 16),
+        ModelConfig { tie_embeddings: false, ..ModelConfig::llama(v, 32, 1, (2, 1), 16, 24) },
+    ] {
+        let mut tok = tok.clone();
+        let model = Model::new(gpu, &config, 3).unwrap();
+        let ids: Vec<i32> = tok.encode("12+34=46 the king").unwrap().iter().map(|&x| x as i32).collect();
+        let logits = |m: &Model| {
+            let mut tape = Tape::no_grad(gpu);
+            let l = m.logits(&mut tape, &ids, 1, ids.len()).unwrap();
+            gpu.read(tape.value(l)).unwrap()
+        };
+        let before = logits(&model);
+        let mut ckpt = Checkpoint {
+            config: config.clone(),
+            model: model.to_host(gpu).unwrap(),
+            optimizer: vec![],
+            state: None,
+            tokenizer_json: Some(tok.to_json().unwrap()),
+        };
+        let added = add_chat_tokens(&mut ckpt, &mut tok).unwrap();
+        assert_eq!(added, ["<|user|>", "<|assistant|>", "<|end|>"]);
+        let ct = ChatTokens::from_tokenizer(&tok).unwrap();
+        assert_eq!((ct.user as usize, ct.end as usize), (v, v + 2), "new ids follow the old vocabulary");
+        assert_eq!(ckpt.config.vocab_size, v + 3);
+        assert!(ckpt.tokenizer_json.as_ref().unwrap().contains("<|assistant|>"));
+        let grown = Model::from_host(gpu, &ckpt.config, ckpt.model.clone()).unwrap();
+        let after = logits(&grown);
+        for (t, (old, new)) in before.chunks(v).zip(after.chunks(v + 3)).enumerate() {
+            // The same weights for every old token and the same hidden states: the old logits are the same bits.
+            assert_eq!(old, &new[..v], "{:?} position {t}", config.family);
+        }
+        // Once they are there, nothing changes.
+        assert!(add_chat_tokens(&mut ckpt, &mut tok).unwrap().is_empty());
+        assert_eq!(ckpt.config.vocab_size, v + 3);
     }
 }

@@ -105,6 +105,43 @@ pub fn param_table(config: &ModelConfig) -> Vec<ParamSpec> {
     table(config).0
 }
 
+/// `tensors` (Kiln names, table order) of a model with `config.vocab_size` rows of vocabulary, grown to `vocab`
+/// rows: the token embedding and an untied output head get new rows equal to the mean of their existing rows, so
+/// a new token starts as an average token (Hugging Face's resize_token_embeddings does the same) and every
+/// existing token's logits are unchanged. Returns the new config and tensors.
+pub fn grow_vocab(
+    config: &ModelConfig,
+    tensors: Vec<HostTensor>,
+    vocab: usize,
+) -> Result<(ModelConfig, Vec<HostTensor>)> {
+    let (specs, layout) = table(config);
+    let mut tensors = schema::in_table_order(config, &specs, tensors, None)?;
+    if vocab < config.vocab_size {
+        return Err(ModelError::Config(format!(
+            "cannot shrink the vocabulary from {} to {vocab} rows",
+            config.vocab_size
+        )));
+    }
+    let c = config.n_embd;
+    let mut rows = vec![layout.wte];
+    if layout.head.w != layout.wte {
+        rows.push(layout.head.w);
+    }
+    for i in rows {
+        let t = &mut tensors[i];
+        let mean: Vec<f32> = (0..c)
+            .map(|j| {
+                (t.data.iter().skip(j).step_by(c).map(|&v| v as f64).sum::<f64>() / config.vocab_size as f64) as f32
+            })
+            .collect();
+        for _ in config.vocab_size..vocab {
+            t.data.extend_from_slice(&mean);
+        }
+        t.shape[0] = vocab;
+    }
+    Ok((ModelConfig { vocab_size: vocab, ..config.clone() }, tensors))
+}
+
 fn table(config: &ModelConfig) -> (Vec<ParamSpec>, Layout) {
     match config.family {
         Family::Gpt2 => gpt2::table(config),

@@ -6,6 +6,8 @@
 //! the model restarts positions at 0 for every example and attention stays inside each example (block-diagonal
 //! causal mask): a packed example computes exactly what it would alone.
 
+use crate::arch::grow_vocab;
+use crate::checkpoint::Checkpoint;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
 
@@ -28,14 +30,37 @@ impl ChatTokens {
         let id = |t: &str| {
             tok.token_id(t).ok_or_else(|| {
                 ModelError::Tokenizer(format!(
-                    "the tokenizer lacks the chat token {t}: fine-tuning needs a tokenizer prepared with the chat \
-                     tokens ({}); `kiln prepare` adds them when it trains one",
+                    "the tokenizer lacks the chat token {t}: fine-tuning needs the chat tokens ({}); `kiln prepare` \
+                     adds them when it trains a tokenizer, and `kiln sft` adds them to a checkpoint that lacks them",
                     SPECIAL_TOKENS[1..].join(" ")
                 ))
             })
         };
         Ok(ChatTokens { user: id(USER)?, assistant: id(ASSISTANT)?, end: id(END)? })
     }
+}
+
+/// Make `ckpt`'s tokenizer carry the chat tokens: those it lacks are added as special tokens and, where that takes
+/// the vocabulary past the model's, the embedding (and an untied head) grow to match (`arch::grow_vocab`), and
+/// the checkpoint's tokenizer.json is replaced. Returns the tokens added (empty when all were there).
+pub fn add_chat_tokens(ckpt: &mut Checkpoint, tok: &mut Tokenizer) -> Result<Vec<&'static str>> {
+    let missing: Vec<&'static str> =
+        SPECIAL_TOKENS[1..].iter().copied().filter(|t| tok.token_id(t).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    tok.add_special_tokens(&missing);
+    ChatTokens::from_tokenizer(tok)?;
+    if tok.vocab_size() > ckpt.config.vocab_size {
+        let (config, tensors) = grow_vocab(&ckpt.config, std::mem::take(&mut ckpt.model), tok.vocab_size())?;
+        ckpt.config = config;
+        ckpt.model = tensors;
+        // Moments of the old shapes cannot continue: post-training starts a fresh optimizer anyway.
+        ckpt.optimizer.clear();
+        ckpt.state = None;
+    }
+    ckpt.tokenizer_json = Some(tok.to_json()?);
+    Ok(missing)
 }
 
 /// One example as tokens, with `trained[i]` true where token i belongs to the response or the end marker.
