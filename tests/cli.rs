@@ -170,7 +170,7 @@ fn prepare_pretrain_sft_rl_study_end_to_end() {
 }
 
 #[test]
-fn sft_refuses_a_tokenizer_without_chat_tokens() {
+fn sft_adds_chat_tokens_to_a_tokenizer_without_them() {
     let dir = scratch("nochat");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let tok = kiln_model::data::tokenizer::Tokenizer::train(&"the king 1+2=3\n".repeat(300), 280, &["<|endoftext|>"])
@@ -181,8 +181,106 @@ fn sft_refuses_a_tokenizer_without_chat_tokens() {
     ok(&["prepare", "--input", &s(&corpus(&dir)), "--out", &s(&data), "--tokenizer", &s(&tok_path)]);
     let pre = dir.join("pre");
     ok(&["pretrain", "--data", &s(&data), "--out", &s(&pre), "--steps", "1", "--batch", "1", "--seq-len", "16"]);
-    let (success, text) =
-        kiln(&["sft", "--init", &s(&pre.join("checkpoint")), "--out", &s(&dir.join("sft")), "--task", "count"]);
-    assert!(!success && text.contains("<|user|>") && text.contains("kiln prepare"), "{text}");
+    let sft = dir.join("sft");
+    let args = ["--task", "count", "--steps", "2", "--batch", "2", "--seq-len", "32", "--eval-examples", "2"];
+    let text = ok(&[&["sft", "--init", &s(&pre.join("checkpoint")), "--out", &s(&sft)][..], &args].concat());
+    assert!(text.contains("added the chat tokens <|user|> <|assistant|> <|end|>"), "{text}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sft.join("checkpoint/config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"].as_u64().unwrap() as usize, tok.vocab_size() + 3);
+    let saved = kiln_model::data::tokenizer::Tokenizer::from_file(&sft.join("checkpoint/tokenizer.json")).unwrap();
+    assert!(saved.token_id("<|assistant|>").is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn llama_tiny_runs_every_command() {
+    let dir = scratch("llama");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let data = dir.join("data");
+    ok(&["prepare", "--input", &s(&corpus(&dir)), "--out", &s(&data), "--vocab", "320"]);
+    let pre = dir.join("pre");
+    let small = ["--batch", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "2"];
+    let run = |steps: &str, extra: &[&str]| {
+        let base = ["pretrain", "--data", &s(&data), "--out", &s(&pre), "--preset", "llama-tiny", "--steps", steps];
+        ok(&[&base[..], &small, extra].concat())
+    };
+    let text = run("2", &[]);
+    assert!(text.contains("llama: 2 layers, 4 heads (2 KV)"), "{text}");
+    // Resume continues the same run to step 4.
+    run("4", &["--resume"]);
+    let metrics = std::fs::read_to_string(pre.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "{metrics}");
+    let ckpt = pre.join("checkpoint");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["num_key_value_heads"].as_u64()), (Some("llama"), Some(2)));
+
+    let text = ok(&["eval", "--checkpoint", &s(&ckpt), "--text", &s(&dir.join("corpus.txt")), "--seq-len", "32"]);
+    assert!(text.contains("nats/token"), "{text}");
+    let text =
+        ok(&["generate", "--checkpoint", &s(&ckpt), "--prompt", "the king", "--max-tokens", "8", "--samples", "2"]);
+    assert!(text.starts_with("the king") && text.contains("--- sample 1 ---"), "{text}");
+
+    let sft = dir.join("sft");
+    let post = ["--task", "addition:1", "--eval-examples", "2", "--eval-every", "2"];
+    let sft_args = ["sft", "--init", &s(&ckpt), "--out", &s(&sft), "--steps", "2", "--batch", "2", "--seq-len", "32"];
+    assert!(ok(&[&sft_args[..], &post].concat()).contains("sft: done"));
+    let rl = dir.join("rl");
+    let rl_args = ["rl", "--init", &s(&sft.join("checkpoint")), "--out", &s(&rl), "--steps", "2", "--prompts", "2"];
+    let text = ok(&[&rl_args[..], &post, &["--group", "2", "--max-new-tokens", "3"]].concat());
+    assert!(text.contains("rl: done"), "{text}");
+    assert_eq!(std::fs::read_to_string(rl.join("metrics.jsonl")).unwrap().lines().count(), 2);
+
+    let study = dir.join("study");
+    let text = ok(&[
+        "study",
+        "--arch",
+        "llama",
+        "--out",
+        &s(&study),
+        "--data",
+        &s(&data),
+        "--quick",
+        "--task",
+        "addition:1",
+        "--pretrain-steps",
+        "2",
+        "--sft-steps",
+        "2",
+        "--rl-steps",
+        "2",
+        "--eval-prompts",
+        "2",
+        "--samples",
+        "2",
+    ]);
+    assert!(text.contains("general loss (bits/byte)"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_run_into_a_live_runs_directory_is_refused() {
+    let dir = scratch("lock");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let data = dir.join("data");
+    ok(&["prepare", "--input", &s(&corpus(&dir)), "--out", &s(&data), "--vocab", "300"]);
+    let out = dir.join("run");
+    let args =
+        ["pretrain", "--data", &s(&data), "--out", &s(&out), "--steps", "100000", "--batch", "1", "--seq-len", "16"];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).spawn().expect("kiln starts");
+    let lock = out.join("run.lock");
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid")) {
+        assert!(start.elapsed().as_secs() < 60, "the first run never took its directory");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (success, text) = kiln(&args);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!success, "the second run must be refused:\n{text}");
+    assert!(text.contains("in use by another Kiln run") && text.contains(&format!("pid {}", first.id())), "{text}");
+    // Once the first run is gone, the directory is free.
+    ok(&["pretrain", "--data", &s(&data), "--out", &s(&out), "--steps", "1", "--batch", "1", "--seq-len", "16"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -159,6 +159,9 @@ enum Command {
         /// A few minutes on a software GPU instead of well under an hour.
         #[arg(long)]
         quick: bool,
+        /// The model family: gpt2 (the `tiny` preset) or llama (`llama-tiny`).
+        #[arg(long, default_value = "gpt2")]
+        arch: String,
         /// Repeat the whole pipeline with seeds 1..=N and report mean ± std.
         #[arg(long, default_value_t = 1)]
         seeds: u64,
@@ -341,6 +344,7 @@ fn run() -> Result<()> {
         Command::Study {
             out,
             quick,
+            arch,
             seeds,
             tasks,
             beta,
@@ -360,7 +364,12 @@ fn run() -> Result<()> {
                 anyhow::bail!("--seeds must be at least 1");
             }
             let sizes = study::Sizes { pretrain_steps, sft_steps, rl_steps, eval_prompts, samples };
-            let opts = study::StudyOpts { out, quick, seeds, tasks, ablate_beta, ablate_mix, beta, data, sizes };
+            let arch = match arch.as_str() {
+                "gpt2" => kiln_model::Family::Gpt2,
+                "llama" => kiln_model::Family::Llama,
+                other => anyhow::bail!("unknown --arch {other:?}: use gpt2 or llama"),
+            };
+            let opts = study::StudyOpts { out, arch, quick, seeds, tasks, ablate_beta, ablate_mix, beta, data, sizes };
             study::study_cmd(&open_gpu()?, &opts)
         }
         Command::Plot { metrics, out } => plot::plot_cmd(&metrics, &out),

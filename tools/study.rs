@@ -32,6 +32,8 @@ use crate::progress::{spinner, Bar};
 
 pub struct StudyOpts {
     pub out: std::path::PathBuf,
+    /// The model family studied: its small preset (GPT-2 `tiny` or `llama-tiny`).
+    pub arch: kiln_model::Family,
     pub quick: bool,
     pub seeds: u64,
     pub tasks: Vec<Task>,
@@ -256,7 +258,11 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
     let tok_json = std::fs::read_to_string(data.join("tokenizer.json"))?;
     let train = Arc::new(read_shard(&data.join("train.bin"))?.tokens);
     let val = read_shard(&data.join("val.bin"))?.tokens;
-    let config = ModelConfig::preset("tiny", tok.vocab_size())?;
+    let preset = match opts.arch {
+        kiln_model::Family::Gpt2 => "tiny",
+        kiln_model::Family::Llama => "llama-tiny",
+    };
+    let config = ModelConfig::preset(preset, tok.vocab_size())?;
     let dir = opts.out.join(format!("seed{seed}"));
     let save = |name: &str, model: &Model| -> Result<()> {
         let ckpt = kiln_model::checkpoint::Checkpoint {
