@@ -13,6 +13,9 @@ pub mod shaders;
 mod tensor;
 pub mod testing;
 
+#[cfg(test)]
+mod params_layout_tests;
+
 pub use error::{Error, Result};
 pub use gpu::{list_adapters, AdapterReport, Gpu};
 pub use launch::Launch;

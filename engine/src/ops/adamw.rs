@@ -30,6 +30,17 @@ struct Params {
     bias_correction2: f32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { n, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2 })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// 1 - beta^step in f64, so the correction stays accurate for any step count.
 fn bias_correction(beta: f32, step: u32) -> f64 {
     1.0 - (beta as f64).powf(step as f64)

@@ -83,6 +83,17 @@ struct Params {
     w: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { b, t, c, nh, hs, bc, scale, nkv, w })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// Sizes of a validated qkv: c = nh·hs is the width of y, w = (nh + 2·nkv)·hs that of qkv.
 struct Dims {
     b: usize,

@@ -15,6 +15,17 @@ struct Params {
     inner: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { n, alpha, inner })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 fn launch(gpu: &Gpu, op: &'static str, entry: &'static str, args: &[&Tensor], alpha: f32) -> Result<()> {
     launch_n(gpu, op, entry, args, alpha, args[0].numel(), 0)
 }

@@ -27,6 +27,17 @@ struct Params {
     has_wpe: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { n, c, t, v, distinct, pos_distinct, has_positions, max_t, batch_t, has_wpe })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// The two dims of a rank-2 tensor, or a Shape error naming the expected layout.
 fn dims2(op: &'static str, what: &'static str, layout: &str, t: &Tensor) -> Result<(usize, usize)> {
     match *t.shape() {

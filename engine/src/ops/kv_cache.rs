@@ -45,6 +45,17 @@ struct Params {
     w: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { b, t, c, nh, hs, pos, tmax, bc, scale, src, dst0, dst1, len, nkv, w })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// Per-layer cache: k and v as [B, NKV, Tmax, HS] f32 tensors (head-major so a decode step reads contiguous keys;
 /// NKV = n_kv_head, which is n_head for multi-head attention).
 pub struct KvCache {

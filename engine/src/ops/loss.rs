@@ -19,6 +19,17 @@ struct Params {
     v: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { rows, v })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// (rows, V) of F32 `logits` [N, V] (any leading dims) with I32 `targets` shaped like its leading dims.
 fn check_logits_targets(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<(usize, usize)> {
     let (rows, v) = rows_cols(op, "logits", logits)?;

@@ -105,6 +105,17 @@ struct Params {
     beta: f32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { m, n, k, batch, sa_b, sa_m, sa_k, sb_b, sb_k, sb_n, sc_b, has_bias, alpha, beta })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// Problem sizes derived from the operand shapes, checked before anything is dispatched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatmulShape {

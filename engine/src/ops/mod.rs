@@ -19,6 +19,24 @@ use crate::{Error, Result, Tensor};
 /// Threads per workgroup of the 1-D elementwise kernels (matches `WG` in the WGSL).
 pub(crate) const WG_1D: u32 = 256;
 
+/// One field of a launcher's immediates struct: name, byte offset, byte size.
+#[cfg(test)]
+pub(crate) type Field = (&'static str, usize, usize);
+
+#[cfg(test)]
+pub(crate) fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
+    std::mem::size_of::<F>()
+}
+
+/// The [`Field`]s of a struct, from the compiler's own layout.
+#[cfg(test)]
+#[macro_export]
+macro_rules! layout_of {
+    ($t:ident { $($f:ident),* $(,)? }) => {
+        vec![$((stringify!($f), std::mem::offset_of!($t, $f), $crate::ops::field_size(|p: &$t| &p.$f))),*]
+    };
+}
+
 /// A 1-D launch of `n` items folded into x/y: one grid dimension allows at most 65535 workgroups on most adapters.
 pub(crate) fn grid_1d(n: usize, wg: u32) -> [u32; 3] {
     let groups = (n as u64).div_ceil(wg as u64);

@@ -17,6 +17,17 @@ struct Params {
     eps: f32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { rows, c, eps })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// (rows, last dim) of an F32 tensor seen as [N, C] with its leading dims flattened. Shared by the row kernels.
 pub(crate) fn rows_cols(op: &'static str, what: &'static str, t: &Tensor) -> Result<(usize, usize)> {
     nonempty(op, what, t)?;

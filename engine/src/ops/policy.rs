@@ -47,6 +47,17 @@ struct Params {
     beta: f32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { n, v, parts, clip, eps, beta })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// Per-token weights and summed statistics of the clipped policy-gradient objective (see the module docs).
 /// `losses` are the per-token cross-entropy losses under the current policy; `old_logp` the sampling policy's
 /// log-probs of the same tokens, `ref_logp` the reference model's, `adv` the advantages and `scale` each token's

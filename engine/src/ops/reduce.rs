@@ -18,6 +18,17 @@ struct Params {
     root: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { n, cols, col_blocks, square, scale, root })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// Threads per workgroup (`WG` in the WGSL).
 const WG: usize = 256;
 /// Elements each thread of `sum_blocks` adds before the tree (`ITEMS` override); 1024 elements per workgroup.

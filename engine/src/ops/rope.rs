@@ -20,6 +20,17 @@ struct Params {
     sign: f32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { n, w, hs, rotated, max_pos, sign })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// cos and sin of p·θ^(-2k/HS) for positions p < max_pos and k < HS/2, as [max_pos, HS/2] f32 tensors.
 pub struct RopeTable {
     pub cos: Tensor,

@@ -50,6 +50,17 @@ struct Params {
     greedy: u32,
 }
 
+/// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
+#[cfg(test)]
+pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
+    crate::layout_of!(Params { rows, v, top_k, inv_temp, top_p, greedy })
+}
+
+#[cfg(test)]
+pub(crate) fn params_size() -> usize {
+    std::mem::size_of::<Params>()
+}
+
 /// (rows, V) of F32 `logits` [N, V] (any leading dims) with `other` (u or ids) of dtype `dtype` shaped like the
 /// leading dims.
 fn check_rows(
