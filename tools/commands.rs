@@ -287,9 +287,16 @@ pub fn inspect_cmd(gpu: &Gpu, checkpoint: &Path, tokens: &Path, out: &Path) -> R
         HostTensor::new("loss", vec![1], gpu.read(tape.value(f.loss))?),
     ];
     tape.backward(f.loss)?;
-    for p in &model.params {
-        tensors.push(HostTensor::new(p.name.clone(), p.grad.shape().to_vec(), gpu.read(&p.grad)?));
-    }
+    // Gradients under the Hugging Face names and layouts the checkpoint uses (a fused Llama qkv_proj split back
+    // into q/k/v_proj), so they compare name by name with `param.grad` in transformers.
+    let grads = model
+        .params
+        .iter()
+        .map(|p| Ok(HostTensor::new(p.name.clone(), p.grad.shape().to_vec(), gpu.read(&p.grad)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let grads = kiln_model::arch::export_hf(&model.config, &grads)?;
+    let n_grads = grads.len();
+    tensors.extend(grads);
     let meta = [
         ("format".to_string(), "pt".to_string()),
         ("contents".to_string(), "logits, loss, gradients by parameter name".to_string()),
@@ -298,9 +305,8 @@ pub fn inspect_cmd(gpu: &Gpu, checkpoint: &Path, tokens: &Path, out: &Path) -> R
     .collect();
     save_safetensors(out, &tensors, &meta)?;
     println!(
-        "inspect: loss {:.6} over {b}×{t} tokens; logits and {} gradients → {}",
+        "inspect: loss {:.6} over {b}×{t} tokens; logits and {n_grads} gradients → {}",
         tensors[1].data[0],
-        model.params.len(),
         out.display()
     );
     Ok(())

@@ -6,6 +6,7 @@ whole batches of BATCH windows only).
 
     python tools/hf_check.py DIR TEXT [--seq-len T] [--batch B]
     python tools/hf_check.py --random-llama DIR --tokenizer-from KILN_CKPT   # the user's own random LlamaForCausalLM
+    python tools/hf_check.py --grads DIR TOKENS.json INSPECT.safetensors      # `kiln inspect` output vs autograd
 
 Needs torch, transformers and tokenizers (pip install torch transformers tokenizers).
 """
@@ -78,6 +79,33 @@ def check(ckpt: Path, text: Path, seq_len: int | None, batch: int) -> float:
     return loss
 
 
+def check_grads(ckpt: Path, tokens: Path, inspect: Path) -> float:
+    """Logits, loss and every parameter gradient of `kiln inspect --checkpoint DIR --tokens TOKENS.json --out
+    INSPECT.safetensors` against transformers' autograd on the same rows; returns the worst relative difference."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    kiln = load_file(str(inspect))
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    rows = torch.tensor(json.loads(tokens.read_text()))
+    logits = model(rows[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+    loss.backward()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        scale = p.grad.abs().max().item() + 1e-12
+        worst = max(worst, (kiln[name] - p.grad).abs().max().item() / scale)
+    print(
+        f"{ckpt}: loss kiln {kiln['loss'].item():.6f} transformers {loss.item():.6f}; "
+        f"max |logit diff| {(kiln['logits'] - logits.detach()).abs().max().item():.2e}; "
+        f"worst gradient difference {worst:.2e} of the tensor's largest entry"
+    )
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", type=Path, nargs="?")
@@ -87,7 +115,11 @@ def main() -> None:
     ap.add_argument("--random-llama", type=Path, help="write a random LlamaForCausalLM checkpoint here and stop")
     ap.add_argument("--tokenizer-from", type=Path, help="a Kiln checkpoint whose tokenizer and vocab to use")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grads", nargs=3, type=Path, metavar=("DIR", "TOKENS", "INSPECT"))
     a = ap.parse_args()
+    if a.grads:
+        check_grads(*a.grads)
+        return
     if a.random_llama:
         if not a.tokenizer_from:
             ap.error("--random-llama needs --tokenizer-from")
