@@ -1,5 +1,6 @@
 //! Kernel benchmarks: WGSL matmul variants (forward and the backward's transposed products), attention forward
-//! and backward, and a one-block training step in tokens/s, with the CPU sgemm of `matrixmultiply` on the same
+//! and backward (multi-head and grouped-query), the Llama row kernels beside GPT-2's, and a one-block training step
+//! in tokens/s, with the CPU sgemm of `matrixmultiply` on the same
 //! sizes in the same run as the baseline. Throughput is reported in FLOPs (criterion prints GFLOP/s as elem/s
 //! scaled: read "Gelem/s" as GFLOP/s). Run: `cargo bench --bench kernels`; filter: `cargo bench --bench kernels -- 1024`.
 
@@ -291,12 +292,113 @@ fn bench_block_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// The Llama family's row kernels beside the GPT-2 ones they replace, on the same data in the same run: RMSNorm vs
+/// LayerNorm and SwiGLU vs GELU (forward + backward), and rotary embeddings, in GB/s of the bytes each kernel must
+/// move at least (inputs read once, outputs written once). SmolLM2-135M's shapes: C = 576, MLP 1536, 9 query heads
+/// and 3 KV heads of 64, B·T = 1024 tokens.
+fn bench_llama_rows(c: &mut Criterion) {
+    use kiln_engine::ops::elementwise::{gelu, gelu_backward, swiglu, swiglu_backward};
+    use kiln_engine::ops::norm::{layernorm, layernorm_backward, rmsnorm, rmsnorm_backward};
+    use kiln_engine::ops::rope::{rope, RopeTable};
+    let gpu = gpu();
+    let mut group = c.benchmark_group(format!("llama_rows [{}]", gpu.adapter_name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let (n, ch, inner) = (1024, 576, 1536);
+    let x = gpu.upload(&random_vec(n * ch, 1), &[n, ch]).unwrap();
+    let dy = gpu.upload(&random_vec(n * ch, 2), &[n, ch]).unwrap();
+    let g = gpu.upload(&vec![1.0; ch], &[ch]).unwrap();
+    let beta = gpu.upload(&vec![0.0; ch], &[ch]).unwrap();
+    let f32s = |elems: usize| (elems * 4) as u64;
+    // Forward reads x, writes y; backward reads x and dy, writes dx (plus the per-row statistics, negligible).
+    group.throughput(Throughput::Bytes(f32s(5 * n * ch)));
+    group.bench_function(BenchmarkId::new("rmsnorm_fwd_bwd", format!("N{n}_C{ch}")), |bch| {
+        bch.iter_custom(|iters| {
+            gpu_time(iters, || {
+                let (_, rstd) = rmsnorm(gpu, &x, &g, 1e-5).unwrap();
+                rmsnorm_backward(gpu, &dy, &x, &g, &rstd).unwrap();
+            })
+        })
+    });
+    group.bench_function(BenchmarkId::new("layernorm_fwd_bwd", format!("N{n}_C{ch}")), |bch| {
+        bch.iter_custom(|iters| {
+            gpu_time(iters, || {
+                let (_, mean, rstd) = layernorm(gpu, &x, &g, &beta, 1e-5).unwrap();
+                layernorm_backward(gpu, &dy, &x, &g, &mean, &rstd).unwrap();
+            })
+        })
+    });
+    // SwiGLU: forward reads [N, 2I], writes [N, I]; backward reads both and dy, writes [N, 2I]. GELU on [N, 2I] is
+    // the same number of pre-activations (GPT-2's MLP at this width).
+    let gu = gpu.upload(&random_vec(n * 2 * inner, 3), &[n, 2 * inner]).unwrap();
+    let dh = gpu.upload(&random_vec(n * inner, 4), &[n, inner]).unwrap();
+    let dgu = gpu.upload(&random_vec(n * 2 * inner, 5), &[n, 2 * inner]).unwrap();
+    group.throughput(Throughput::Bytes(f32s(8 * n * inner)));
+    group.bench_function(BenchmarkId::new("swiglu_fwd_bwd", format!("N{n}_I{inner}")), |bch| {
+        bch.iter_custom(|iters| {
+            gpu_time(iters, || {
+                swiglu(gpu, &gu).unwrap();
+                swiglu_backward(gpu, &gu, &dh).unwrap();
+            })
+        })
+    });
+    group.throughput(Throughput::Bytes(f32s(10 * n * inner)));
+    group.bench_function(BenchmarkId::new("gelu_fwd_bwd", format!("N{n}_{}", 2 * inner)), |bch| {
+        bch.iter_custom(|iters| {
+            gpu_time(iters, || {
+                gelu(gpu, &gu).unwrap();
+                gelu_backward(gpu, &gu, &dgu).unwrap();
+            })
+        })
+    });
+    let (nh, nkv, hs) = (9, 3, 64);
+    let w = (nh + 2 * nkv) * hs;
+    let table = RopeTable::new(gpu, hs, 2048, 100_000.0).unwrap();
+    let qkv = gpu.upload(&random_vec(n * w, 6), &[n, w]).unwrap();
+    let pos = gpu.upload_i32(&(0..n as i32).collect::<Vec<_>>(), &[n]).unwrap();
+    group.throughput(Throughput::Bytes(f32s(2 * n * w)));
+    group.bench_function(BenchmarkId::new("rope_fwd", format!("N{n}_W{w}")), |bch| {
+        bch.iter_custom(|iters| {
+            gpu_time(iters, || {
+                rope(gpu, &qkv, &pos, &table, (nh, nkv)).unwrap();
+            })
+        })
+    });
+    group.finish();
+}
+
+/// Grouped-query attention (SmolLM2: 9 query heads sharing 3 KV heads of 64) beside multi-head attention with the
+/// same query heads, forward + backward, counted as 7·T²·C FLOPs (2 forward products and 5 backward, causal half).
+fn bench_gqa_attention(c: &mut Criterion) {
+    let gpu = gpu();
+    let mut group = c.benchmark_group(format!("gqa_attention [{}]", gpu.adapter_name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let (b, t, nh, hs) = (1, 256, 9, 64);
+    let ch = nh * hs;
+    group.throughput(Throughput::Elements(7 * (b * t * t * ch) as u64));
+    for nkv in [3, 9] {
+        let w = (nh + 2 * nkv) * hs;
+        let qkv = gpu.upload(&random_vec(b * t * w, 7), &[b, t, w]).unwrap();
+        let dy = gpu.upload(&random_vec(b * t * ch, 8), &[b, t, ch]).unwrap();
+        group.bench_function(BenchmarkId::new("fwd_bwd", format!("T{t}_NH{nh}_NKV{nkv}_HS{hs}")), |bch| {
+            bch.iter_custom(|iters| {
+                gpu_time(iters, || {
+                    let (y, lse) = attention_forward(gpu, &qkv, (nh, nkv)).unwrap();
+                    attention_backward(gpu, &qkv, &y, &lse, &dy, (nh, nkv)).unwrap();
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_matmul,
     bench_matmul_backward,
     bench_attention,
     bench_attention_backward,
-    bench_block_step
+    bench_block_step,
+    bench_llama_rows,
+    bench_gqa_attention
 );
 criterion_main!(benches);

@@ -268,7 +268,12 @@ fn a_second_run_into_a_live_runs_directory_is_refused() {
     let out = dir.join("run");
     let args =
         ["pretrain", "--data", &s(&data), "--out", &s(&out), "--steps", "100000", "--batch", "1", "--seq-len", "16"];
-    let mut first = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).spawn().expect("kiln starts");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kiln starts");
     let lock = out.join("run.lock");
     let start = std::time::Instant::now();
     while !std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid")) {
