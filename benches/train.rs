@@ -1,4 +1,4 @@
-//! Throughput of training and post-training on the GPT presets, one criterion group per adapter. Run:
+//! Throughput of training and post-training on the presets (GPT-2 and Llama families), one criterion group per adapter. Run:
 //! `cargo bench --bench train` (or `-- train_step`, `-- rollout`, `-- sft_step`, `-- rl_step` for one group).
 //!
 //! - `train_step`: a pretraining step (forward, backward, clipping, AdamW through the trainer), in tokens/s. The
@@ -40,7 +40,9 @@ fn bench_presets(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("train_step [{}]", gpu.adapter_name()));
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
     // (preset, vocab, batch, seq_len)
-    for (preset, vocab, batch, seq_len) in [("tiny", 2048, 8, 128), ("small", 4096, 4, 256), ("gpt2", 50257, 4, 1024)] {
+    for (preset, vocab, batch, seq_len) in
+        [("tiny", 2048, 8, 128), ("llama-tiny", 2048, 8, 128), ("small", 4096, 4, 256), ("gpt2", 50257, 4, 1024)]
+    {
         let config = ModelConfig::preset(preset, vocab).unwrap();
         let logits_bytes = (batch * seq_len * vocab * 4) as u64;
         if logits_bytes > gpu.limits().max_storage_buffer_binding_size {
