@@ -218,6 +218,10 @@ fn llama_tiny_runs_every_command() {
 
     let text = ok(&["eval", "--checkpoint", &s(&ckpt), "--text", &s(&dir.join("corpus.txt")), "--seq-len", "32"]);
     assert!(text.contains("nats/token"), "{text}");
+    // A text shorter than one window is evaluated whole (the last, partial window counts).
+    std::fs::write(dir.join("short.txt"), "the king count 3 and 5+7=12").unwrap();
+    let text = ok(&["eval", "--checkpoint", &s(&ckpt), "--text", &s(&dir.join("short.txt"))]);
+    assert!(text.contains("in 1 windows of up to 128") && text.contains("loss "), "{text}");
     let text =
         ok(&["generate", "--checkpoint", &s(&ckpt), "--prompt", "the king", "--max-tokens", "8", "--samples", "2"]);
     assert!(text.starts_with("the king") && text.contains("--- sample 1 ---"), "{text}");

@@ -11,6 +11,7 @@ use kiln_model::arch::Model;
 use kiln_model::checkpoint::load_checkpoint;
 use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::data::{bundled_corpus, prepare, read_corpus, read_shard, PrepareReport};
+use kiln_model::eval::evaluate::text_loss;
 use kiln_model::eval::generate::{generate, GenerateConfig};
 use kiln_model::train::driver::{drive, Evaluation, RunDir, Schedule};
 use kiln_model::train::optim::OptimConfig;
@@ -154,24 +155,25 @@ fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Model, Tokenizer)> {
     Ok((Model::from_host(gpu, &ckpt.config, ckpt.model)?, tok))
 }
 
-/// `kiln eval`: mean per-token loss and perplexity of a checkpoint on a text file.
+/// `kiln eval`: mean per-token loss and perplexity of a checkpoint on a text file: every token after the first is
+/// predicted once, in consecutive windows of the model's context (or `--seq-len`), the last window shorter.
 pub fn eval_cmd(gpu: &Gpu, checkpoint: &Path, text: &Path, batch: usize, seq_len: Option<usize>) -> Result<()> {
     let (model, tok) = load_model(gpu, checkpoint)?;
     let body = read_corpus(&[text.to_path_buf()])?;
     let ids = tok.encode(&body)?;
     let t = seq_len.unwrap_or(model.config.n_ctx).min(model.config.n_ctx);
-    let batch = batch.min((ids.len().saturating_sub(1) / t).max(1));
-    let loss = eval_loss(gpu, &model, &ids, batch, t, usize::MAX)?;
-    let covered = ((ids.len() - 1) / (batch * t)) * batch * t;
+    let r = text_loss(gpu, &model, &ids, batch, t).with_context(|| format!("evaluating {}", text.display()))?;
     println!(
-        "{}: {} tokens evaluated (of {}), loss {:.6} nats/token, perplexity {:.2}, {:.4} bits/byte",
+        "{}: {} tokens predicted (of {}) in {} windows of up to {t}, loss {:.6} nats/token, perplexity {:.2}, \
+         {:.4} bits/byte",
         text.display(),
-        covered,
+        r.tokens,
         ids.len(),
-        loss,
-        (loss as f64).exp(),
+        r.windows,
+        r.nats,
+        r.nats.exp(),
         // bits per byte: nats → bits, scaled by tokens per byte of this text.
-        loss as f64 / std::f64::consts::LN_2 * ids.len() as f64 / body.len() as f64
+        r.nats / std::f64::consts::LN_2 * ids.len() as f64 / body.len() as f64
     );
     Ok(())
 }

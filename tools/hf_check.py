@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Check a checkpoint directory against Hugging Face transformers: it must load strictly (no missing, unexpected
 or misshapen tensor) in the class its config.json names, and the mean next-token loss over TEXT must be what
-`kiln eval --checkpoint DIR --text TEXT` prints (same windows: consecutive SEQ_LEN-token windows from the start,
-whole batches of BATCH windows only).
+`kiln eval --checkpoint DIR --text TEXT` prints (same windows: consecutive SEQ_LEN-token windows from the start, the
+last one shorter, every token after the first predicted once).
 
     python tools/hf_check.py DIR TEXT [--seq-len T] [--batch B]
     python tools/hf_check.py --random-llama DIR --tokenizer-from KILN_CKPT   # the user's own random LlamaForCausalLM
@@ -47,7 +47,7 @@ def write_random_llama(out: Path, tokenizer_from: Path, seed: int) -> None:
     print(f"wrote a random LlamaForCausalLM ({sum(p.numel() for p in model.parameters())} parameters) to {out}")
 
 
-def check(ckpt: Path, text: Path, seq_len: int | None, batch: int) -> float:
+def check(ckpt: Path, text: Path, seq_len: int | None) -> float:
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
@@ -57,23 +57,27 @@ def check(ckpt: Path, text: Path, seq_len: int | None, batch: int) -> float:
     if problems:
         sys.exit(f"{ckpt} does not load strictly in {type(model).__name__}: {problems}")
     model.eval()
-    ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(text.read_text(), add_special_tokens=False).ids
+    # The text as Kiln reads a corpus file: without a byte-order mark and trailing line breaks.
+    body = text.read_text(encoding="utf-8").removeprefix("\ufeff").rstrip("\n\r")
+    ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(body, add_special_tokens=False).ids
     t = min(seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-    windows = (len(ids) - 1) // t
-    batch = max(1, min(batch, windows))
-    used = windows // batch * batch
-    if used == 0:
-        sys.exit(f"{text}: {len(ids)} tokens is too short for one {t}-token window")
-    total = 0.0
+    if len(ids) < 2:
+        sys.exit(f"{text}: {len(ids)} tokens; evaluation needs at least 2")
+    # kiln eval's windows: consecutive t-position windows from the start, the last one shorter; every token after
+    # the first predicted once. (Batching does not change the sum.)
+    total, used, windows = 0.0, 0, 0
     with torch.no_grad():
-        for w in range(used):
-            x = torch.tensor([ids[w * t : w * t + t]])
-            y = torch.tensor([ids[w * t + 1 : w * t + t + 1]])
+        for start in range(0, len(ids) - 1, t):
+            end = min(start + t, len(ids) - 1)
+            x = torch.tensor([ids[start:end]])
+            y = torch.tensor([ids[start + 1 : end + 1]])
             logits = model(x).logits.double()
             total += torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum").item()
-    loss = total / (used * t)
+            used += end - start
+            windows += 1
+    loss = total / used
     print(
-        f"{ckpt}: loads strictly in {type(model).__name__}; {used * t} tokens in {used} windows of {t}, "
+        f"{ckpt}: loads strictly in {type(model).__name__}; {used} tokens predicted in {windows} windows of up to {t}, "
         f"loss {loss:.6f} nats/token, perplexity {math.exp(loss):.2f}"
     )
     return loss
@@ -111,7 +115,7 @@ def main() -> None:
     ap.add_argument("ckpt", type=Path, nargs="?")
     ap.add_argument("text", type=Path, nargs="?")
     ap.add_argument("--seq-len", type=int)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="accepted for symmetry with kiln eval; the loss does not depend on it")
     ap.add_argument("--random-llama", type=Path, help="write a random LlamaForCausalLM checkpoint here and stop")
     ap.add_argument("--tokenizer-from", type=Path, help="a Kiln checkpoint whose tokenizer and vocab to use")
     ap.add_argument("--seed", type=int, default=0)
@@ -127,7 +131,7 @@ def main() -> None:
         return
     if not (a.ckpt and a.text):
         ap.error("give a checkpoint directory and a text file")
-    check(a.ckpt, a.text, a.seq_len, a.batch)
+    check(a.ckpt, a.text, a.seq_len)
 
 
 if __name__ == "__main__":

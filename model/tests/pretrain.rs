@@ -136,3 +136,37 @@ fn bad_batches_are_clear_errors() {
         .unwrap();
     assert!(e.to_string().contains("logits"), "{e}");
 }
+
+#[test]
+fn text_loss_counts_every_token_once_whatever_the_length() {
+    use kiln_model::eval::evaluate::text_loss;
+    let gpu = gpu();
+    let model = Model::new(gpu, &ModelConfig::gpt2(61, 16, 1, 2, 16), 3).unwrap();
+    let tokens: Vec<u32> = (0..75).map(|i| (i * 13 % 61) as u32).collect();
+    // Reference: each window alone, every target weighted equally across the text.
+    let by_windows = |t: usize| -> f64 {
+        let mut total = 0.0;
+        for start in (0..tokens.len() - 1).step_by(t) {
+            let end = (start + t).min(tokens.len() - 1);
+            let (x, y): (Vec<i32>, Vec<i32>) = (start..end).map(|i| (tokens[i] as i32, tokens[i + 1] as i32)).unzip();
+            let mut tape = Tape::no_grad(gpu);
+            let targets = gpu.upload_i32(&y, &[1, y.len()]).unwrap();
+            let weights = gpu.upload(&vec![1.0; y.len()], &[y.len()]).unwrap();
+            let f = model.forward(&mut tape, &x, 1, x.len(), &targets, &weights).unwrap();
+            total += gpu.read(tape.value(f.loss)).unwrap()[0] as f64;
+        }
+        total / (tokens.len() - 1) as f64
+    };
+    for (batch, t) in [(1, 16), (4, 16), (3, 7), (8, 100)] {
+        let r = text_loss(gpu, &model, &tokens, batch, t).unwrap();
+        let t_used = t.min(16);
+        assert_eq!(r.tokens, 74);
+        assert_eq!(r.windows, 74usize.div_ceil(t_used), "batch {batch} t {t}");
+        let want = by_windows(t_used);
+        assert!((r.nats - want).abs() < 1e-5 * want, "batch {batch} t {t}: {} vs {want}", r.nats);
+    }
+    // Two tokens are enough; one is not.
+    assert_eq!(text_loss(gpu, &model, &tokens[..2], 8, 16).unwrap().tokens, 1);
+    let e = text_loss(gpu, &model, &tokens[..1], 8, 16).unwrap_err().to_string();
+    assert!(e.contains("at least 2 tokens"), "{e}");
+}

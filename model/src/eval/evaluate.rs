@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use kiln_engine::autograd::Tape;
+use kiln_engine::ops::elementwise;
 use kiln_engine::ops::policy::kl_rows;
 use kiln_engine::ops::sampling::SamplingParams;
 
@@ -152,6 +153,58 @@ pub fn sampled_scores(
         .collect();
     let mean_reward = rewards.iter().flatten().map(|&r| r as f64).sum::<f64>() / (n * samples) as f64;
     Ok(SampledScores { pass_at, mean_reward })
+}
+
+/// What [`text_loss`] measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TextLoss {
+    /// Mean next-token loss, nats per token.
+    pub nats: f64,
+    /// Targets counted: every token after the first.
+    pub tokens: usize,
+    /// Windows run (the last may be shorter than the others).
+    pub windows: usize,
+}
+
+/// Mean next-token loss over the whole of `tokens` (at least 2): consecutive windows of `time` positions from the
+/// start, the last one shorter where the text does not divide evenly, so every token after the first is predicted
+/// exactly once, from the tokens before it in its window. Full windows run `batch` at a time; the losses are summed
+/// on the GPU and read back once.
+pub fn text_loss(gpu: &Gpu, model: &Model, tokens: &[u32], batch: usize, time: usize) -> Result<TextLoss> {
+    if tokens.len() < 2 {
+        return Err(ModelError::Data(format!(
+            "evaluation needs at least 2 tokens (one to predict from, one to predict), the text has {}",
+            tokens.len()
+        )));
+    }
+    let (time, batch) = (time.clamp(1, model.config.n_ctx), batch.max(1));
+    let targets = tokens.len() - 1;
+    // Windows as (start, length); full ones first, grouped into batches of equal length.
+    let full = targets / time;
+    let mut groups: Vec<(usize, usize, usize)> = Vec::new(); // (first window, windows, length)
+    for first in (0..full).step_by(batch) {
+        groups.push((first, batch.min(full - first), time));
+    }
+    if !targets.is_multiple_of(time) {
+        groups.push((full, 1, targets % time));
+    }
+    let total = elementwise::zeros(gpu, &[1])?;
+    let w = 1.0 / targets as f32;
+    for &(first, rows, len) in &groups {
+        let (mut inputs, mut outs) = (Vec::with_capacity(rows * len), Vec::with_capacity(rows * len));
+        for r in 0..rows {
+            let start = (first + r) * time;
+            inputs.extend(tokens[start..start + len].iter().map(|&x| x as i32));
+            outs.extend(tokens[start + 1..start + len + 1].iter().map(|&x| x as i32));
+        }
+        let targets_t = gpu.upload_i32(&outs, &[rows, len])?;
+        let weights = gpu.upload(&vec![w; rows * len], &[rows * len])?;
+        let mut tape = Tape::no_grad(gpu);
+        let f = model.forward(&mut tape, &inputs, rows, len, &targets_t, &weights)?;
+        elementwise::add_inplace(gpu, &total, tape.value(f.loss), 1.0)?;
+    }
+    let nats = gpu.read(&total)?[0] as f64;
+    Ok(TextLoss { nats, tokens: targets, windows: full + usize::from(!targets.is_multiple_of(time)) })
 }
 
 /// Held-out loss in bits per byte: nats per token over windows of `tokens` (the encoding of `bytes` bytes of
