@@ -46,6 +46,33 @@ fn dims2(op: &'static str, what: &'static str, layout: &str, t: &Tensor) -> Resu
     }
 }
 
+/// The checks both backward launchers share: `dout` [B, T, C] and `dwte` [V, C] (and `dwpe`, when given, of dtype
+/// F32), in that order. Returns (B, T, C, V).
+fn grad_dims(
+    op: &'static str,
+    dout: &Tensor,
+    dwte: &Tensor,
+    dwpe: Option<&Tensor>,
+) -> Result<(usize, usize, usize, usize)> {
+    for (what, t) in [("dout", Some(dout)), ("dwte", Some(dwte)), ("dwpe", dwpe)] {
+        if let Some(t) = t {
+            nonempty(op, what, t)?;
+            expect_dtype(op, what, t, DType::F32)?;
+        }
+    }
+    let &[b, t, c] = dout.shape() else {
+        return Err(Error::Shape {
+            op,
+            what: "dout",
+            expected: "[B, T, C]".into(),
+            got: format!("{:?}", dout.shape()),
+        });
+    };
+    let (v, _) = dims2(op, "dwte", "[V, C]", dwte)?;
+    shape_is(op, "dwte", dwte, &[v, c])?;
+    Ok((b, t, c, v))
+}
+
 /// `tokens` I32 [B, T], `wte` [V, C], `wpe` [maxT, C] → [B, T, C] = wte[token] + wpe[t]. T must be at most maxT.
 /// A token id outside [0, V) makes its row NaN: ids live on the GPU and checking them on the host would cost a
 /// readback every step, so the NaN detection downstream reports the step instead.
@@ -147,23 +174,7 @@ pub fn embedding_backward_at(
     dwpe: &Tensor,
 ) -> Result<()> {
     let op = "embedding_backward";
-    for (what, t) in [("dout", dout), ("dwte", dwte), ("dwpe", dwpe)] {
-        nonempty(op, what, t)?;
-        expect_dtype(op, what, t, DType::F32)?;
-    }
-    let (b, t, c) = match *dout.shape() {
-        [b, t, c] => (b, t, c),
-        _ => {
-            return Err(Error::Shape {
-                op,
-                what: "dout",
-                expected: "[B, T, C]".into(),
-                got: format!("{:?}", dout.shape()),
-            })
-        }
-    };
-    let (v, _) = dims2(op, "dwte", "[V, C]", dwte)?;
-    shape_is(op, "dwte", dwte, &[v, c])?;
+    let (b, t, c, v) = grad_dims(op, dout, dwte, Some(dwpe))?;
     let (max_t, _) = dims2(op, "dwpe", "[maxT, C]", dwpe)?;
     if t > max_t || dwpe.shape()[1] != c {
         return Err(Error::Shape {
@@ -264,20 +275,7 @@ pub fn token_embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor) -> Result<Tenso
 /// host copy of the ids. Deterministic like [`embedding_backward`]; an id outside [0, V) is an `Error::Invalid`.
 pub fn token_embedding_backward(gpu: &Gpu, tokens: &[i32], dout: &Tensor, dwte: &Tensor) -> Result<()> {
     let op = "token_embedding_backward";
-    for (what, t) in [("dout", dout), ("dwte", dwte)] {
-        nonempty(op, what, t)?;
-        expect_dtype(op, what, t, DType::F32)?;
-    }
-    let &[b, t, c] = dout.shape() else {
-        return Err(Error::Shape {
-            op,
-            what: "dout",
-            expected: "[B, T, C]".into(),
-            got: format!("{:?}", dout.shape()),
-        });
-    };
-    let (v, _) = dims2(op, "dwte", "[V, C]", dwte)?;
-    shape_is(op, "dwte", dwte, &[v, c])?;
+    let (b, t, c, v) = grad_dims(op, dout, dwte, None)?;
     if tokens.len() != b * t {
         return Err(Error::Shape {
             op,
