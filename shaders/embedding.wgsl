@@ -15,6 +15,8 @@ struct Params {
     max_t: u32,        // forward: rows of wpe
     batch_t: u32,      // backward: B·T
     has_wpe: u32,      // forward: add wpe (0 = token embedding only)
+    v0: u32,           // the bound wte / dwte holds ids v0..v0 + v_rows (tables above one binding come in parts)
+    v_rows: u32,
 }
 var<immediate> p: Params;
 
@@ -49,19 +51,22 @@ fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
         pos = positions[bt];
     }
     let tok = tokens[bt];
-    if (p.has_wpe == 0u) {
-        if (tok < 0 || u32(tok) >= p.v) {
-            out[i] = nan();
-            return;
-        }
-        out[i] = wte[u32(tok) * p.c + ch];
+    if (tok < 0 || u32(tok) >= p.v) {
+        if (p.v0 == 0u) { out[i] = nan(); } // one part writes it
         return;
     }
-    if (tok < 0 || u32(tok) >= p.v || pos < 0 || u32(pos) >= p.max_t) {
+    let id = u32(tok);
+    if (id < p.v0 || id >= p.v0 + p.v_rows) { return; } // another part's token
+    let row = (id - p.v0) * p.c + ch;
+    if (p.has_wpe == 0u) {
+        out[i] = wte[row];
+        return;
+    }
+    if (pos < 0 || u32(pos) >= p.max_t) {
         out[i] = nan();
         return;
     }
-    out[i] = wte[u32(tok) * p.c + ch] + wpe[u32(pos) * p.c + ch];
+    out[i] = wte[row] + wpe[u32(pos) * p.c + ch];
 }
 
 // One invocation per (row, channel) of the tables' touched rows: the first U*C items are (distinct token, channel),
@@ -85,6 +90,7 @@ fn embedding_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         r = row - p.distinct;
     }
     let id = u32(buckets[base + r]);
+    if (row < p.distinct && (id < p.v0 || id >= p.v0 + p.v_rows)) { return; } // another part's row
     let start = u32(buckets[base + u + r]);
     let end = u32(buckets[base + u + r + 1u]);
     let idx = base + 2u * u + 1u;
@@ -93,7 +99,7 @@ fn embedding_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         s += dout[u32(buckets[idx + k]) * p.c + ch];
     }
     if (row < p.distinct) {
-        dwte[id * p.c + ch] += s;
+        dwte[(id - p.v0) * p.c + ch] += s;
     } else {
         dwpe[id * p.c + ch] += s;
     }

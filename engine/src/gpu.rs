@@ -133,6 +133,9 @@ pub struct Gpu {
     placeholder: std::sync::OnceLock<Tensor>,
     /// Debug switch: every allocation is filled with NaN, so a kernel that reads memory nobody wrote fails loudly.
     poison: std::sync::atomic::AtomicBool,
+    /// A storage-binding size below the adapter's, set by tests so that splitting over bindings is exercised on
+    /// small tensors (0 = the adapter's own limit).
+    binding_limit: std::sync::atomic::AtomicU64,
 }
 
 impl Gpu {
@@ -189,6 +192,7 @@ impl Gpu {
             choices: Mutex::new(HashMap::new()),
             placeholder: std::sync::OnceLock::new(),
             poison: std::sync::atomic::AtomicBool::new(false),
+            binding_limit: std::sync::atomic::AtomicU64::new(0),
         };
         // Made now rather than on first use, so it never shows up as a step's allocation.
         gpu.placeholder()?;
@@ -205,6 +209,49 @@ impl Gpu {
 
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// The largest storage binding a kernel may be given, in bytes: the adapter's `max_storage_buffer_binding_size`
+    /// unless a test lowered it with [`Gpu::set_binding_limit`]. Tensors above it are processed in parts
+    /// ([`Gpu::split_rows`]).
+    pub fn max_binding(&self) -> u64 {
+        let own = self.limits.max_storage_buffer_binding_size;
+        match self.binding_limit.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => own,
+            l => l.min(own),
+        }
+    }
+
+    /// Pretend the adapter's binding limit is `bytes` (None: its real limit), so the code paths of tensors larger
+    /// than one binding run on small shapes. Only lowers; values above the adapter's limit have no effect.
+    pub fn set_binding_limit(&self, bytes: Option<u64>) {
+        self.binding_limit.store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Row ranges (r0, r1) covering `rows` rows of `row_elems` 4-byte elements each, every range within one
+    /// storage binding and starting at an aligned byte offset, so each can be bound as a view. One range when the
+    /// whole tensor fits. An error names the limit when even the smallest aligned group of rows does not fit.
+    pub fn split_rows(&self, op: &'static str, rows: usize, row_elems: usize) -> Result<Vec<(usize, usize)>> {
+        let row_bytes = (row_elems * 4) as u64;
+        let max = self.max_binding();
+        if rows as u64 * row_bytes <= max {
+            return Ok(vec![(0, rows)]);
+        }
+        let align = self.limits.min_storage_buffer_offset_alignment as u64;
+        // Ranges start at multiples of `step` rows, so every start is at a multiple of `align` bytes.
+        let step = align / gcd(align, row_bytes);
+        let per = (max / row_bytes) / step * step;
+        if per == 0 {
+            return Err(self.limit_error(
+                op,
+                "an aligned group of rows",
+                step * row_bytes,
+                max,
+                "max_storage_buffer_binding_size",
+            ));
+        }
+        let per = per as usize;
+        Ok((0..rows).step_by(per).map(|r0| (r0, (r0 + per).min(rows))).collect())
     }
 
     pub fn features(&self) -> wgpu::Features {
@@ -299,7 +346,7 @@ impl Gpu {
         }
         let mut rec = self.recorder.lock().unwrap();
         if !rec.is_recording() {
-            self.queue.write_buffer(t.buffer(), 0, bytes);
+            self.queue.write_buffer(t.buffer(), t.byte_offset(), bytes);
             return Ok(());
         }
         // A queued write runs before every command recorded but not yet submitted, and `t`'s buffer may still be
@@ -315,7 +362,7 @@ impl Gpu {
             })
         });
         self.queue.write_buffer(&buffer, 0, bytes);
-        rec.encoder(device).copy_buffer_to_buffer(&buffer, 0, t.buffer(), 0, bytes.len() as u64);
+        rec.encoder(device).copy_buffer_to_buffer(&buffer, 0, t.buffer(), t.byte_offset(), bytes.len() as u64);
         let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.uploads.clone() };
         rec.staging.push(Tensor::new(Arc::new(storage), vec![len], t.dtype()));
         Ok(())
@@ -340,7 +387,9 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        self.recorder.lock().unwrap().encoder(&self.device).copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, size);
+        let mut rec = self.recorder.lock().unwrap();
+        rec.encoder(&self.device).copy_buffer_to_buffer(t.buffer(), t.byte_offset(), &staging, 0, size);
+        drop(rec);
         self.flush()?;
         let out = self.map_read(&staging, size)?;
         staging.destroy();
@@ -428,5 +477,13 @@ impl Gpu {
         }
         let t = self.alloc(&[1], DType::F32)?;
         Ok(self.placeholder.get_or_init(|| t).clone())
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }

@@ -23,7 +23,7 @@ pub struct Launch<'a> {
 }
 
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
-type BindKey = (u64, Vec<(u64, u64)>);
+type BindKey = (u64, Vec<(u64, u64, u64)>);
 
 #[derive(Default)]
 pub(crate) struct Caches {
@@ -97,7 +97,7 @@ impl Caches {
         pipeline: &wgpu::ComputePipeline,
         args: &[&Tensor],
     ) -> wgpu::BindGroup {
-        let key: BindKey = (pid, args.iter().map(|t| (t.buffer_id(), t.bytes())).collect());
+        let key: BindKey = (pid, args.iter().map(|t| (t.buffer_id(), t.byte_offset(), t.bytes())).collect());
         let mut cache = self.bind_groups.lock().unwrap();
         if let Some(bg) = cache.get(&key) {
             return bg.clone();
@@ -112,7 +112,7 @@ impl Caches {
                 binding: i as u32,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: t.buffer(),
-                    offset: 0,
+                    offset: t.byte_offset(),
                     size: wgpu::BufferSize::new(t.bytes()),
                 }),
             })
@@ -162,15 +162,28 @@ impl Recorder {
 impl Gpu {
     fn validate(&self, l: &Launch) -> Result<()> {
         let lim = self.limits();
+        let max_binding = self.max_binding();
         for t in l.args {
-            if t.bytes() > lim.max_storage_buffer_binding_size {
+            if t.bytes() > max_binding {
                 return Err(self.limit_error(
                     l.op,
                     "a storage binding",
                     t.bytes(),
-                    lim.max_storage_buffer_binding_size,
+                    max_binding,
                     "max_storage_buffer_binding_size",
                 ));
+            }
+            let align = lim.min_storage_buffer_offset_alignment as u64;
+            if !t.byte_offset().is_multiple_of(align) {
+                return Err(Error::Invalid {
+                    op: l.op,
+                    message: format!(
+                        "a view bound at byte {} of its buffer; bindings must start at multiples of {align} \
+                         (min_storage_buffer_offset_alignment of {})",
+                        t.byte_offset(),
+                        self.info().name
+                    ),
+                });
             }
         }
         for &g in &l.groups {
@@ -249,7 +262,10 @@ impl Gpu {
             });
         }
         let size = (n * src.dtype().size()) as u64;
-        let (so, dof) = ((src_at * src.dtype().size()) as u64, (dst_at * dst.dtype().size()) as u64);
+        let (so, dof) = (
+            src.byte_offset() + (src_at * src.dtype().size()) as u64,
+            dst.byte_offset() + (dst_at * dst.dtype().size()) as u64,
+        );
         self.recorder.lock().unwrap().encoder(&self.device).copy_buffer_to_buffer(
             src.buffer(),
             so,

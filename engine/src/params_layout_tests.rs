@@ -5,7 +5,7 @@
 
 use crate::ops::Field;
 use crate::ops::{
-    adamw, attention, elementwise, embedding, kv_cache, loss, matmul, norm, policy, reduce, rope, sampling,
+    adamw, attention, classifier, elementwise, embedding, kv_cache, loss, matmul, norm, policy, reduce, rope, sampling,
 };
 use crate::shaders::*;
 
@@ -32,7 +32,7 @@ fn wgsl_params(source: &ShaderSource) -> (Vec<(String, usize, usize)>, usize) {
 
 #[test]
 fn rust_params_match_the_wgsl_structs() {
-    let cases: [(&ShaderSource, Vec<Field>, usize); 13] = [
+    let cases: [(&ShaderSource, Vec<Field>, usize); 14] = [
         (&ELEMENTWISE, elementwise::params_layout(), elementwise::params_size()),
         (&MATMUL, matmul::params_layout(), matmul::params_size()),
         (&MATMUL_REGISTER, matmul::params_layout(), matmul::params_size()),
@@ -42,6 +42,7 @@ fn rust_params_match_the_wgsl_structs() {
         (&LOSS, loss::params_layout(), loss::params_size()),
         (&POLICY, policy::params_layout(), policy::params_size()),
         (&EMBEDDING, embedding::params_layout(), embedding::params_size()),
+        (&CLASSIFIER, classifier::params_layout(), classifier::params_size()),
         (&REDUCE, reduce::params_layout(), reduce::params_size()),
         (&OPTIMIZER, adamw::params_layout(), adamw::params_size()),
         (&SAMPLING, sampling::params_layout(), sampling::params_size()),

@@ -50,6 +50,7 @@ pub static POLICY: ShaderSource = ShaderSource {
     trusted: false,
 };
 shader!(EMBEDDING, "embedding.wgsl");
+shader!(CLASSIFIER, "classifier.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(OPTIMIZER, "optimizer.wgsl");
 shader!(SAMPLING, "sampling.wgsl");

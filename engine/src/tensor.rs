@@ -32,23 +32,70 @@ impl Drop for Storage {
     }
 }
 
-/// A dense row-major tensor living on the GPU.
+/// A dense row-major tensor living on the GPU: `shape` elements from element `offset` of its buffer (a view of
+/// part of a larger tensor has offset > 0; kernels see it bound at that offset).
 #[derive(Clone)]
 pub struct Tensor {
     pub(crate) storage: Arc<Storage>,
+    offset: usize,
     shape: Vec<usize>,
     dtype: DType,
 }
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {:?}, buffer #{})", self.shape, self.dtype, self.storage.id)
+        write!(f, "Tensor({:?}, {:?}, buffer #{}", self.shape, self.dtype, self.storage.id)?;
+        if self.offset > 0 {
+            write!(f, " from element {}", self.offset)?;
+        }
+        write!(f, ")")
     }
 }
 
 impl Tensor {
     pub(crate) fn new(storage: Arc<Storage>, shape: Vec<usize>, dtype: DType) -> Tensor {
-        Tensor { storage, shape, dtype }
+        Tensor { storage, offset: 0, shape, dtype }
+    }
+
+    /// First element of this tensor in its buffer (0 unless it is a view).
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    pub(crate) fn byte_offset(&self) -> u64 {
+        (self.offset * self.dtype.size()) as u64
+    }
+
+    /// `shape` elements of this tensor starting at its element `at`, sharing its memory. Kernels bind a view at its
+    /// byte offset, which must be a multiple of the adapter's `min_storage_buffer_offset_alignment` (checked at
+    /// dispatch; [`crate::Gpu::split_rows`] picks aligned row ranges).
+    pub fn view(&self, at: usize, shape: &[usize]) -> crate::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n == 0 || at + n > self.numel() {
+            return Err(crate::Error::Shape {
+                op: "view",
+                what: "range",
+                expected: format!("a non-empty range within the {} elements of {:?}", self.numel(), self.shape),
+                got: format!("{n} elements (shape {shape:?}) from element {at}"),
+            });
+        }
+        Ok(Tensor { storage: self.storage.clone(), offset: self.offset + at, shape: shape.to_vec(), dtype: self.dtype })
+    }
+
+    /// Rows r0..r1 of the first dimension (a view).
+    pub fn rows(&self, r0: usize, r1: usize) -> crate::Result<Tensor> {
+        let row: usize = self.shape.iter().skip(1).product();
+        let mut shape = self.shape.clone();
+        if shape.is_empty() || r0 >= r1 || r1 > shape[0] {
+            return Err(crate::Error::Shape {
+                op: "rows",
+                what: "row range",
+                expected: format!("0 <= r0 < r1 <= {} (rows of {:?})", shape.first().unwrap_or(&0), self.shape),
+                got: format!("{r0}..{r1}"),
+            });
+        }
+        shape[0] = r1 - r0;
+        self.view(r0 * row, &shape)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -88,6 +135,6 @@ impl Tensor {
                 got: format!("{n} elements (shape {shape:?})"),
             });
         }
-        Ok(Tensor { storage: self.storage.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        Ok(Tensor { storage: self.storage.clone(), offset: self.offset, shape: shape.to_vec(), dtype: self.dtype })
     }
 }

@@ -91,6 +91,14 @@ pub fn adamw_step(
     step: u32,
 ) -> Result<()> {
     let n = validate(param, grad, m, v, cfg, step)?;
+    if param.bytes() > gpu.max_binding() {
+        // Elementwise: the same update over aligned ranges, each bound as a view (tensors above one binding).
+        for (lo, hi) in gpu.split_rows("adamw_step", n as usize, 1)? {
+            let part = |t: &Tensor| t.view(lo, &[hi - lo]);
+            adamw_step(gpu, &part(param)?, &part(grad)?, &part(m)?, &part(v)?, cfg, step)?;
+        }
+        return Ok(());
+    }
     let params = Params {
         n,
         lr: cfg.lr,

@@ -44,6 +44,16 @@ fn launch_n(
         nonempty(op, "input", t)?;
         expect_dtype(op, "input", t, DType::F32)?;
     }
+    if args.iter().all(|t| t.numel() == n) && (n * 4) as u64 > gpu.max_binding() {
+        // Larger than one binding (a GPT-2 token embedding's gradient on lavapipe): the same kernel over aligned
+        // element ranges, each bound as a view. Every element is still computed by the same expression.
+        for (lo, hi) in gpu.split_rows(op, n, 1)? {
+            let views = args.iter().map(|t| t.view(lo, &[hi - lo])).collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = views.iter().collect();
+            launch_n(gpu, op, entry, &refs, alpha, hi - lo, inner)?;
+        }
+        return Ok(());
+    }
     let params = Params { n: fits_u32(op, "tensor", n)?, alpha, inner: inner as u32 };
     gpu.dispatch(&Launch {
         op,

@@ -25,12 +25,16 @@ struct Params {
     batch_t: u32,
     /// Forward only: add wpe (0 for models without a position table).
     has_wpe: u32,
+    /// The bound part of wte (or dwte) holds ids v0..v0 + v_rows: tables larger than one storage binding are
+    /// processed one row range at a time.
+    v0: u32,
+    v_rows: u32,
 }
 
 /// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
 #[cfg(test)]
 pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
-    crate::layout_of!(Params { n, c, t, v, distinct, pos_distinct, has_positions, max_t, batch_t, has_wpe })
+    crate::layout_of!(Params { n, c, t, v, distinct, pos_distinct, has_positions, max_t, batch_t, has_wpe, v0, v_rows })
 }
 
 #[cfg(test)]
@@ -130,6 +134,8 @@ pub fn embedding_at(
         max_t: max_t as u32,
         batch_t: 0,
         has_wpe: 1,
+        v0: 0,
+        v_rows: 0,
     };
     let out = gpu.alloc(&[b, t, c], DType::F32)?;
     // The kernel reads `positions` only when has_positions is set, but every binding needs a buffer.
@@ -141,15 +147,7 @@ pub fn embedding_at(
             &dummy
         }
     };
-    gpu.dispatch(&Launch {
-        op,
-        shader: &EMBEDDING,
-        entry: "embedding",
-        overrides: &[],
-        args: &[tokens, wte, wpe, &out, positions],
-        params: bytemuck::bytes_of(&params),
-        groups: grid_1d(n, WG_1D),
-    })?;
+    gather(gpu, op, params, [tokens, wte, wpe, &out, positions])?;
     Ok(out)
 }
 
@@ -231,17 +229,11 @@ pub fn embedding_backward_at(
         max_t: max_t as u32,
         batch_t: (b * t) as u32,
         has_wpe: 1,
+        v0: 0,
+        v_rows: 0,
     };
     let buckets = gpu.upload_i32(&buckets, &[buckets.len()])?;
-    gpu.dispatch(&Launch {
-        op,
-        shader: &EMBEDDING,
-        entry: "embedding_backward",
-        overrides: &[],
-        args: &[&buckets, dout, dwte, dwpe],
-        params: bytemuck::bytes_of(&params),
-        groups: grid_1d(n as usize, WG_1D),
-    })
+    scatter(gpu, op, params, [&buckets, dout, dwte, dwpe])
 }
 
 /// `tokens` I32 [B, T], `wte` [V, C] → [B, T, C] = wte[token]: the embedding of models whose positions enter
@@ -259,15 +251,7 @@ pub fn token_embedding(gpu: &Gpu, tokens: &Tensor, wte: &Tensor) -> Result<Tenso
     let params = Params { n: fits_u32(op, "output", n)?, c: c as u32, t: t as u32, v: v as u32, ..Params::zeroed() };
     let out = gpu.alloc(&[b, t, c], DType::F32)?;
     let (wpe, positions) = (gpu.placeholder()?, gpu.placeholder()?);
-    gpu.dispatch(&Launch {
-        op,
-        shader: &EMBEDDING,
-        entry: "embedding",
-        overrides: &[],
-        args: &[tokens, wte, &wpe, &out, &positions],
-        params: bytemuck::bytes_of(&params),
-        groups: grid_1d(n, WG_1D),
-    })?;
+    gather(gpu, op, params, [tokens, wte, &wpe, &out, &positions])?;
     Ok(out)
 }
 
@@ -300,15 +284,56 @@ pub fn token_embedding_backward(gpu: &Gpu, tokens: &[i32], dout: &Tensor, dwte: 
     };
     let buckets = gpu.upload_i32(&buckets, &[buckets.len()])?;
     let dwpe = gpu.placeholder()?;
-    gpu.dispatch(&Launch {
-        op,
-        shader: &EMBEDDING,
-        entry: "embedding_backward",
-        overrides: &[],
-        args: &[&buckets, dout, dwte, &dwpe],
-        params: bytemuck::bytes_of(&params),
-        groups: grid_1d(n as usize, WG_1D),
-    })
+    scatter(gpu, op, params, [&buckets, dout, dwte, &dwpe])
+}
+
+/// The forward's dispatch, once per part of wte that fits one binding; `args` = [tokens, wte, wpe, out,
+/// positions]. Each part writes the rows of the tokens it holds, so every output row has one writer.
+fn gather(gpu: &Gpu, op: &'static str, params: Params, args: [&Tensor; 5]) -> Result<()> {
+    let wte = args[1];
+    let (v, c) = (wte.shape()[0], wte.shape()[1]);
+    for (v0, v1) in gpu.split_rows(op, v, c)? {
+        let part = wte.rows(v0, v1)?;
+        let params = Params { v0: v0 as u32, v_rows: (v1 - v0) as u32, ..params };
+        gpu.dispatch(&Launch {
+            op,
+            shader: &EMBEDDING,
+            entry: "embedding",
+            overrides: &[],
+            args: &[args[0], &part, args[2], args[3], args[4]],
+            params: bytemuck::bytes_of(&params),
+            groups: grid_1d(params.n as usize, WG_1D),
+        })?;
+    }
+    Ok(())
+}
+
+/// The backward's dispatch, once per part of dwte that fits one binding; `args` = [buckets, dout, dwte, dwpe].
+/// Each part adds the rows of the tokens it holds; the position table is done by the first part alone.
+fn scatter(gpu: &Gpu, op: &'static str, params: Params, args: [&Tensor; 4]) -> Result<()> {
+    let dwte = args[2];
+    let (v, c) = (dwte.shape()[0], dwte.shape()[1]);
+    for (i, (v0, v1)) in gpu.split_rows(op, v, c)?.into_iter().enumerate() {
+        let part = dwte.rows(v0, v1)?;
+        let pos_distinct = if i == 0 { params.pos_distinct } else { 0 };
+        let params = Params {
+            n: (params.distinct + pos_distinct) * params.c,
+            pos_distinct,
+            v0: v0 as u32,
+            v_rows: (v1 - v0) as u32,
+            ..params
+        };
+        gpu.dispatch(&Launch {
+            op,
+            shader: &EMBEDDING,
+            entry: "embedding_backward",
+            overrides: &[],
+            args: &[args[0], args[1], &part, args[3]],
+            params: bytemuck::bytes_of(&params),
+            groups: grid_1d(params.n as usize, WG_1D),
+        })?;
+    }
+    Ok(())
 }
 
 /// Positions grouped by token id, stably (a counting sort): [ids (U) | offsets (U + 1) | positions (N)] for the U

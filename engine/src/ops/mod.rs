@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod classifier;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv_cache;
@@ -13,6 +14,8 @@ pub mod policy;
 pub mod reduce;
 pub mod rope;
 pub mod sampling;
+#[cfg(test)]
+mod split_tests;
 
 use crate::{Error, Result, Tensor};
 

@@ -67,6 +67,17 @@ fn reduce_all(
 ) -> Result<Tensor> {
     nonempty(op, "input", x)?;
     expect_dtype(op, "input", x, DType::F32)?;
+    if x.bytes() > gpu.max_binding() {
+        // Larger than one binding: one partial per aligned range, then the same tree over the partials. Still a
+        // fixed order, so still deterministic.
+        let parts = gpu.split_rows(op, x.numel(), 1)?;
+        let partials = gpu.alloc(&[parts.len()], DType::F32)?;
+        for (i, &(lo, hi)) in parts.iter().enumerate() {
+            let s = reduce_all(gpu, op, &x.view(lo, &[hi - lo])?, square, 1.0, items, false)?;
+            gpu.copy_elements(&s, 0, &partials, i, 1)?;
+        }
+        return reduce_all(gpu, op, &partials, false, scale, ITEMS, root);
+    }
     let mut n = fits_u32(op, "input", x.numel())? as usize;
     let mut cur = x.clone();
     let mut first = true;
