@@ -280,12 +280,18 @@ pub fn inspect_cmd(gpu: &Gpu, checkpoint: &Path, tokens: &Path, out: &Path) -> R
     model.check_tokens(&targets, b, t)?;
     let targets_t = gpu.upload_i32(&targets, &[b, t])?;
     let weights = gpu.upload(&mean_weights(&targets), &[b * t])?;
+    // The logits from a forward of their own: training's forward (the chunked classifier) never forms them.
+    let logits = {
+        let mut tape = Tape::no_grad(gpu);
+        let l = model.logits(&mut tape, &inputs, b, t)?;
+        gpu.read(tape.value(l))?
+    };
     model.zero_grad(gpu)?;
     let mut tape = Tape::new(gpu);
     let f = model.forward(&mut tape, &inputs, b, t, &targets_t, &weights)?;
     let v = model.config.vocab_size;
     let mut tensors = vec![
-        HostTensor::new("logits", vec![b, t, v], gpu.read(tape.value(f.logits))?),
+        HostTensor::new("logits", vec![b, t, v], logits),
         HostTensor::new("loss", vec![1], gpu.read(tape.value(f.loss))?),
     ];
     tape.backward(f.loss)?;

@@ -8,8 +8,8 @@ use crate::ops::attention::Heads;
 use crate::ops::kv_cache::{self, KvCache};
 use crate::ops::matmul::{matmul, matmul_backward, MatmulSpec};
 use crate::ops::rope::{self, RopeTable};
-use crate::ops::{attention, elementwise, embedding, loss, norm};
-use crate::{DType, Error, Gpu, Result, Tensor};
+use crate::ops::{attention, classifier, elementwise, embedding, loss, norm};
+use crate::{DType, Error, Gpu, MemoryKind, Result, Tensor};
 
 /// A trainable tensor and its gradient (same shape, zeroed by `zero_grad`).
 pub struct Param {
@@ -21,6 +21,8 @@ pub struct Param {
 impl Param {
     pub fn new(gpu: &Gpu, name: impl Into<String>, value: Tensor) -> Result<Param> {
         let grad = elementwise::zeros(gpu, value.shape())?;
+        gpu.set_kind(&value, MemoryKind::Parameters);
+        gpu.set_kind(&grad, MemoryKind::Gradients);
         Ok(Param { name: name.into(), value, grad })
     }
 
@@ -47,6 +49,7 @@ enum Op<'a> {
     Scale { x: Var, alpha: f32 },
     Embedding { tokens: Vec<i32>, positions: Option<Vec<i32>>, wte: &'a Param, wpe: Option<&'a Param> },
     CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
+    Classifier { x: Var, w: &'a Param, targets: Tensor, lse: Tensor, chunk: usize },
     WeightedSum { x: Var, weights: Tensor },
     Reshape { x: Var, from: Vec<usize> },
 }
@@ -63,17 +66,19 @@ pub struct Tape<'a> {
     gpu: &'a Gpu,
     nodes: Vec<Node<'a>>,
     record: bool,
+    /// Rows per chunk of [`Tape::classifier_loss`] (None: the classifier's default for the vocabulary).
+    classifier_chunk: Option<usize>,
 }
 
 impl<'a> Tape<'a> {
     /// A tape that records for backward.
     pub fn new(gpu: &'a Gpu) -> Tape<'a> {
-        Tape { gpu, nodes: Vec::new(), record: true }
+        Tape { gpu, nodes: Vec::new(), record: true, classifier_chunk: None }
     }
 
     /// Evaluation and generation: ops compute values but save nothing for backward.
     pub fn no_grad(gpu: &'a Gpu) -> Tape<'a> {
-        Tape { gpu, nodes: Vec::new(), record: false }
+        Tape { gpu, nodes: Vec::new(), record: false, classifier_chunk: None }
     }
 
     pub fn value(&self, v: Var) -> &Tensor {
@@ -88,7 +93,7 @@ impl<'a> Tape<'a> {
     fn push(&mut self, value: Tensor, op: Op<'a>, inputs: &[Var]) -> Var {
         let requires_grad = match op {
             Op::Const => false,
-            Op::Param(_) | Op::Embedding { .. } => self.record,
+            Op::Param(_) | Op::Embedding { .. } | Op::Classifier { .. } => self.record,
             _ => self.record && inputs.iter().any(|v| self.nodes[v.0].requires_grad),
         };
         let op = if requires_grad { op } else { Op::Const };
@@ -241,6 +246,44 @@ impl<'a> Tape<'a> {
         Ok(self.push(losses, Op::CrossEntropy { logits, targets: targets.clone(), lse }, &[logits]))
     }
 
+    /// Rows per chunk of [`Tape::classifier_loss`] on this tape (a positive multiple of
+    /// `classifier::row_step`; None: `classifier::chunk_rows` of the vocabulary). Benches and tests vary it.
+    pub fn set_classifier_chunk(&mut self, rows: Option<usize>) {
+        self.classifier_chunk = rows;
+    }
+
+    /// Per-row softmax cross-entropy of the logits x·wᵀ (x [N, C], the output weight `w` [V, C]: a tied token
+    /// embedding or an lm_head) against I32 `targets` (N ids, any shape; -1 rows give 0), without ever forming the
+    /// [N, V] logits: see `ops::classifier`. Returns losses shaped like `targets`. Backward adds dW straight into
+    /// `w.grad` and passes dx on.
+    pub fn classifier_loss(&mut self, x: Var, w: &'a Param, targets: &Tensor) -> Result<Var> {
+        Ok(self.classifier(x, w, targets, false)?.0)
+    }
+
+    /// [`Tape::classifier_loss`] and each row's softmax entropy (a metric: no gradient flows through it).
+    pub fn classifier_loss_entropy(&mut self, x: Var, w: &'a Param, targets: &Tensor) -> Result<(Var, Tensor)> {
+        let (losses, h) = self.classifier(x, w, targets, true)?;
+        Ok((losses, h.expect("asked for the entropy")))
+    }
+
+    fn classifier(&mut self, x: Var, w: &'a Param, targets: &Tensor, entropy: bool) -> Result<(Var, Option<Tensor>)> {
+        let v = w.value.shape()[0];
+        let chunk = self.classifier_chunk.unwrap_or_else(|| classifier::chunk_rows(self.gpu, v));
+        let (losses, lse, h) = if entropy {
+            let (l, s, h) = classifier::loss_entropy(self.gpu, self.value(x), &w.value, targets, chunk)?;
+            (l, s, Some(h))
+        } else {
+            let (l, s) = classifier::loss(self.gpu, self.value(x), &w.value, targets, chunk)?;
+            (l, s, None)
+        };
+        Ok((self.push(losses, Op::Classifier { x, w, targets: targets.clone(), lse, chunk }, &[x]), h))
+    }
+
+    /// Whether this tape records for backward (false for `no_grad` tapes).
+    pub fn records(&self) -> bool {
+        self.record
+    }
+
     /// Σ_i w_i·x_i → [1]. With w = 1/N_valid on valid rows it is the mean loss; with signed per-token weights it
     /// is an advantage-weighted policy-gradient loss.
     pub fn weighted_sum(&mut self, x: Var, weights: &Tensor) -> Result<Var> {
@@ -361,6 +404,10 @@ impl<'a> Tape<'a> {
             Op::CrossEntropy { logits, targets, lse } => {
                 let d = loss::cross_entropy_backward(gpu, self.value(logits), &targets, &lse, &g)?;
                 self.accumulate(logits, d)?;
+            }
+            Op::Classifier { x, w, targets, lse, chunk } => {
+                let dx = classifier::loss_backward(gpu, self.value(x), &w.value, &targets, &lse, &g, &w.grad, chunk)?;
+                self.accumulate(x, dx)?;
             }
             Op::Reshape { x, from } => self.accumulate(x, g.reshape(&from)?)?,
             Op::WeightedSum { x, weights } => {

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::launch::{Caches, Recorder};
-use crate::pool::{Pool, PoolStats};
+use crate::pool::{MemoryKind, Pool, PoolStats};
 use crate::tensor::{Storage, Tensor};
 use crate::{DType, Error, Result};
+use std::sync::atomic::AtomicU8;
 
 /// Optional features Kiln uses when present; `IMMEDIATES` (push constants) is required: every kernel takes its
 /// sizes that way, so launching needs no uniform buffer and no per-dispatch allocation.
@@ -281,6 +282,11 @@ impl Gpu {
 
     /// A tensor with unspecified contents (a reused buffer keeps old values; fresh ones are zero).
     pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.alloc_kind(shape, dtype, MemoryKind::Activations)
+    }
+
+    /// [`Gpu::alloc`] counted as `kind` in the pool's memory split (the classifier's scratch, say).
+    pub fn alloc_kind(&self, shape: &[usize], dtype: DType, kind: MemoryKind) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if shape.is_empty() || numel == 0 {
             return Err(Error::Empty { op: "alloc", what: "tensor", shape: shape.to_vec() });
@@ -290,7 +296,7 @@ impl Gpu {
             return Err(self.limit_error("alloc", "tensor", bytes, self.limits.max_buffer_size, "max_buffer_size"));
         }
         let device = &self.device;
-        let (id, class_bytes, buffer) = self.pool.take(bytes, |size| {
+        let (id, class_bytes, buffer) = self.pool.take(bytes, kind, |size| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("kiln tensor"),
                 size,
@@ -298,7 +304,8 @@ impl Gpu {
                 mapped_at_creation: false,
             })
         });
-        let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.pool.clone() };
+        let storage =
+            Storage { buffer: Some(buffer), id, class_bytes, pool: self.pool.clone(), kind: AtomicU8::new(kind as u8) };
         let t = Tensor::new(Arc::new(storage), shape.to_vec(), dtype);
         if self.poison.load(std::sync::atomic::Ordering::Relaxed) {
             let nan = vec![f32::NAN; numel];
@@ -353,7 +360,7 @@ impl Gpu {
         // read by one of them (buffers are reused across tensors). So the data goes to a staging buffer that no
         // kernel ever binds, and a copy recorded in order moves it into place: the step stays one submission.
         let device = &self.device;
-        let (id, class_bytes, buffer) = self.uploads.take(bytes.len() as u64, |size| {
+        let (id, class_bytes, buffer) = self.uploads.take(bytes.len() as u64, MemoryKind::Scratch, |size| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("kiln upload staging"),
                 size,
@@ -363,7 +370,8 @@ impl Gpu {
         });
         self.queue.write_buffer(&buffer, 0, bytes);
         rec.encoder(device).copy_buffer_to_buffer(&buffer, 0, t.buffer(), t.byte_offset(), bytes.len() as u64);
-        let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.uploads.clone() };
+        let kind = AtomicU8::new(MemoryKind::Scratch as u8);
+        let storage = Storage { buffer: Some(buffer), id, class_bytes, pool: self.uploads.clone(), kind };
         rec.staging.push(Tensor::new(Arc::new(storage), vec![len], t.dtype()));
         Ok(())
     }
@@ -434,6 +442,16 @@ impl Gpu {
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
         self.wait()
+    }
+
+    /// Count `t`'s buffer as `kind` in the memory split from now on (parameters, gradients and optimizer state
+    /// are marked once, when made). Views share their buffer's kind.
+    pub fn set_kind(&self, t: &Tensor, kind: MemoryKind) {
+        let old = t.storage.kind();
+        if old != kind {
+            t.storage.kind.store(kind as u8, std::sync::atomic::Ordering::Relaxed);
+            t.storage.pool.retag(t.storage.class_bytes, old, kind);
+        }
     }
 
     pub fn pool_stats(&self) -> PoolStats {

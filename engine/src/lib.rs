@@ -19,6 +19,6 @@ mod params_layout_tests;
 pub use error::{Error, Result};
 pub use gpu::{list_adapters, AdapterReport, Gpu};
 pub use launch::Launch;
-pub use pool::PoolStats;
+pub use pool::{MemoryKind, MemorySplit, PoolStats};
 pub use profiler::KernelTime;
 pub use tensor::{DType, Tensor};

@@ -5,6 +5,55 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// What a tensor's memory holds, so the pool can say where a step's peak went. Tensors start as activations;
+/// the model and optimizer mark their persistent state, and the chunked classifier its scratch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryKind {
+    Activations = 0,
+    Parameters = 1,
+    Gradients = 2,
+    Optimizer = 3,
+    Scratch = 4,
+}
+
+/// Bytes by [`MemoryKind`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemorySplit {
+    pub parameters: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub scratch: u64,
+}
+
+impl MemorySplit {
+    fn slot(&mut self, kind: MemoryKind) -> &mut u64 {
+        match kind {
+            MemoryKind::Activations => &mut self.activations,
+            MemoryKind::Parameters => &mut self.parameters,
+            MemoryKind::Gradients => &mut self.gradients,
+            MemoryKind::Optimizer => &mut self.optimizer,
+            MemoryKind::Scratch => &mut self.scratch,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.parameters + self.gradients + self.optimizer + self.activations + self.scratch
+    }
+}
+
+impl MemoryKind {
+    pub(crate) fn from_u8(k: u8) -> MemoryKind {
+        match k {
+            1 => MemoryKind::Parameters,
+            2 => MemoryKind::Gradients,
+            3 => MemoryKind::Optimizer,
+            4 => MemoryKind::Scratch,
+            _ => MemoryKind::Activations,
+        }
+    }
+}
+
 /// Counters of the pool, in bytes of size-class capacity (what the GPU really holds for tensors).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -18,6 +67,10 @@ pub struct PoolStats {
     pub buffers_created: u64,
     /// Allocations served from the free lists.
     pub reuses: u64,
+    /// `live_bytes` by kind.
+    pub live_split: MemorySplit,
+    /// `live_split` at the moment `peak_bytes` was reached: where the peak went, measured, not estimated.
+    pub peak_split: MemorySplit,
 }
 
 pub(crate) struct Pool {
@@ -51,7 +104,12 @@ impl Pool {
     }
 
     /// Take a buffer of at least `bytes` bytes; `create` makes one when no free buffer of the class exists.
-    pub(crate) fn take(&self, bytes: u64, create: impl FnOnce(u64) -> wgpu::Buffer) -> (u64, u64, wgpu::Buffer) {
+    pub(crate) fn take(
+        &self,
+        bytes: u64,
+        kind: MemoryKind,
+        create: impl FnOnce(u64) -> wgpu::Buffer,
+    ) -> (u64, u64, wgpu::Buffer) {
         let class = size_class(bytes);
         let reused = if self.reuse.load(Ordering::Relaxed) {
             self.free.lock().unwrap().get_mut(&class).and_then(|v| v.pop())
@@ -71,13 +129,25 @@ impl Pool {
             }
         };
         stats.live_bytes += class;
-        stats.peak_bytes = stats.peak_bytes.max(stats.live_bytes);
+        *stats.live_split.slot(kind) += class;
+        if stats.live_bytes > stats.peak_bytes {
+            stats.peak_bytes = stats.live_bytes;
+            stats.peak_split = stats.live_split;
+        }
         (id, class, buffer)
     }
 
-    pub(crate) fn give_back(&self, id: u64, class: u64, buffer: wgpu::Buffer) {
+    /// Count a live buffer of `class` bytes as `to` instead of `from`.
+    pub(crate) fn retag(&self, class: u64, from: MemoryKind, to: MemoryKind) {
+        let mut stats = self.stats.lock().unwrap();
+        *stats.live_split.slot(from) -= class;
+        *stats.live_split.slot(to) += class;
+    }
+
+    pub(crate) fn give_back(&self, id: u64, class: u64, kind: MemoryKind, buffer: wgpu::Buffer) {
         let mut stats = self.stats.lock().unwrap();
         stats.live_bytes -= class;
+        *stats.live_split.slot(kind) -= class;
         if self.reuse.load(Ordering::Relaxed) {
             self.free.lock().unwrap().entry(class).or_default().push((id, buffer));
         } else {
@@ -95,6 +165,7 @@ impl Pool {
     pub(crate) fn reset_peak(&self) {
         let mut s = self.stats.lock().unwrap();
         s.peak_bytes = s.live_bytes;
+        s.peak_split = s.live_split;
     }
 
     pub(crate) fn set_reuse(&self, on: bool) {

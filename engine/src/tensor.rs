@@ -1,8 +1,9 @@
 //! A tensor is a shape, an element type and a pooled GPU buffer. Cloning shares the buffer (like a view).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::pool::Pool;
+use crate::pool::{MemoryKind, Pool};
 
 /// Element types the kernels read: f32 for values, i32 for token ids and targets (-1 marks ignored positions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,12 +23,20 @@ pub(crate) struct Storage {
     pub(crate) id: u64,
     pub(crate) class_bytes: u64,
     pub(crate) pool: Arc<Pool>,
+    /// A [`MemoryKind`] as u8: what the pool counts this buffer as.
+    pub(crate) kind: AtomicU8,
+}
+
+impl Storage {
+    pub(crate) fn kind(&self) -> MemoryKind {
+        MemoryKind::from_u8(self.kind.load(Ordering::Relaxed))
+    }
 }
 
 impl Drop for Storage {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
-            self.pool.give_back(self.id, self.class_bytes, b);
+            self.pool.give_back(self.id, self.class_bytes, self.kind(), b);
         }
     }
 }

@@ -8,10 +8,10 @@
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
-use crate::ops::matmul::{matmul, matmul_into, MatmulSpec};
-use crate::ops::{fits_u32, grid_1d, loss, nonempty, WG_1D};
+use crate::ops::matmul::{matmul_into, MatmulSpec};
+use crate::ops::{fits_u32, grid_1d, loss, nonempty, policy, WG_1D};
 use crate::shaders::CLASSIFIER;
-use crate::{DType, Error, Gpu, Result, Tensor};
+use crate::{DType, Error, Gpu, MemoryKind, Result, Tensor};
 
 /// Most bytes one chunk buffer (the chunk's logits, and in backward their gradient) may hold: three such buffers
 /// at most are live at once, so the classifier's scratch stays under 64 MiB whatever B·T.
@@ -145,7 +145,8 @@ fn chunk_logits(gpu: &Gpu, x_c: &Tensor, w: &Tensor, parts: &[(usize, usize)], o
         }
     }
     for &(v0, v1) in parts {
-        let block = matmul(gpu, x_c, &w.rows(v0, v1)?, None, MatmulSpec::nt())?;
+        let block = gpu.alloc_kind(&[x_c.shape()[0], v1 - v0], DType::F32, MemoryKind::Scratch)?;
+        matmul_into(gpu, x_c, &w.rows(v0, v1)?, None, &block, MatmulSpec::nt())?;
         copy_columns(gpu, &block, 0, out, v0, v1 - v0)?;
     }
     Ok(())
@@ -172,20 +173,50 @@ pub fn logits(gpu: &Gpu, x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// exactly 0), computed `chunk` rows at a time (see [`chunk_rows`]). Returns (losses shaped like targets,
 /// logsumexp [N]), the same values as [`loss::cross_entropy`] of the full logits.
 pub fn loss(gpu: &Gpu, x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
+    let (losses, lse, _) = forward(gpu, x, w, targets, chunk, false)?;
+    Ok((losses, lse))
+}
+
+/// [`loss`] and, from the same chunks, each row's softmax entropy (nats) shaped like targets: the RL metric,
+/// without the full logits `policy::token_entropy` would need.
+pub fn loss_entropy(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (losses, lse, h) = forward(gpu, x, w, targets, chunk, true)?;
+    Ok((losses, lse, h.expect("asked for the entropy")))
+}
+
+fn forward(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    entropy: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let op = "classifier_loss";
     let (n, c, v) = dims(op, x, w, Some(targets))?;
     let parts = gpu.split_rows(op, v, c)?;
     let flat = targets.reshape(&[n])?;
     let losses = gpu.alloc(&[n], DType::F32)?;
     let lse = gpu.alloc(&[n], DType::F32)?;
+    let h = if entropy { Some(gpu.alloc(&[n], DType::F32)?) } else { None };
     for (r0, r1) in chunks(gpu, op, n, chunk)? {
-        let scratch = gpu.alloc(&[r1 - r0, v], DType::F32)?;
+        let scratch = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;
         chunk_logits(gpu, &x.rows(r0, r1)?, w, &parts, &scratch)?;
         let (l, s) = loss::cross_entropy(gpu, &scratch, &flat.rows(r0, r1)?)?;
         gpu.copy_elements(&l, 0, &losses, r0, r1 - r0)?;
         gpu.copy_elements(&s, 0, &lse, r0, r1 - r0)?;
+        if let Some(h) = &h {
+            gpu.copy_elements(&policy::token_entropy(gpu, &scratch)?, 0, h, r0, r1 - r0)?;
+        }
     }
-    Ok((losses.reshape(targets.shape())?, lse))
+    let h = h.map(|h| h.reshape(targets.shape())).transpose()?;
+    Ok((losses.reshape(targets.shape())?, lse, h))
 }
 
 /// The backward of [`loss`]: given the upstream gradient of every row's loss `dloss` (N values in any shape: mean
@@ -221,10 +252,13 @@ pub fn loss_backward(
     let acc = MatmulSpec { trans_a: true, beta: 1.0, ..MatmulSpec::nn() };
     for (r0, r1) in chunks(gpu, op, n, chunk)? {
         let (x_c, dx_c) = (x.rows(r0, r1)?, dx.rows(r0, r1)?);
-        let scratch = gpu.alloc(&[r1 - r0, v], DType::F32)?;
+        let scratch = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;
         chunk_logits(gpu, &x_c, w, &parts, &scratch)?;
-        let dl =
-            loss::cross_entropy_backward(gpu, &scratch, &flat.rows(r0, r1)?, &lse.rows(r0, r1)?, &dloss.rows(r0, r1)?)?;
+        // The chunk's dlogits go to a scratch of their own (one buffer cannot be bound both read and read_write
+        // in one dispatch).
+        let dl = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;
+        let (t_c, lse_c, d_c) = (flat.rows(r0, r1)?, lse.rows(r0, r1)?, dloss.rows(r0, r1)?);
+        loss::cross_entropy_backward_into(gpu, &scratch, &t_c, &lse_c, &d_c, &dl)?;
         drop(scratch);
         if parts.len() == 1 {
             matmul_into(gpu, &dl, w, None, &dx_c, MatmulSpec::nn())?;
@@ -232,7 +266,7 @@ pub fn loss_backward(
             continue;
         }
         for (i, &(v0, v1)) in parts.iter().enumerate() {
-            let block = gpu.alloc(&[r1 - r0, v1 - v0], DType::F32)?;
+            let block = gpu.alloc_kind(&[r1 - r0, v1 - v0], DType::F32, MemoryKind::Scratch)?;
             copy_columns(gpu, &dl, v0, &block, 0, v1 - v0)?;
             let beta = if i == 0 { 0.0 } else { 1.0 };
             matmul_into(gpu, &block, &w.rows(v0, v1)?, None, &dx_c, MatmulSpec { beta, ..MatmulSpec::nn() })?;

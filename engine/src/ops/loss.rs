@@ -84,6 +84,21 @@ pub fn cross_entropy_backward(
     lse: &Tensor,
     dloss: &Tensor,
 ) -> Result<Tensor> {
+    check_logits_targets("cross_entropy_backward", logits, targets)?;
+    let dlogits = gpu.alloc(logits.shape(), DType::F32)?;
+    cross_entropy_backward_into(gpu, logits, targets, lse, dloss, &dlogits)?;
+    Ok(dlogits)
+}
+
+/// [`cross_entropy_backward`] into a given `dlogits` shaped like `logits` (the chunked classifier's scratch).
+pub fn cross_entropy_backward_into(
+    gpu: &Gpu,
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    dloss: &Tensor,
+    dlogits: &Tensor,
+) -> Result<()> {
     let op = "cross_entropy_backward";
     let (rows, v) = check_logits_targets(op, logits, targets)?;
     expect_dtype(op, "lse", lse, DType::F32)?;
@@ -97,18 +112,17 @@ pub fn cross_entropy_backward(
             got: format!("{:?}", dloss.shape()),
         });
     }
-    let dlogits = gpu.alloc(logits.shape(), DType::F32)?;
+    shape_is(op, "dlogits", dlogits, logits.shape())?;
     let params = Params { rows: rows as u32, v: v as u32 };
     gpu.dispatch(&Launch {
         op,
         shader: &LOSS,
         entry: "cross_entropy_backward",
         overrides: &[],
-        args: &[logits, targets, lse, dloss, &dlogits],
+        args: &[logits, targets, lse, dloss, dlogits],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
-    })?;
-    Ok(dlogits)
+    })
 }
 
 pub mod cpu {

@@ -20,8 +20,10 @@ use rand_chacha::ChaCha8Rng;
 
 use kiln_engine::autograd::{Param, Tape, Var};
 use kiln_engine::ops::attention::segment_starts;
+use kiln_engine::ops::classifier;
 use kiln_engine::ops::kv_cache::KvCache;
 use kiln_engine::ops::matmul::MatmulSpec;
+use kiln_engine::ops::policy::token_entropy;
 use kiln_engine::ops::rope::RopeTable;
 use kiln_engine::{Gpu, Tensor};
 
@@ -163,8 +165,6 @@ pub enum Attend<'c> {
 
 /// Per-token results of a forward pass.
 pub struct Forward {
-    /// [B, T, V]
-    pub logits: Var,
     /// [B, T] cross-entropy per position (0 where the target is ignored).
     pub losses: Var,
     /// Σ weights·losses (one element): what backward starts from.
@@ -269,8 +269,45 @@ impl Model {
         Ok(())
     }
 
-    /// Logits [B, T, V] of `tokens` ([B, T] row-major): the one forward of every path.
+    /// Logits [B, T, V] of `tokens` ([B, T] row-major): the one forward of every path, through the output head.
+    /// A head larger than one storage binding is applied in parts without a backward (decoding, inspect);
+    /// training goes through [`Model::forward`], whose chunked classifier never forms the logits.
     pub fn forward_logits<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        tokens: &[i32],
+        batch: usize,
+        time: usize,
+        attend: Attend<'_>,
+    ) -> Result<Var> {
+        let x = self.forward_hidden(tape, tokens, batch, time, attend)?;
+        let head = self.layout.head;
+        let w = &self.params[head.w];
+        let gpu = tape.gpu();
+        let logits = if w.value.bytes() <= gpu.max_binding() || !self.head_is_classifier() {
+            self.linear(tape, x, head)?
+        } else if tape.records() {
+            return Err(ModelError::Config(format!(
+                "the output head [{}, {}] is larger than one storage binding ({} bytes on {}): full logits have no \
+                 backward there; train through Model::forward (the chunked classifier)",
+                self.config.vocab_size,
+                self.config.n_embd,
+                gpu.max_binding(),
+                gpu.adapter_name()
+            )));
+        } else {
+            tape.input(classifier::logits(gpu, tape.value(x), &w.value)?)
+        };
+        Ok(tape.reshape(logits, &[batch, time, self.config.vocab_size])?)
+    }
+
+    /// Whether the head is x·Wᵀ with W [V, C] and no bias: the shape the chunked classifier takes (both families).
+    fn head_is_classifier(&self) -> bool {
+        self.layout.head.b.is_none() && self.layout.head.spec == MatmulSpec::nt()
+    }
+
+    /// The final hidden states [B·T, C] (after the last norm) of `tokens`: everything but the output head.
+    pub fn forward_hidden<'a>(
         &'a self,
         tape: &mut Tape<'a>,
         tokens: &[i32],
@@ -322,9 +359,7 @@ impl Model {
         for (i, b) in l.blocks.iter().enumerate() {
             x = self.block(tape, x, b, i, &ctx)?;
         }
-        let x = self.norm(tape, x, l.norm_f)?;
-        let logits = self.linear(tape, x, l.head)?;
-        Ok(tape.reshape(logits, &[batch, time, c.vocab_size])?)
+        self.norm(tape, x, l.norm_f)
     }
 
     /// One transformer block on x [N, C] (see the file's opening comment).
@@ -417,10 +452,39 @@ impl Model {
         targets: &Tensor,
         weights: &Tensor,
     ) -> Result<Forward> {
-        let logits = self.logits_packed(tape, tokens, batch, time, packed)?;
-        let losses = tape.cross_entropy(logits, targets)?;
+        let (losses, _) = self.token_losses(tape, tokens, batch, time, packed, targets, false)?;
         let loss = tape.weighted_sum(losses, weights)?;
-        Ok(Forward { logits, losses, loss })
+        Ok(Forward { losses, loss })
+    }
+
+    /// Cross-entropy of every position against `targets` (I32 [B, T], -1 = ignored) → [B, T], through the chunked
+    /// classifier (no [B·T, V] logits), and with `entropy` each position's softmax entropy (a metric, no gradient).
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_losses<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        tokens: &[i32],
+        batch: usize,
+        time: usize,
+        packed: Option<&[Vec<usize>]>,
+        targets: &Tensor,
+        entropy: bool,
+    ) -> Result<(Var, Option<Tensor>)> {
+        if !self.head_is_classifier() {
+            let logits = self.logits_packed(tape, tokens, batch, time, packed)?;
+            let losses = tape.cross_entropy(logits, targets)?;
+            let h = if entropy { Some(token_entropy(tape.gpu(), tape.value(logits))?) } else { None };
+            return Ok((losses, h));
+        }
+        let attend = packed.map_or(Attend::Causal, Attend::Packed);
+        let x = self.forward_hidden(tape, tokens, batch, time, attend)?;
+        let w = &self.params[self.layout.head.w];
+        Ok(if entropy {
+            let (losses, h) = tape.classifier_loss_entropy(x, w, targets)?;
+            (losses, Some(h))
+        } else {
+            (tape.classifier_loss(x, w, targets)?, None)
+        })
     }
 
     /// A KV cache per layer for `batch` rows of up to `max_len` positions.

@@ -98,6 +98,9 @@ impl Optimizer {
         let zeros = |p: &kiln_engine::autograd::Param| elementwise::zeros(gpu, p.value.shape());
         let m = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
         let v = model.params.iter().map(zeros).collect::<kiln_engine::Result<Vec<_>>>()?;
+        for t in m.iter().chain(&v) {
+            gpu.set_kind(t, kiln_engine::MemoryKind::Optimizer);
+        }
         Ok(Optimizer { m, v, step: 0 })
     }
 

@@ -74,6 +74,46 @@ pub struct StepMetrics {
     pub ms_per_step: f64,
     /// Peak bytes the buffer pool held during the step.
     pub peak_bytes: u64,
+    /// Where that peak went, by what the memory held (measured by the pool at the moment of the peak).
+    pub memory: StepMemory,
+}
+
+/// Bytes of a step's peak by kind, as the buffer pool counted them (size-class capacity).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StepMemory {
+    pub parameters: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    /// The chunked classifier's logits and dlogits chunks, and staging for uploads.
+    pub scratch: u64,
+}
+
+impl From<kiln_engine::MemorySplit> for StepMemory {
+    fn from(s: kiln_engine::MemorySplit) -> StepMemory {
+        StepMemory {
+            parameters: s.parameters,
+            gradients: s.gradients,
+            optimizer: s.optimizer,
+            activations: s.activations,
+            scratch: s.scratch,
+        }
+    }
+}
+
+impl std::fmt::Display for StepMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        write!(
+            f,
+            "params {:.1} MiB, grads {:.1}, optimizer {:.1}, activations {:.1}, scratch {:.1}",
+            mib(self.parameters),
+            mib(self.gradients),
+            mib(self.optimizer),
+            mib(self.activations),
+            mib(self.scratch)
+        )
+    }
 }
 
 /// One training batch of B rows × T positions.
@@ -197,6 +237,7 @@ impl<'g> Trainer<'g> {
             trained_tokens: trained,
             ms_per_step: secs * 1e3,
             peak_bytes: gpu.pool_stats().peak_bytes,
+            memory: gpu.pool_stats().peak_split.into(),
         })
     }
 
@@ -273,16 +314,13 @@ impl crate::train::driver::Stage for Trainer<'_> {
     }
 }
 
-/// Refuse, before any work, a model and batch whose largest tensors exceed what one storage binding of this
-/// adapter holds (the kernels would refuse them mid-step otherwise), naming the setting to change.
+/// Refuse, before any work, a model and batch whose largest activation exceeds what one storage binding of this
+/// adapter holds (the kernels would refuse it mid-step otherwise), naming the setting to change. The logits and
+/// the token embedding are not limits: the classifier is chunked and tables above one binding go in parts.
 pub fn check_fits(gpu: &Gpu, c: &crate::arch::config::ModelConfig, batch: usize, seq_len: usize) -> Result<()> {
-    let limit = gpu.limits().max_storage_buffer_binding_size;
+    let limit = gpu.max_binding();
     let tokens = (batch * seq_len) as u64;
-    let largest = [
-        (tokens * c.vocab_size as u64 * 4, "the logits (batch × seq_len × vocab_size)"),
-        (c.vocab_size as u64 * c.n_embd as u64 * 4, "the token embedding (vocab_size × n_embd)"),
-        (tokens * 2 * c.n_inner as u64 * 4, "the MLP activations (batch × seq_len × 2·n_inner)"),
-    ];
+    let largest = [(tokens * 2 * c.n_inner as u64 * 4, "the MLP activations (batch × seq_len × 2·n_inner)")];
     for (bytes, what) in largest {
         if bytes > limit {
             return Err(ModelError::Config(format!(

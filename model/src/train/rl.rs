@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use kiln_engine::autograd::Tape;
 use kiln_engine::ops::matmul::{matmul, MatmulSpec};
-use kiln_engine::ops::policy::{policy_loss, token_entropy, PolicyLossConfig};
+use kiln_engine::ops::policy::{policy_loss, PolicyLossConfig};
 use kiln_engine::ops::{elementwise, sampling::SamplingParams};
 use kiln_engine::{Gpu, Tensor};
 
@@ -359,8 +359,9 @@ impl<'g> RlTrainer<'g> {
             let entropy = elementwise::zeros(gpu, &[1])?;
             for c in &chunks {
                 let mut tape = Tape::new(gpu);
-                let logits = self.policy.logits(&mut tape, &c.inputs, c.rows, c.time)?;
-                let losses = tape.cross_entropy(logits, &c.targets)?;
+                let (losses, h) =
+                    self.policy.token_losses(&mut tape, &c.inputs, c.rows, c.time, None, &c.targets, true)?;
+                let h = h.expect("asked for the entropy");
                 let current;
                 let old = match &c.old_logp {
                     Some(old) => old,
@@ -372,7 +373,6 @@ impl<'g> RlTrainer<'g> {
                 };
                 let pl = policy_loss(gpu, tape.value(losses), old, &c.ref_logp, &c.adv, &c.scale, loss_cfg)?;
                 elementwise::add_inplace(gpu, &totals, &pl.totals, 1.0)?;
-                let h = token_entropy(gpu, tape.value(logits))?;
                 let n = h.numel();
                 let h_mean = matmul(gpu, &h.reshape(&[1, n])?, &c.mean_w.reshape(&[n, 1])?, None, MatmulSpec::nn())?;
                 elementwise::add_inplace(gpu, &entropy, &h_mean.reshape(&[1])?, 1.0)?;
@@ -441,8 +441,7 @@ impl<'g> RlTrainer<'g> {
             let targets = gpu.upload_i32(&targets, &[rows, time])?;
             let logp = |model: &Model| -> Result<Tensor> {
                 let mut tape = Tape::no_grad(gpu);
-                let logits = model.logits(&mut tape, &inputs, rows, time)?;
-                let losses = tape.cross_entropy(logits, &targets)?;
+                let (losses, _) = model.token_losses(&mut tape, &inputs, rows, time, None, &targets, false)?;
                 Ok(elementwise::scale(gpu, tape.value(losses), -1.0)?)
             };
             let ref_logp = logp(&self.reference)?;
