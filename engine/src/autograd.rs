@@ -40,8 +40,8 @@ enum Op<'a> {
     Param(&'a Param),
     Matmul { a: Var, b: Var, bias: Option<Var>, spec: MatmulSpec },
     Attention { qkv: Var, lse: Tensor, heads: Heads, starts: Option<Tensor> },
-    LayerNorm { x: Var, gamma: Var, beta: Var, mean: Tensor, rstd: Tensor },
-    RmsNorm { x: Var, gamma: Var, rstd: Tensor },
+    LayerNorm { x: Var, gamma: Var, beta: Var, mean: Tensor, rstd: Tensor, eps: f32 },
+    RmsNorm { x: Var, gamma: Var, rstd: Tensor, eps: f32 },
     Rope { x: Var, positions: Tensor, table: &'a RopeTable, heads: Heads },
     Gelu { x: Var },
     Swiglu { x: Var },
@@ -51,7 +51,7 @@ enum Op<'a> {
     CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
     Classifier { x: Var, w: &'a Param, targets: Tensor, lse: Tensor, chunk: usize },
     WeightedSum { x: Var, weights: Tensor },
-    Reshape { x: Var, from: Vec<usize> },
+    Reshape { x: Var, from: Vec<usize>, to: Vec<usize> },
 }
 
 struct Node<'a> {
@@ -154,17 +154,17 @@ impl<'a> Tape<'a> {
     pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
         let from = self.value(x).shape().to_vec();
         let y = self.value(x).reshape(shape)?;
-        Ok(self.push(y, Op::Reshape { x, from }, &[x]))
+        Ok(self.push(y, Op::Reshape { x, from, to: shape.to_vec() }, &[x]))
     }
 
     pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
         let (y, mean, rstd) = norm::layernorm(self.gpu, self.value(x), self.value(gamma), self.value(beta), eps)?;
-        Ok(self.push(y, Op::LayerNorm { x, gamma, beta, mean, rstd }, &[x, gamma, beta]))
+        Ok(self.push(y, Op::LayerNorm { x, gamma, beta, mean, rstd, eps }, &[x, gamma, beta]))
     }
 
     pub fn rmsnorm(&mut self, x: Var, gamma: Var, eps: f32) -> Result<Var> {
         let (y, rstd) = norm::rmsnorm(self.gpu, self.value(x), self.value(gamma), eps)?;
-        Ok(self.push(y, Op::RmsNorm { x, gamma, rstd }, &[x, gamma]))
+        Ok(self.push(y, Op::RmsNorm { x, gamma, rstd, eps }, &[x, gamma]))
     }
 
     pub fn gelu(&mut self, x: Var) -> Result<Var> {
@@ -302,6 +302,110 @@ impl<'a> Tape<'a> {
         Ok(self.push(y.reshape(&[1])?, Op::WeightedSum { x, weights: weights.clone() }, &[x]))
     }
 
+    /// Drop the value of `v` now and recompute it from its inputs when backward needs it (activation
+    /// recomputation: memory for time). The same kernels run on the same inputs, so the gradients are bit for bit
+    /// those without forgetting. Values that cannot be recomputed (inputs, parameters, embeddings, losses) and
+    /// values on `no_grad` tapes are kept.
+    pub fn forget(&mut self, v: Var) {
+        let node = &mut self.nodes[v.0];
+        let recomputable = matches!(
+            node.op,
+            Op::Matmul { .. }
+                | Op::Attention { .. }
+                | Op::LayerNorm { .. }
+                | Op::RmsNorm { .. }
+                | Op::Rope { .. }
+                | Op::Gelu { .. }
+                | Op::Swiglu { .. }
+                | Op::Add { .. }
+                | Op::Scale { .. }
+                | Op::Reshape { .. }
+        );
+        if self.record && node.requires_grad && recomputable {
+            node.value = None;
+        }
+    }
+
+    /// The index the next recorded value gets (for [`Tape::forget_since`]).
+    pub fn mark(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// [`Tape::forget`] every value recorded since `mark` except `keep` (a whole block but its output).
+    pub fn forget_since(&mut self, mark: usize, keep: Var) {
+        for i in mark..self.nodes.len() {
+            if i != keep.0 {
+                self.forget(Var(i));
+            }
+        }
+    }
+
+    /// Make sure `v` holds its value, recomputing it (and, first, any forgotten inputs) if it was forgotten.
+    fn ensure(&mut self, v: Var) -> Result<()> {
+        if self.nodes[v.0].value.is_some() {
+            return Ok(());
+        }
+        let inputs: Vec<Var> = match &self.nodes[v.0].op {
+            Op::Matmul { a, b, bias, .. } => [Some(*a), Some(*b), *bias].into_iter().flatten().collect(),
+            Op::Attention { qkv: x, .. }
+            | Op::Rope { x, .. }
+            | Op::Gelu { x }
+            | Op::Swiglu { x }
+            | Op::Scale { x, .. }
+            | Op::Reshape { x, .. } => vec![*x],
+            Op::LayerNorm { x, gamma, beta, .. } => vec![*x, *gamma, *beta],
+            Op::RmsNorm { x, gamma, .. } => vec![*x, *gamma],
+            Op::Add { a, b } => vec![*a, *b],
+            _ => {
+                let message = format!("value #{} was released and cannot be recomputed", v.0);
+                return Err(Error::Invalid { op: "backward", message });
+            }
+        };
+        for i in inputs {
+            self.ensure(i)?;
+        }
+        let gpu = self.gpu;
+        let value = match &self.nodes[v.0].op {
+            Op::Matmul { a, b, bias, spec } => {
+                matmul(gpu, self.value(*a), self.value(*b), bias.map(|v| self.value(v)), *spec)?
+            }
+            Op::Attention { qkv, heads, starts, .. } => {
+                attention::attention_forward_segments(gpu, self.value(*qkv), *heads, starts.as_ref())?.0
+            }
+            Op::Rope { x, positions, table, heads } => rope::rope(gpu, self.value(*x), positions, table, *heads)?,
+            Op::Gelu { x } => elementwise::gelu(gpu, self.value(*x))?,
+            Op::Swiglu { x } => elementwise::swiglu(gpu, self.value(*x))?,
+            Op::Scale { x, alpha } => elementwise::scale(gpu, self.value(*x), *alpha)?,
+            Op::Reshape { x, to, .. } => self.value(*x).reshape(to)?,
+            Op::LayerNorm { x, gamma, beta, eps, .. } => {
+                norm::layernorm(gpu, self.value(*x), self.value(*gamma), self.value(*beta), *eps)?.0
+            }
+            Op::RmsNorm { x, gamma, eps, .. } => norm::rmsnorm(gpu, self.value(*x), self.value(*gamma), *eps)?.0,
+            Op::Add { a, b } => elementwise::add(gpu, self.value(*a), self.value(*b), 1.0)?,
+            _ => unreachable!("the inputs match above refused every other op"),
+        };
+        self.nodes[v.0].value = Some(value);
+        Ok(())
+    }
+
+    /// The inputs backward of node `i` reads (and the node itself for attention): forgotten ones are recomputed
+    /// before it runs.
+    fn ensure_for_backward(&mut self, i: usize) -> Result<()> {
+        let needs: Vec<Var> = match &self.nodes[i].op {
+            Op::Matmul { a, b, .. } => vec![*a, *b],
+            Op::Attention { qkv, .. } => vec![*qkv, Var(i)],
+            Op::LayerNorm { x, gamma, .. } | Op::RmsNorm { x, gamma, .. } => vec![*x, *gamma],
+            Op::Gelu { x } | Op::Swiglu { x } | Op::WeightedSum { x, .. } => vec![*x],
+            Op::Classifier { x, .. } => vec![*x],
+            Op::CrossEntropy { logits, .. } => vec![*logits],
+            _ => vec![],
+        };
+        for v in needs {
+            self.ensure(v)?;
+        }
+        Ok(())
+    }
+
     /// Add `g` to the gradient of `v`. Never in place on a node's gradient: the same tensor may have been handed to
     /// several inputs (a + b passes one gradient to both).
     fn accumulate(&mut self, v: Var, g: Tensor) -> Result<()> {
@@ -333,6 +437,9 @@ impl<'a> Tape<'a> {
         elementwise::fill(self.gpu, &seed, 1.0)?;
         self.accumulate(loss, seed)?;
         for i in (0..=loss.0).rev() {
+            if self.nodes[i].grad.is_some() {
+                self.ensure_for_backward(i)?;
+            }
             let node = &mut self.nodes[i];
             let op = std::mem::replace(&mut node.op, Op::Const);
             let g = node.grad.take();
@@ -364,7 +471,7 @@ impl<'a> Tape<'a> {
                 let d = attention::attention_backward_segments(gpu, q, &y, &lse, &g, heads, starts.as_ref())?;
                 self.accumulate(qkv, d)?;
             }
-            Op::RmsNorm { x, gamma, rstd } => {
+            Op::RmsNorm { x, gamma, rstd, .. } => {
                 let (dx, dg) = norm::rmsnorm_backward(gpu, &g, self.value(x), self.value(gamma), &rstd)?;
                 self.accumulate(x, dx)?;
                 self.accumulate(gamma, dg)?;
@@ -377,7 +484,7 @@ impl<'a> Tape<'a> {
                 let dx = elementwise::swiglu_backward(gpu, self.value(x), &g)?;
                 self.accumulate(x, dx)?;
             }
-            Op::LayerNorm { x, gamma, beta, mean, rstd } => {
+            Op::LayerNorm { x, gamma, beta, mean, rstd, .. } => {
                 let (dx, dg, db) = norm::layernorm_backward(gpu, &g, self.value(x), self.value(gamma), &mean, &rstd)?;
                 self.accumulate(x, dx)?;
                 self.accumulate(gamma, dg)?;
@@ -409,7 +516,7 @@ impl<'a> Tape<'a> {
                 let dx = classifier::loss_backward(gpu, self.value(x), &w.value, &targets, &lse, &g, &w.grad, chunk)?;
                 self.accumulate(x, dx)?;
             }
-            Op::Reshape { x, from } => self.accumulate(x, g.reshape(&from)?)?,
+            Op::Reshape { x, from, .. } => self.accumulate(x, g.reshape(&from)?)?,
             Op::WeightedSum { x, weights } => {
                 // d(Σ w·x)/dx = w·g, with g the one-element upstream gradient: an [n, 1]·[1, 1] product.
                 let shape = self.value(x).shape().to_vec();

@@ -170,3 +170,38 @@ fn text_loss_counts_every_token_once_whatever_the_length() {
     let e = text_loss(gpu, &model, &tokens[..1], 8, 16).unwrap_err().to_string();
     assert!(e.contains("at least 2 tokens"), "{e}");
 }
+
+/// Gradients of one forward/backward of a fixed batch with `recompute`, and the step's peak pool bytes.
+fn grads_with(config: &ModelConfig, recompute: kiln_model::arch::Recompute) -> (Vec<Vec<f32>>, u64) {
+    let gpu = gpu();
+    let mut model = Model::new(gpu, config, 3).unwrap();
+    model.recompute = recompute;
+    let (b, t) = (4, 32);
+    let tokens: Vec<i32> = (0..b * t).map(|i| ((i * 37 + 5) % config.vocab_size) as i32).collect();
+    let targets: Vec<i32> = (0..b * t).map(|i| ((i * 11 + 1) % config.vocab_size) as i32).collect();
+    let weights = kiln_engine::autograd::mean_weights(&targets);
+    let (tt, wt) = (gpu.upload_i32(&targets, &[b, t]).unwrap(), gpu.upload(&weights, &[b * t]).unwrap());
+    gpu.sync().unwrap();
+    gpu.reset_peak();
+    let mut tape = Tape::new(gpu);
+    let f = model.forward(&mut tape, &tokens, b, t, &tt, &wt).unwrap();
+    tape.backward(f.loss).unwrap();
+    drop(tape);
+    let peak = gpu.pool_stats().peak_bytes;
+    (model.params.iter().map(|p| gpu.read(&p.grad).unwrap()).collect(), peak)
+}
+
+#[test]
+fn recomputation_changes_memory_not_gradients() {
+    use kiln_model::arch::Recompute;
+    for config in [ModelConfig::gpt2(97, 64, 3, 4, 64), ModelConfig::preset("llama-tiny", 97).unwrap()] {
+        let (g_none, p_none) = grads_with(&config, Recompute::None);
+        let (g_gelu, p_gelu) = grads_with(&config, Recompute::Gelu);
+        let (g_block, p_block) = grads_with(&config, Recompute::Block);
+        let family = config.family.name();
+        assert!(g_gelu == g_none, "{family}: recomputing the MLP activation changed the gradients");
+        assert!(g_block == g_none, "{family}: recomputing whole blocks changed the gradients");
+        println!("{family}: peak bytes none {p_none}, gelu {p_gelu}, block {p_block}");
+        assert!(p_gelu < p_none && p_block < p_gelu, "{family}: peaks none {p_none}, gelu {p_gelu}, block {p_block}");
+    }
+}

@@ -171,8 +171,24 @@ pub struct Forward {
     pub loss: Var,
 }
 
+/// Which activations backward recomputes instead of keeping (llm.c's `-r`): memory for time, never results (the
+/// same kernels run on the same inputs, so gradients are bit for bit those of `None`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every activation.
+    #[default]
+    None,
+    /// Recompute the MLP activation (GELU, or SwiGLU in the Llama family) from its input: the widest tensor.
+    Gelu,
+    /// Keep only each block's input and recompute the whole block in backward.
+    Block,
+}
+
 pub struct Model {
     pub config: ModelConfig,
+    /// What backward recomputes (training sets it from its config).
+    pub recompute: Recompute,
     /// In the order of `param_table(&config)`.
     pub params: Vec<Param>,
     pub specs: Vec<ParamSpec>,
@@ -222,7 +238,7 @@ impl Model {
             Family::Gpt2 => None,
             Family::Llama => Some(RopeTable::new(gpu, config.head_size(), config.n_ctx, config.rope_theta)?),
         };
-        Ok(Model { config: config.clone(), params, specs, layout, rope })
+        Ok(Model { config: config.clone(), recompute: Recompute::None, params, specs, layout, rope })
     }
 
     /// Host copies of every parameter under its Kiln name (for checkpoints).
@@ -366,6 +382,7 @@ impl Model {
     fn block<'a>(&'a self, tape: &mut Tape<'a>, x: Var, b: &BlockLayout, layer: usize, ctx: &BlockCtx) -> Result<Var> {
         let c = &self.config;
         let (nh, nkv) = (c.n_head, c.n_kv_head);
+        let mark = tape.mark();
         let h = self.norm(tape, x, b.norm_1)?;
         let qkv = self.linear(tape, h, b.qkv)?;
         let mut qkv = tape.reshape(qkv, &[ctx.batch, ctx.time, c.qkv_width()])?;
@@ -385,8 +402,15 @@ impl Model {
             Family::Gpt2 => tape.gelu(f)?,
             Family::Llama => tape.swiglu(f)?,
         };
+        let act = f;
         let f = self.linear(tape, f, b.down)?;
-        Ok(tape.add(x, f)?)
+        let out = tape.add(x, f)?;
+        match self.recompute {
+            Recompute::None => {}
+            Recompute::Gelu => tape.forget(act),
+            Recompute::Block => tape.forget_since(mark, out),
+        }
+        Ok(out)
     }
 
     fn norm<'a>(&'a self, tape: &mut Tape<'a>, x: Var, n: Norm) -> Result<Var> {

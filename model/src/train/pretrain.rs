@@ -11,7 +11,7 @@ use kiln_engine::autograd::{mean_weights, Tape};
 use kiln_engine::ops::elementwise;
 use kiln_engine::Gpu;
 
-use crate::arch::Model;
+use crate::arch::{Model, Recompute};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::{sequential_batches, BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
@@ -36,6 +36,11 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
+    /// Activations backward recomputes instead of keeping: none, gelu (the MLP activation) or block (all but
+    /// each block's input). Changes memory and time, never the results.
+    #[arg(long, value_enum, default_value_t = Recompute::None)]
+    #[serde(default)]
+    pub recompute: Recompute,
     #[serde(flatten)]
     #[command(flatten)]
     pub optim: OptimConfig,
@@ -43,7 +48,15 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { steps: 1000, batch: 8, seq_len: 128, grad_accum: 1, seed: 1337, optim: OptimConfig::default() }
+        TrainConfig {
+            steps: 1000,
+            batch: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            seed: 1337,
+            recompute: Recompute::None,
+            optim: OptimConfig::default(),
+        }
     }
 }
 
@@ -191,6 +204,8 @@ impl<'g> Trainer<'g> {
         }
         check_fits(gpu, &model.config, cfg.batch, cfg.seq_len)?;
         let opt = Optimizer::new(gpu, &model)?;
+        let mut model = model;
+        model.recompute = cfg.recompute;
         Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, opt, source })
     }
 
