@@ -28,7 +28,7 @@ use kiln_engine::ops::policy::{policy_loss, PolicyLossConfig};
 use kiln_engine::ops::{elementwise, sampling::SamplingParams};
 use kiln_engine::{Gpu, Tensor};
 
-use crate::arch::Model;
+use crate::arch::{Model, Recompute};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::chat::ChatTokens;
 use crate::data::tasks::Example;
@@ -92,6 +92,10 @@ pub struct RlConfig {
     pub micro_batch: usize,
     #[arg(long, default_value_t = RlConfig::default().seed)]
     pub seed: u64,
+    /// Activations the policy's backward recomputes instead of keeping (none, gelu, block); results unchanged.
+    #[arg(long, value_enum, default_value_t = Recompute::None)]
+    #[serde(default)]
+    pub recompute: Recompute,
     #[serde(flatten)]
     #[command(flatten)]
     pub optim: OptimConfig,
@@ -112,6 +116,7 @@ impl Default for RlConfig {
             scale_by_std: true,
             micro_batch: 0,
             seed: 1,
+            recompute: Recompute::None,
             optim: OptimConfig { lr: 3e-4, min_lr: 3e-5, warmup: 10, weight_decay: 0.0, ..OptimConfig::default() },
         }
     }
@@ -288,6 +293,8 @@ impl<'g> RlTrainer<'g> {
         let rows = if cfg.micro_batch == 0 { cfg.prompts_per_step * cfg.group_size } else { cfg.micro_batch };
         check_fits(gpu, &policy.config, rows, longest.min(policy.config.n_ctx))?;
         let opt = Optimizer::new(gpu, &policy)?;
+        let mut policy = policy;
+        policy.recompute = cfg.recompute;
         Ok(RlTrainer { gpu, policy, reference, tok, ct, examples, prompts, reward, cfg, opt, step: 0 })
     }
 
