@@ -177,8 +177,13 @@ fn bench_rollouts(c: &mut Criterion) {
                 for i in 0..iters {
                     // Both end with a readback of the last sampled tokens: the GPU is idle when the clock stops.
                     let generated = if cached {
-                        let cfg =
-                            GenerateConfig { max_new_tokens: new, sampling: TEMPERATURE_1, seed: i, stop_token: None };
+                        let cfg = GenerateConfig {
+                            max_new_tokens: new,
+                            sampling: TEMPERATURE_1,
+                            seed: i,
+                            stop_token: None,
+                            vocab_limit: None,
+                        };
                         let out = rollouts(gpu, model, &prompts, g, &cfg, |_, _, _| {}).unwrap();
                         out.iter().flatten().map(|c| c.tokens.len()).sum()
                     } else {

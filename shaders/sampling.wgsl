@@ -19,6 +19,9 @@ struct Params {
     // top_p >= 1 means off.
     top_p: f32,
     greedy: u32,
+    // Row stride of the logits: sampling reads the first v of each row's ld columns (a model's vocabulary may be
+    // padded past its tokenizer's).
+    ld: u32,
 }
 var<immediate> p: Params;
 
@@ -282,7 +285,7 @@ fn sample(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (row >= p.rows) {
         return;
     }
-    let base = row * p.v;
+    let base = row * p.ld;
 
     // Argmax by (key desc, id asc) and the smallest key. Each invocation walks ascending ids, so a strict > keeps
     // its first maximum.

@@ -181,6 +181,7 @@ pub fn eval_cmd(gpu: &Gpu, checkpoint: &Path, text: &Path, batch: usize, seq_len
 /// `kiln generate`: sample continuations of a prompt, streaming the first sample.
 pub fn generate_cmd(gpu: &Gpu, checkpoint: &Path, prompt: &str, samples: usize, cfg: GenerateConfig) -> Result<()> {
     let (model, tok) = load_model(gpu, checkpoint)?;
+    let cfg = GenerateConfig { vocab_limit: Some(tok.vocab_size()), ..cfg };
     let ids = tok.encode(prompt)?;
     print!("{prompt}");
     std::io::stdout().flush()?;
@@ -249,7 +250,13 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
     }
     crate::plot::plot_cmd(&run.join("metrics.jsonl"), &run.join("loss.png"))?;
     println!("\nquickstart: a sample from the model (temperature 0.8, top-k 40):\n");
-    let cfg = GenerateConfig { max_new_tokens: 120, sampling: default_sampling(), seed: 7, stop_token: None };
+    let cfg = GenerateConfig {
+        max_new_tokens: 120,
+        sampling: default_sampling(),
+        seed: 7,
+        stop_token: None,
+        vocab_limit: None,
+    };
     generate_cmd(gpu, &run.join("checkpoint"), "ROMEO.\n", 1, cfg)?;
     println!("\nNext: `kiln generate --checkpoint {} --prompt \"...\"`", run.join("checkpoint").display());
     Ok(())

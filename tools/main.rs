@@ -385,6 +385,7 @@ fn run() -> Result<()> {
                 sampling,
                 seed,
                 stop_token: None,
+                vocab_limit: None, // generate_cmd sets the checkpoint tokenizer's
             };
             commands::generate_cmd(&open_gpu()?, &checkpoint, &prompt, samples, cfg)
         }

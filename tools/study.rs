@@ -167,8 +167,13 @@ impl<'a> Suite<'a> {
         for t in tasks {
             let ex = t.examples(Split::Eval, plan.kl_rows, 77);
             let prompts = chat_prompts(tok, ct, &ex, base.config.n_ctx)?;
-            let cfg =
-                GenerateConfig { max_new_tokens: MAX_NEW, sampling: TEMPERATURE_1, seed: 5, stop_token: Some(ct.end) };
+            let cfg = GenerateConfig {
+                max_new_tokens: MAX_NEW,
+                sampling: TEMPERATURE_1,
+                seed: 5,
+                stop_token: Some(ct.end),
+                vocab_limit: Some(tok.vocab_size()),
+            };
             let outs = rollouts(gpu, base, &prompts, 1, &cfg, |_, _, _| {})?;
             for (p, group) in prompts.iter().zip(outs) {
                 let row: Vec<u32> = p.iter().chain(&group[0].tokens).copied().collect();
@@ -202,7 +207,13 @@ impl<'a> Suite<'a> {
         for task in self.tasks {
             let ex = task.examples(Split::Eval, p.eval_prompts, 1234);
             let greedy = greedy_accuracy(gpu, model, self.tok, &ex, MAX_NEW)?;
-            let gen = GenerateConfig { max_new_tokens: MAX_NEW, sampling: TEMPERATURE_1, seed: 42, stop_token: None };
+            let gen = GenerateConfig {
+                max_new_tokens: MAX_NEW,
+                sampling: TEMPERATURE_1,
+                seed: 42,
+                stop_token: None,
+                vocab_limit: None,
+            };
             let s = sampled_scores(gpu, model, self.tok, &ex, p.samples, &ks, gen)?;
             tasks.insert(task.name(), TaskScores { greedy, pass_at: s.pass_at, mean_reward: s.mean_reward });
         }

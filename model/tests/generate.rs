@@ -77,6 +77,7 @@ fn generation_is_seeded_and_greedy_is_deterministic() {
         sampling: SamplingParams { temperature, top_k: 0, top_p: 1.0 },
         seed,
         stop_token: None,
+        vocab_limit: None,
     };
     let prompt = [1u32, 2, 3];
     let a = generate(gpu, &model, &prompt, 3, &cfg(1, 1.0), |_, _| {}).unwrap();
@@ -87,6 +88,12 @@ fn generation_is_seeded_and_greedy_is_deterministic() {
     assert_ne!(a, c, "another seed draws other tokens");
     let g = generate(gpu, &model, &prompt, 2, &cfg(9, 0.0), |_, _| {}).unwrap();
     assert_eq!(g[0], g[1], "greedy decoding ignores the random draws");
+    // A tokenizer smaller than the model's vocabulary: no sample may leave it, greedy included.
+    for t in [1.0, 0.0] {
+        let limited = GenerateConfig { vocab_limit: Some(7), ..cfg(4, t) };
+        let s = generate(gpu, &model, &prompt, 4, &limited, |_, _| {}).unwrap();
+        assert!(s.iter().flatten().all(|&id| id < 7), "temperature {t}: {s:?} leaves the first 7 ids");
+    }
     assert!(generate(gpu, &model, &[], 1, &cfg(1, 1.0), |_, _| {}).is_err());
     assert!(generate(gpu, &model, &[99], 1, &cfg(1, 1.0), |_, _| {}).is_err(), "token outside the vocabulary");
 }
@@ -100,6 +107,7 @@ fn batched_rollouts_equal_one_prompt_at_a_time_and_stop_per_sample() {
         sampling: SamplingParams { temperature, top_k: 0, top_p: 1.0 },
         seed: 3,
         stop_token: None,
+        vocab_limit: None,
     };
     // Prompts 0 and 2 have one length (one batched session), prompt 1 another.
     let prompts = vec![vec![1u32, 2, 3], vec![4, 5, 6, 7, 8], vec![9, 10, 11]];

@@ -106,7 +106,8 @@ fn short_rl_from_the_sft_model_raises_mean_reward() {
     let reference = Model::from_host(gpu, &config(), weights.clone()).unwrap();
     let prompts = TASK.examples(Split::Train, 200, 21);
     let probe: Vec<Example> = prompts[..48].to_vec();
-    let gen = GenerateConfig { max_new_tokens: 4, sampling: TEMPERATURE_1, seed: 99, stop_token: None };
+    let gen =
+        GenerateConfig { max_new_tokens: 4, sampling: TEMPERATURE_1, seed: 99, stop_token: None, vocab_limit: None };
     let before = sampled_scores(gpu, &policy, tok, &probe, 8, &[1], gen).unwrap().mean_reward;
     let cfg = RlConfig {
         steps: 30,

@@ -48,12 +48,13 @@ struct Params {
     inv_temp: f32,
     top_p: f32,
     greedy: u32,
+    ld: u32,
 }
 
 /// Field names, offsets and sizes of [`Params`], for the test that holds them against the WGSL struct.
 #[cfg(test)]
 pub(crate) fn params_layout() -> Vec<crate::ops::Field> {
-    crate::layout_of!(Params { rows, v, top_k, inv_temp, top_p, greedy })
+    crate::layout_of!(Params { rows, v, top_k, inv_temp, top_p, greedy, ld })
 }
 
 #[cfg(test)]
@@ -98,8 +99,20 @@ fn check_rows(
 /// lavapipe (2 cores), 64 rows of V = 50257: greedy 5 ms, plain 10 ms, top-k 50 27 ms, top-k 50 + top-p 0.9 37 ms,
 /// top-p 0.9 alone on uniform logits 90 ms.
 pub fn sample(gpu: &Gpu, logits: &Tensor, u: &Tensor, p: SamplingParams) -> Result<Tensor> {
+    let v = logits.shape().last().copied().unwrap_or(0);
+    sample_columns(gpu, logits, u, p, v)
+}
+
+/// [`sample`] among the first `cols` columns of each row only (ids < cols): a model whose vocabulary is padded past
+/// its tokenizer's must never emit an id the tokenizer cannot decode.
+pub fn sample_columns(gpu: &Gpu, logits: &Tensor, u: &Tensor, p: SamplingParams, cols: usize) -> Result<Tensor> {
     const OP: &str = "sample";
-    let (rows, v) = check_rows(OP, logits, "u", u, DType::F32)?;
+    let (rows, ld) = check_rows(OP, logits, "u", u, DType::F32)?;
+    if cols == 0 || cols > ld {
+        let message = format!("sample among the first {cols} columns of rows of {ld}");
+        return Err(Error::Invalid { op: OP, message });
+    }
+    let v = cols;
     let t = p.temperature;
     if !(t.is_finite() && t >= 0.0) {
         let message = format!("temperature must be finite and >= 0 (0 = greedy), got {t}");
@@ -116,6 +129,7 @@ pub fn sample(gpu: &Gpu, logits: &Tensor, u: &Tensor, p: SamplingParams) -> Resu
         inv_temp: if t > 0.0 { 1.0 / t } else { 0.0 },
         top_p: p.top_p,
         greedy: (t == 0.0) as u32,
+        ld: ld as u32,
     };
     let ids = gpu.alloc(u.shape(), DType::I32)?;
     gpu.dispatch(&Launch {

@@ -92,7 +92,7 @@ pub fn sample_rewards(
 ) -> Result<Scored> {
     let ct = ChatTokens::from_tokenizer(tok)?;
     let prompts = chat_prompts(tok, ct, examples, model.config.n_ctx)?;
-    let cfg = GenerateConfig { stop_token: Some(ct.end), ..gen };
+    let cfg = GenerateConfig { stop_token: Some(ct.end), vocab_limit: Some(tok.vocab_size()), ..gen };
     let outs = rollouts(gpu, model, &prompts, samples, &cfg, |_, _, _| {})?;
     let mut rewards = Vec::with_capacity(examples.len());
     for (e, group) in examples.iter().zip(&outs) {
@@ -111,7 +111,13 @@ pub fn greedy_accuracy(
     examples: &[Example],
     max_new_tokens: usize,
 ) -> Result<Estimate> {
-    let gen = GenerateConfig { max_new_tokens, sampling: SamplingParams::GREEDY, seed: 0, stop_token: None };
+    let gen = GenerateConfig {
+        max_new_tokens,
+        sampling: SamplingParams::GREEDY,
+        seed: 0,
+        stop_token: None,
+        vocab_limit: None,
+    };
     let (rewards, _) = sample_rewards(gpu, model, tok, examples, 1, gen)?;
     let correct = rewards.iter().filter(|r| r[0] >= 1.0).count();
     Ok(wilson(correct as f64 / examples.len().max(1) as f64, examples.len()))

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 use kiln_engine::autograd::Tape;
 use kiln_engine::ops::kv_cache::{kv_copy_rows, KvCache};
-use kiln_engine::ops::sampling::{sample, SamplingParams};
+use kiln_engine::ops::sampling::{sample_columns, SamplingParams};
 use kiln_engine::{DType, Gpu, Tensor};
 
 use crate::arch::{Attend, Model};
@@ -22,6 +22,8 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Stop a sample when it emits this token (it is kept in the output).
     pub stop_token: Option<u32>,
+    /// Sample only ids below this (the tokenizer's vocabulary, when the model's is padded past it); None = all.
+    pub vocab_limit: Option<usize>,
 }
 
 /// A model with one KV cache per layer, positioned after `len` tokens.
@@ -192,7 +194,8 @@ pub fn rollouts(
                 .flat_map(|&p| (0..samples).map(move |s| (p, s)))
                 .map(|(p, s)| if done(&out[p][s], grp.budget) { 0.0 } else { rngs[p][s].random_range(0.0f32..1.0) })
                 .collect();
-            let ids = sample(gpu, &grp.last, &gpu.upload(&u, &[u.len()])?, cfg.sampling)?;
+            let cols = cfg.vocab_limit.map_or(v, |k| k.clamp(1, v));
+            let ids = sample_columns(gpu, &grp.last, &gpu.upload(&u, &[u.len()])?, cfg.sampling, cols)?;
             gpu.copy_elements(&ids, 0, &all_ids, at, u.len())?;
             at += u.len();
         }

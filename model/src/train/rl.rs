@@ -324,6 +324,7 @@ impl<'g> RlTrainer<'g> {
             sampling,
             seed: stream_seed(self.cfg.seed, step, 0x726f_6c6c),
             stop_token: Some(self.ct.end),
+            vocab_limit: Some(self.tok.vocab_size()),
         };
         let groups = rollouts(gpu, &self.policy, &prompts, self.cfg.group_size, &gen, |_, _, _| {})?;
         let rollout_secs = start.elapsed().as_secs_f64();
