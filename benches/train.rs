@@ -1,9 +1,10 @@
 //! Throughput of training and post-training on the presets (GPT-2 and Llama families), one criterion group per adapter. Run:
 //! `cargo bench --bench train` (or `-- train_step`, `-- rollout`, `-- sft_step`, `-- rl_step` for one group).
 //!
-//! - `train_step`: a pretraining step (forward, backward, clipping, AdamW through the trainer), in tokens/s. The
-//!   GPT-2 124M step (B=4, T=1024) runs only where the adapter's storage-binding limit holds its [4·1024, 50257]
-//!   logits (823 MB): not on lavapipe (128 MiB).
+//! - `train_step`: a pretraining step (forward, backward, clipping, AdamW through the trainer), in tokens/s, with
+//!   the step's peak memory split printed. GPT-2 124M at B=1, T=256 under each `--recompute` setting on every
+//!   adapter; at B=4, T=1024 on hardware GPUs (a software one takes minutes per step: `--bench memory` runs it).
+//! - `classifier`: the chunked output layer + loss (forward and backward) against the unchunked one.
 //! - `rollout`: RL-style sampling, P prompts × G samples with the KV cache (`generate::rollouts`: each prompt
 //!   prefilled once and fanned out), in generated tokens/s; every completion runs to max_new_tokens (no stop token)
 //!   so each iteration does fixed work. Beside it, the same sampling without the cache (the full forward re-run over
@@ -23,7 +24,7 @@ use kiln_engine::autograd::Tape;
 use kiln_engine::ops::sampling::{sample, SamplingParams};
 use kiln_engine::testing::gpu;
 use kiln_engine::{DType, Gpu};
-use kiln_model::arch::Model;
+use kiln_model::arch::{Model, Recompute};
 use kiln_model::data::chat::SPECIAL_TOKENS;
 use kiln_model::data::tasks::{reward, Example, Split, Task};
 use kiln_model::data::tokenizer::Tokenizer;
@@ -39,35 +40,99 @@ fn bench_presets(c: &mut Criterion) {
     let gpu = gpu();
     let mut group = c.benchmark_group(format!("train_step [{}]", gpu.adapter_name()));
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
-    // (preset, vocab, batch, seq_len)
-    for (preset, vocab, batch, seq_len) in
-        [("tiny", 2048, 8, 128), ("llama-tiny", 2048, 8, 128), ("small", 4096, 4, 256), ("gpt2", 50257, 4, 1024)]
-    {
+    // (preset, vocab, batch, seq_len, recompute)
+    let mut rows = vec![
+        ("tiny", 2048, 8, 128, Recompute::None),
+        ("llama-tiny", 2048, 8, 128, Recompute::None),
+        ("small", 4096, 4, 256, Recompute::None),
+    ];
+    for r in [Recompute::None, Recompute::Gelu, Recompute::Block] {
+        rows.push(("gpt2", 50257, 1, 256, r));
+    }
+    if gpu.is_software() {
+        eprintln!(
+            "train_step/gpt2 B4 T1024: not run on a software adapter (minutes per step; `--bench memory` runs it once)"
+        );
+    } else {
+        for r in [Recompute::None, Recompute::Gelu, Recompute::Block] {
+            rows.push(("gpt2", 50257, 4, 1024, r));
+        }
+    }
+    for (preset, vocab, batch, seq_len, recompute) in rows {
         let config = ModelConfig::preset(preset, vocab).unwrap();
-        let logits_bytes = (batch * seq_len * vocab * 4) as u64;
-        if logits_bytes > gpu.limits().max_storage_buffer_binding_size {
-            eprintln!(
-                "train_step/{preset}: skipped, its logits ({logits_bytes} bytes) exceed this adapter's storage binding \
-                 limit ({} bytes)",
-                gpu.limits().max_storage_buffer_binding_size
-            );
+        if let Err(e) = check_fits(gpu, &config, batch, seq_len) {
+            eprintln!("train_step/{preset}: skipped: {e}");
             continue;
         }
         let tokens: Vec<u32> = (0..200_000u32).map(|i| i.wrapping_mul(2_654_435_761) % vocab as u32).collect();
-        let cfg = TrainConfig { steps: 1_000_000, batch, seq_len, ..TrainConfig::default() };
+        let cfg = TrainConfig { steps: 1_000_000, batch, seq_len, recompute, ..TrainConfig::default() };
         let model = Model::new(gpu, &config, 1).unwrap();
         let mut trainer = Trainer::new(gpu, model, cfg, Arc::new(tokens)).unwrap();
         group.throughput(Throughput::Elements((batch * seq_len) as u64));
-        let id = format!("{preset}_{}params_B{batch}_T{seq_len}", config.num_params());
-        group.bench_function(BenchmarkId::new("fwd_bwd_adamw", id), |b| {
+        let id = format!("{preset}_{}params_B{batch}_T{seq_len}_recompute-{recompute:?}", config.num_params());
+        let mut last = None;
+        group.bench_function(BenchmarkId::new("fwd_bwd_adamw", &id), |b| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    trainer.step().unwrap(); // ends with a GPU sync
+                    last = Some(trainer.step().unwrap()); // ends with a GPU sync
                 }
                 start.elapsed()
             })
         });
+        if let Some(m) = last {
+            eprintln!("train_step/{id}: peak {:.1} MiB: {}", m.peak_bytes as f64 / (1u64 << 20) as f64, m.memory);
+        }
+    }
+    group.finish();
+}
+
+/// The output layer and its loss, forward and backward, at the tiny preset's shape (B·T = 1024 rows, C = 128, V =
+/// 2048) and at GPT-2's (C = 768, V = 50257, 128 rows): the chunked
+/// classifier (default chunk, and forced 64-row chunks) against the unchunked path (full logits matmul,
+/// cross-entropy, its backward, dX and dW matmuls), in rows/s.
+fn bench_classifier(c: &mut Criterion) {
+    use kiln_engine::autograd::Param;
+    use kiln_engine::ops::matmul::{matmul, matmul_into, MatmulSpec};
+    use kiln_engine::ops::{classifier, elementwise, loss};
+    let gpu = gpu();
+    let mut group = c.benchmark_group(format!("classifier [{}]", gpu.adapter_name()));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+    for (name, n, ch, v) in [("tiny", 1024, 128, 2048), ("gpt2", 128, 768, 50257)] {
+        let x = gpu.upload(&kiln_engine::testing::random_vec(n * ch, 1), &[n, ch]).unwrap();
+        let w =
+            Param::new(gpu, "w", gpu.upload(&kiln_engine::testing::random_vec(v * ch, 2), &[v, ch]).unwrap()).unwrap();
+        let targets: Vec<i32> = (0..n).map(|i| (i * 7919 % v) as i32).collect();
+        let t = gpu.upload_i32(&targets, &[n]).unwrap();
+        let dloss = gpu.upload(&vec![1.0 / n as f32; n], &[n]).unwrap();
+        group.throughput(Throughput::Elements(n as u64));
+        let step = classifier::row_step(gpu);
+        for (label, chunk) in [("chunked", classifier::chunk_rows(gpu, v)), ("chunked64", step.max(64) / step * step)] {
+            group.bench_function(BenchmarkId::new(label, format!("{name}_N{n}_C{ch}_V{v}")), |b| {
+                b.iter(|| {
+                    let keep = classifier::KEEP_BYTES;
+                    let (_, saved) = classifier::loss(gpu, &x, &w.value, &t, chunk, keep).unwrap();
+                    let dx = classifier::loss_backward(gpu, &x, &w.value, &t, saved, &dloss, &w.grad, chunk).unwrap();
+                    gpu.read(&dx.rows(0, 1).unwrap()).unwrap()
+                })
+            });
+        }
+        if w.value.bytes() > gpu.max_binding() {
+            eprintln!("classifier/unchunked/{name}: not run: W ({} bytes) exceeds one binding", w.value.bytes());
+            continue;
+        }
+        group.bench_function(BenchmarkId::new("unchunked", format!("{name}_N{n}_C{ch}_V{v}")), |b| {
+            b.iter(|| {
+                let logits = matmul(gpu, &x, &w.value, None, MatmulSpec::nt()).unwrap();
+                let (_, lse) = loss::cross_entropy(gpu, &logits, &t).unwrap();
+                let dl = loss::cross_entropy_backward(gpu, &logits, &t, &lse, &dloss).unwrap();
+                let dx = matmul(gpu, &dl, &w.value, None, MatmulSpec::nn()).unwrap();
+                let acc = MatmulSpec { trans_a: true, beta: 1.0, ..MatmulSpec::nn() };
+                matmul_into(gpu, &dl, &x, None, &w.grad, acc).unwrap();
+                gpu.read(&dx.rows(0, 1).unwrap()).unwrap()
+            })
+        });
+        elementwise::fill(gpu, &w.grad, 0.0).unwrap();
     }
     group.finish();
 }
@@ -299,6 +364,6 @@ criterion_group! {
     // No plots: criterion's plotters backend panics (FontUnavailable) on machines without system fonts, the CI
     // machine among them, and the numbers are what matters here.
     config = Criterion::default().without_plots();
-    targets = bench_presets, bench_rollouts, bench_sft, bench_rl
+    targets = bench_presets, bench_classifier, bench_rollouts, bench_sft, bench_rl
 }
 criterion_main!(benches);

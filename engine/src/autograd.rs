@@ -49,7 +49,7 @@ enum Op<'a> {
     Scale { x: Var, alpha: f32 },
     Embedding { tokens: Vec<i32>, positions: Option<Vec<i32>>, wte: &'a Param, wpe: Option<&'a Param> },
     CrossEntropy { logits: Var, targets: Tensor, lse: Tensor },
-    Classifier { x: Var, w: &'a Param, targets: Tensor, lse: Tensor, chunk: usize },
+    Classifier { x: Var, w: &'a Param, targets: Tensor, saved: classifier::Saved, chunk: usize },
     WeightedSum { x: Var, weights: Tensor },
     Reshape { x: Var, from: Vec<usize>, to: Vec<usize> },
 }
@@ -269,14 +269,16 @@ impl<'a> Tape<'a> {
     fn classifier(&mut self, x: Var, w: &'a Param, targets: &Tensor, entropy: bool) -> Result<(Var, Option<Tensor>)> {
         let v = w.value.shape()[0];
         let chunk = self.classifier_chunk.unwrap_or_else(|| classifier::chunk_rows(self.gpu, v));
-        let (losses, lse, h) = if entropy {
-            let (l, s, h) = classifier::loss_entropy(self.gpu, self.value(x), &w.value, targets, chunk)?;
+        // Keep chunk logits for the backward only where there will be one.
+        let keep = if self.record { classifier::KEEP_BYTES } else { 0 };
+        let (losses, saved, h) = if entropy {
+            let (l, s, h) = classifier::loss_entropy(self.gpu, self.value(x), &w.value, targets, chunk, keep)?;
             (l, s, Some(h))
         } else {
-            let (l, s) = classifier::loss(self.gpu, self.value(x), &w.value, targets, chunk)?;
+            let (l, s) = classifier::loss(self.gpu, self.value(x), &w.value, targets, chunk, keep)?;
             (l, s, None)
         };
-        Ok((self.push(losses, Op::Classifier { x, w, targets: targets.clone(), lse, chunk }, &[x]), h))
+        Ok((self.push(losses, Op::Classifier { x, w, targets: targets.clone(), saved, chunk }, &[x]), h))
     }
 
     /// Whether this tape records for backward (false for `no_grad` tapes).
@@ -512,8 +514,8 @@ impl<'a> Tape<'a> {
                 let d = loss::cross_entropy_backward(gpu, self.value(logits), &targets, &lse, &g)?;
                 self.accumulate(logits, d)?;
             }
-            Op::Classifier { x, w, targets, lse, chunk } => {
-                let dx = classifier::loss_backward(gpu, self.value(x), &w.value, &targets, &lse, &g, &w.grad, chunk)?;
+            Op::Classifier { x, w, targets, saved, chunk } => {
+                let dx = classifier::loss_backward(gpu, self.value(x), &w.value, &targets, saved, &g, &w.grad, chunk)?;
                 self.accumulate(x, dx)?;
             }
             Op::Reshape { x, from, .. } => self.accumulate(x, g.reshape(&from)?)?,

@@ -13,9 +13,12 @@ use crate::ops::{fits_u32, grid_1d, loss, nonempty, policy, WG_1D};
 use crate::shaders::CLASSIFIER;
 use crate::{DType, Error, Gpu, MemoryKind, Result, Tensor};
 
-/// Most bytes one chunk buffer (the chunk's logits, and in backward their gradient) may hold: three such buffers
-/// at most are live at once, so the classifier's scratch stays under 64 MiB whatever B·T.
+/// Most bytes one chunk buffer (the chunk's logits, and in backward their gradient) may hold.
 pub const CHUNK_BYTES: u64 = 16 << 20;
+
+/// Chunk logits a training forward keeps for its backward (instead of recomputing them). With the two chunk
+/// buffers of the backward, the classifier's scratch stays within 64 MiB whatever B·T.
+pub const KEEP_BYTES: u64 = 2 * CHUNK_BYTES;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -169,12 +172,36 @@ pub fn logits(gpu: &Gpu, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// What the forward keeps for the backward: each row's logsumexp, and the logits of the first chunks while they fit
+/// the `keep_bytes` the caller allowed (the backward recomputes the others). With the whole batch in one chunk
+/// within the budget nothing is recomputed, so small vocabularies cost what an unchunked classifier costs.
+pub struct Saved {
+    /// [N]
+    pub lse: Tensor,
+    kept: Vec<Tensor>,
+}
+
+impl Saved {
+    /// Bytes of chunk logits held for the backward.
+    pub fn kept_bytes(&self) -> u64 {
+        self.kept.iter().map(Tensor::bytes).sum()
+    }
+}
+
 /// Per-row cross-entropy of logits x·Wᵀ against `targets` (I32, N ids in any shape; [`loss::IGNORE_INDEX`] gives
-/// exactly 0), computed `chunk` rows at a time (see [`chunk_rows`]). Returns (losses shaped like targets,
-/// logsumexp [N]), the same values as [`loss::cross_entropy`] of the full logits.
-pub fn loss(gpu: &Gpu, x: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
-    let (losses, lse, _) = forward(gpu, x, w, targets, chunk, false)?;
-    Ok((losses, lse))
+/// exactly 0), computed `chunk` rows at a time (see [`chunk_rows`]), keeping up to `keep_bytes` of chunk logits
+/// for the backward. Returns (losses shaped like targets, [`Saved`]); the losses and logsumexps are the values
+/// [`loss::cross_entropy`] gives on the full logits.
+pub fn loss(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    keep_bytes: u64,
+) -> Result<(Tensor, Saved)> {
+    let (losses, saved, _) = forward(gpu, x, w, targets, chunk, keep_bytes, false)?;
+    Ok((losses, saved))
 }
 
 /// [`loss`] and, from the same chunks, each row's softmax entropy (nats) shaped like targets: the RL metric,
@@ -185,9 +212,10 @@ pub fn loss_entropy(
     w: &Tensor,
     targets: &Tensor,
     chunk: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (losses, lse, h) = forward(gpu, x, w, targets, chunk, true)?;
-    Ok((losses, lse, h.expect("asked for the entropy")))
+    keep_bytes: u64,
+) -> Result<(Tensor, Saved, Tensor)> {
+    let (losses, saved, h) = forward(gpu, x, w, targets, chunk, keep_bytes, true)?;
+    Ok((losses, saved, h.expect("asked for the entropy")))
 }
 
 fn forward(
@@ -196,8 +224,9 @@ fn forward(
     w: &Tensor,
     targets: &Tensor,
     chunk: usize,
+    keep_bytes: u64,
     entropy: bool,
-) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+) -> Result<(Tensor, Saved, Option<Tensor>)> {
     let op = "classifier_loss";
     let (n, c, v) = dims(op, x, w, Some(targets))?;
     let parts = gpu.split_rows(op, v, c)?;
@@ -205,6 +234,8 @@ fn forward(
     let losses = gpu.alloc(&[n], DType::F32)?;
     let lse = gpu.alloc(&[n], DType::F32)?;
     let h = if entropy { Some(gpu.alloc(&[n], DType::F32)?) } else { None };
+    let mut kept = Vec::new();
+    let mut budget = keep_bytes;
     for (r0, r1) in chunks(gpu, op, n, chunk)? {
         let scratch = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;
         chunk_logits(gpu, &x.rows(r0, r1)?, w, &parts, &scratch)?;
@@ -214,22 +245,26 @@ fn forward(
         if let Some(h) = &h {
             gpu.copy_elements(&policy::token_entropy(gpu, &scratch)?, 0, h, r0, r1 - r0)?;
         }
+        // Only a prefix of chunks is kept, so the backward knows chunk k's logits are kept[k].
+        if kept.len() * chunk == r0 && scratch.bytes() <= budget {
+            budget -= scratch.bytes();
+            kept.push(scratch);
+        }
     }
     let h = h.map(|h| h.reshape(targets.shape())).transpose()?;
-    Ok((losses.reshape(targets.shape())?, lse, h))
+    Ok((losses.reshape(targets.shape())?, Saved { lse, kept }, h))
 }
 
 /// The backward of [`loss`]: given the upstream gradient of every row's loss `dloss` (N values in any shape: mean
 /// weights, SFT masks, RL advantages), returns dx [N, C] as a NEW tensor and ACCUMULATES (+=) dW into `dw` [V, C].
-/// `lse` is the forward's; `chunk` may differ from the forward's (the result does not depend on it beyond float
-/// rounding of dW's sum, which runs over chunks in order).
+/// `saved` is the forward's and `chunk` must be the forward's; the kept logits are used once and released.
 #[allow(clippy::too_many_arguments)]
 pub fn loss_backward(
     gpu: &Gpu,
     x: &Tensor,
     w: &Tensor,
     targets: &Tensor,
-    lse: &Tensor,
+    saved: Saved,
     dloss: &Tensor,
     dw: &Tensor,
     chunk: usize,
@@ -238,6 +273,7 @@ pub fn loss_backward(
     let (n, c, v) = dims(op, x, w, Some(targets))?;
     expect_dtype(op, "dw", dw, DType::F32)?;
     expect_dtype(op, "dloss", dloss, DType::F32)?;
+    let Saved { lse, kept } = saved;
     if dw.shape() != w.shape() || lse.numel() != n || dloss.numel() != n {
         return Err(Error::Shape {
             op,
@@ -250,10 +286,22 @@ pub fn loss_backward(
     let (flat, lse, dloss) = (targets.reshape(&[n])?, lse.reshape(&[n])?, dloss.reshape(&[n])?);
     let dx = gpu.alloc(&[n, c], DType::F32)?;
     let acc = MatmulSpec { trans_a: true, beta: 1.0, ..MatmulSpec::nn() };
+    let mut kept = kept.into_iter();
     for (r0, r1) in chunks(gpu, op, n, chunk)? {
         let (x_c, dx_c) = (x.rows(r0, r1)?, dx.rows(r0, r1)?);
-        let scratch = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;
-        chunk_logits(gpu, &x_c, w, &parts, &scratch)?;
+        let scratch = match kept.next() {
+            Some(t) if t.shape() == [r1 - r0, v] => t,
+            Some(t) => {
+                let message =
+                    format!("kept logits {:?} for rows {r0}..{r1}: the chunk differs from the forward's", t.shape());
+                return Err(Error::Invalid { op, message });
+            }
+            None => {
+                let t = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;
+                chunk_logits(gpu, &x_c, w, &parts, &t)?;
+                t
+            }
+        };
         // The chunk's dlogits go to a scratch of their own (one buffer cannot be bound both read and read_write
         // in one dispatch).
         let dl = gpu.alloc_kind(&[r1 - r0, v], DType::F32, MemoryKind::Scratch)?;

@@ -340,7 +340,7 @@ pub fn check_fits(gpu: &Gpu, c: &crate::arch::config::ModelConfig, batch: usize,
         if bytes > limit {
             return Err(ModelError::Config(format!(
                 "{what} take {bytes} bytes, more than one storage binding of {} allows ({limit} bytes): lower the \
-                 batch, seq_len or vocabulary, or use a GPU with larger limits",
+                 batch or seq_len, or use a GPU with larger limits",
                 gpu.adapter_name()
             )));
         }
