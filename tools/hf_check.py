@@ -6,6 +6,7 @@ last one shorter, every token after the first predicted once).
 
     python tools/hf_check.py DIR TEXT [--seq-len T] [--batch B]
     python tools/hf_check.py --random-llama DIR --tokenizer-from KILN_CKPT   # the user's own random LlamaForCausalLM
+    python tools/hf_check.py --random-gpt2 DIR --tokenizer-from KILN_CKPT    # GPT2LMHeadModel(GPT2Config()): 124M
     python tools/hf_check.py --grads DIR TOKENS.json INSPECT.safetensors      # `kiln inspect` output vs autograd
 
 Needs torch, transformers and tokenizers (pip install torch transformers tokenizers).
@@ -45,6 +46,19 @@ def write_random_llama(out: Path, tokenizer_from: Path, seed: int) -> None:
     model.save_pretrained(out, safe_serialization=True)
     shutil.copy(tokenizer_from / "tokenizer.json", out / "tokenizer.json")
     print(f"wrote a random LlamaForCausalLM ({sum(p.numel() for p in model.parameters())} parameters) to {out}")
+
+
+def write_random_gpt2(out: Path, tokenizer_from: Path, seed: int) -> None:
+    """GPT-2 124M exactly as transformers builds it by default (50257 × 768, 12 layers), random weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config())
+    model.save_pretrained(out, safe_serialization=True)
+    shutil.copy(tokenizer_from / "tokenizer.json", out / "tokenizer.json")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote a random GPT2LMHeadModel(GPT2Config()) ({n} parameters) to {out}")
 
 
 def check(ckpt: Path, text: Path, seq_len: int | None) -> float:
@@ -117,6 +131,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--batch", type=int, default=8, help="accepted for symmetry with kiln eval; the loss does not depend on it")
     ap.add_argument("--random-llama", type=Path, help="write a random LlamaForCausalLM checkpoint here and stop")
+    ap.add_argument("--random-gpt2", type=Path, help="write a random GPT2LMHeadModel(GPT2Config()) here and stop")
     ap.add_argument("--tokenizer-from", type=Path, help="a Kiln checkpoint whose tokenizer and vocab to use")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grads", nargs=3, type=Path, metavar=("DIR", "TOKENS", "INSPECT"))
@@ -124,10 +139,13 @@ def main() -> None:
     if a.grads:
         check_grads(*a.grads)
         return
-    if a.random_llama:
+    if a.random_llama or a.random_gpt2:
         if not a.tokenizer_from:
-            ap.error("--random-llama needs --tokenizer-from")
-        write_random_llama(a.random_llama, a.tokenizer_from, a.seed)
+            ap.error("--random-llama and --random-gpt2 need --tokenizer-from")
+        if a.random_llama:
+            write_random_llama(a.random_llama, a.tokenizer_from, a.seed)
+        else:
+            write_random_gpt2(a.random_gpt2, a.tokenizer_from, a.seed)
         return
     if not (a.ckpt and a.text):
         ap.error("give a checkpoint directory and a text file")
