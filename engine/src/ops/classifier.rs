@@ -142,10 +142,9 @@ fn copy_columns(gpu: &Gpu, src: &Tensor, src_col: usize, dst: &Tensor, dst_col: 
 
 /// out [R, V] = x_c [R, C] · Wᵀ, W used in the row parts `parts`.
 fn chunk_logits(gpu: &Gpu, x_c: &Tensor, w: &Tensor, parts: &[(usize, usize)], out: &Tensor) -> Result<()> {
-    if let [(0, v)] = parts {
-        if *v == w.shape()[0] {
-            return matmul_into(gpu, x_c, w, None, out, MatmulSpec::nt());
-        }
+    if parts.len() == 1 {
+        // split_rows gives one range exactly when the whole of W fits one binding.
+        return matmul_into(gpu, x_c, w, None, out, MatmulSpec::nt());
     }
     for &(v0, v1) in parts {
         let block = gpu.alloc_kind(&[x_c.shape()[0], v1 - v0], DType::F32, MemoryKind::Scratch)?;
