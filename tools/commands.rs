@@ -18,7 +18,7 @@ use kiln_model::train::optim::OptimConfig;
 use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
 use kiln_model::ModelConfig;
 
-use crate::progress::Bar;
+use crate::dist::Job;
 
 /// Where `prepare` gets its tokenizer: trained on the corpus, a tokenizer.json, or GPT-2's vocab.json + merges.txt.
 pub enum TokenizerSource<'a> {
@@ -35,7 +35,7 @@ pub fn prepare_cmd(
     val_fraction: f64,
 ) -> Result<PrepareReport> {
     let text = if inputs.is_empty() {
-        println!("prepare: using the bundled corpus (Shakespeare's plays, data/README.md)");
+        say!("prepare: using the bundled corpus (Shakespeare's plays, data/README.md)");
         bundled_corpus()?
     } else {
         read_corpus(inputs)?
@@ -47,13 +47,13 @@ pub fn prepare_cmd(
         TokenizerSource::Gpt2 { vocab_json, merges } => Tokenizer::from_gpt2_files(vocab_json, merges)
             .with_context(|| format!("loading {} and {}", vocab_json.display(), merges.display()))?,
         TokenizerSource::Train(vocab) => {
-            println!("prepare: training a byte-level BPE tokenizer with {vocab} tokens on {} bytes", text.len());
+            say!("prepare: training a byte-level BPE tokenizer with {vocab} tokens on {} bytes", text.len());
             Tokenizer::train(&text, vocab, &kiln_model::data::chat::SPECIAL_TOKENS)?
         }
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let report = prepare(&text, &tok, out, val_fraction, 4096)?;
-    println!(
+    say!(
         "prepare: {} train / {} val tokens, vocab {}, unigram entropy {:.3} bits/token → {}",
         report.train_tokens,
         report.val_tokens,
@@ -73,6 +73,7 @@ pub struct PretrainOpts<'a> {
     pub eval_every: u64,
     pub eval_batches: usize,
     pub ckpt_every: u64,
+    pub world: Job<'a>,
 }
 
 pub enum ModelChoice<'a> {
@@ -80,13 +81,17 @@ pub enum ModelChoice<'a> {
     Toml(&'a Path),
 }
 
-/// `kiln pretrain`; returns the final validation loss.
+/// `kiln pretrain`; returns the final validation loss (NaN on ranks other than 0 of a data-parallel job, which
+/// do not evaluate).
 pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<f32> {
+    let job = opts.world;
     let tok_json = std::fs::read_to_string(opts.data.join("tokenizer.json")).with_context(|| {
         format!("reading {} (run `kiln prepare` first)", opts.data.join("tokenizer.json").display())
     })?;
-    // Take the output directory before reading anything from it: a live run there keeps it.
-    let mut out = RunDir::open(opts.out, Some(tok_json))?;
+    // Take the output directory before reading anything from it: a live run there keeps it. Only rank 0 of a
+    // data-parallel job writes there (the others read the checkpoint to resume).
+    let mut out = if job.is_root() { Some(RunDir::open(opts.out, Some(tok_json))?) } else { None };
+    let ckpt_dir = opts.out.join("checkpoint");
     let train = read_shard(&opts.data.join("train.bin")).context("reading train.bin (run `kiln prepare` first)")?;
     let val = read_shard(&opts.data.join("val.bin")).context("reading val.bin")?;
     let config = match opts.model {
@@ -104,16 +109,20 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
     }
     let train_tokens = Arc::new(train.tokens);
     let mut trainer = if opts.resume {
-        let dir = out.checkpoint_dir();
-        let ckpt = load_checkpoint(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
-        println!("pretrain: resuming at step {}", ckpt.state.as_ref().map_or(0, |s| s.step));
+        let dir = &ckpt_dir;
+        let ckpt = load_checkpoint(dir).with_context(|| format!("resuming from {}", dir.display()))?;
+        say!("pretrain: resuming at step {}", ckpt.state.as_ref().map_or(0, |s| s.step));
+        note_ranks_changed(&ckpt, job.world.size, cfg.grad_accum, cfg.batch);
         Trainer::resume(gpu, ckpt, cfg.clone(), train_tokens)?
     } else {
         Trainer::new(gpu, Model::new(gpu, &config, cfg.seed)?, cfg.clone(), train_tokens)?
     };
+    if let Some(comm) = &job.world.comm {
+        trainer.data_parallel(comm.clone(), job.zero, job.bucket_bytes)?;
+    }
     let c = &trainer.model.config;
-    println!(
-        "pretrain: {} parameters ({}: {} layers, {} heads{}, width {}, context {}), batch {}×{}×{} tokens, {} steps on {}",
+    say!(
+        "pretrain: {} parameters ({}: {} layers, {} heads{}, width {}, context {}), batch {}×{}×{}{} tokens, {} steps on {}",
         c.num_params(),
         c.family.name(),
         c.n_layer,
@@ -124,6 +133,7 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
         cfg.batch,
         cfg.seq_len,
         cfg.grad_accum,
+        ranks_note(job),
         cfg.steps,
         gpu.adapter_name()
     );
@@ -134,16 +144,40 @@ pub fn pretrain_cmd(gpu: &Gpu, opts: &PretrainOpts, cfg: TrainConfig) -> Result<
         Ok(Evaluation { fields, summary: format!("val {loss:.3}") })
     };
     let schedule = Schedule { eval_every: opts.eval_every, ckpt_every: opts.ckpt_every };
-    let last = drive(&mut trainer, u64::MAX, schedule, Some(&mut val_eval), Some(&mut out), &mut Bar::new("pretrain"))?;
+    let eval: Option<&mut kiln_model::train::driver::Evaluate> = if job.is_root() { Some(&mut val_eval) } else { None };
+    let last = drive(&mut trainer, u64::MAX, schedule, eval, out.as_mut(), job.progress("pretrain").as_mut())?;
+    if !job.is_root() {
+        return Ok(f32::NAN);
+    }
     let val_loss = match last {
         Some(e) => e.fields["val_loss"].as_f64().unwrap_or(f64::NAN) as f32,
         None => eval_loss(gpu, &trainer.model, &val.tokens, cfg.batch, cfg.seq_len, opts.eval_batches)?,
     };
-    println!(
-        "pretrain: final validation loss {val_loss:.4} nats/token; checkpoint in {}",
-        out.checkpoint_dir().display()
-    );
+    say!("pretrain: final validation loss {val_loss:.4} nats/token; checkpoint in {}", ckpt_dir.display());
     Ok(val_loss)
+}
+
+/// " × N ranks" in a data-parallel job's banner.
+pub fn ranks_note(job: Job) -> String {
+    match job.world.size {
+        1 => String::new(),
+        n => format!(" × {n} ranks{}", if job.zero { " (ZeRO-1)" } else { "" }),
+    }
+}
+
+/// Say so when a run resumes on another number of ranks: the data stream continues where it stopped, but each
+/// step's global batch (ranks × grad_accum micro-batches) is not the one the run started with.
+pub fn note_ranks_changed(ckpt: &kiln_model::checkpoint::Checkpoint, ranks: usize, accum: usize, batch: usize) {
+    if let Some(state) = &ckpt.state {
+        if state.ranks != ranks {
+            say!(
+                "note: this run was trained on {} rank(s) and resumes on {ranks}: the data continues from its saved                  position, but a step now takes {} rows instead of {} (same --batch and --grad-accum); for the same                  global batch use --grad-accum so that ranks × grad_accum is unchanged",
+                state.ranks,
+                ranks * accum * batch,
+                state.ranks * accum * batch
+            );
+        }
+    }
 }
 
 fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Model, Tokenizer)> {
@@ -163,7 +197,7 @@ pub fn eval_cmd(gpu: &Gpu, checkpoint: &Path, text: &Path, batch: usize, seq_len
     let ids = tok.encode(&body)?;
     let t = seq_len.unwrap_or(model.config.n_ctx).min(model.config.n_ctx);
     let r = text_loss(gpu, &model, &ids, batch, t).with_context(|| format!("evaluating {}", text.display()))?;
-    println!(
+    say!(
         "{}: {} tokens predicted (of {}) in {} windows of up to {t}, loss {:.6} nats/token, perplexity {:.2}, \
          {:.4} bits/byte",
         text.display(),
@@ -199,9 +233,9 @@ pub fn generate_cmd(gpu: &Gpu, checkpoint: &Path, prompt: &str, samples: usize, 
             }
         }
     })?;
-    println!();
+    say!();
     for (i, o) in outs.iter().enumerate().skip(1) {
-        println!("--- sample {i} ---\n{prompt}{}", tok.decode(o)?);
+        say!("--- sample {i} ---\n{prompt}{}", tok.decode(o)?);
     }
     Ok(())
 }
@@ -213,11 +247,11 @@ pub fn default_sampling() -> SamplingParams {
 /// `kiln quickstart`: prepare the bundled corpus, pretrain the tiny preset briefly, compare with the unigram
 /// baseline, and sample.
 pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
-    println!("Kiln quickstart on {}\n", gpu.report());
+    say!("Kiln quickstart on {}\n", gpu.report());
     let data = out.join("data");
     let report =
         if data.join("train.bin").exists() && data.join("val.bin").exists() && data.join("tokenizer.json").exists() {
-            println!("quickstart: reusing the prepared data in {}", data.display());
+            say!("quickstart: reusing the prepared data in {}", data.display());
             None
         } else {
             Some(prepare_cmd(&[], &data, TokenizerSource::Train(2048), 0.1)?)
@@ -231,7 +265,9 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
     };
     let run = out.join("tiny");
     let _ = std::fs::remove_file(run.join("metrics.jsonl"));
+    let world = crate::dist::World::alone();
     let opts = PretrainOpts {
+        world: Job::alone(&world),
         data: &data,
         out: &run,
         model: ModelChoice::Preset("tiny"),
@@ -243,13 +279,13 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
     let val = pretrain_cmd(gpu, &opts, cfg)?;
     if let Some(r) = report {
         let unigram_nats = r.unigram_entropy_bits * std::f64::consts::LN_2;
-        println!(
+        say!(
             "quickstart: validation loss {val:.3} nats/token vs the unigram baseline {unigram_nats:.3} ({:.1}% lower)",
             100.0 * (1.0 - val as f64 / unigram_nats)
         );
     }
     crate::plot::plot_cmd(&run.join("metrics.jsonl"), &run.join("loss.png"))?;
-    println!("\nquickstart: a sample from the model (temperature 0.8, top-k 40):\n");
+    say!("\nquickstart: a sample from the model (temperature 0.8, top-k 40):\n");
     let cfg = GenerateConfig {
         max_new_tokens: 120,
         sampling: default_sampling(),
@@ -258,7 +294,7 @@ pub fn quickstart_cmd(gpu: &Gpu, out: &Path, steps: u64) -> Result<()> {
         vocab_limit: None,
     };
     generate_cmd(gpu, &run.join("checkpoint"), "ROMEO.\n", 1, cfg)?;
-    println!("\nNext: `kiln generate --checkpoint {} --prompt \"...\"`", run.join("checkpoint").display());
+    say!("\nNext: `kiln generate --checkpoint {} --prompt \"...\"`", run.join("checkpoint").display());
     Ok(())
 }
 
@@ -319,7 +355,7 @@ pub fn inspect_cmd(gpu: &Gpu, checkpoint: &Path, tokens: &Path, out: &Path) -> R
     .into_iter()
     .collect();
     save_safetensors(out, &tensors, &meta)?;
-    println!(
+    say!(
         "inspect: loss {:.6} over {b}×{t} tokens; logits and {n_grads} gradients → {}",
         tensors[1].data[0],
         out.display()

@@ -3,7 +3,17 @@
 //!
 //! Run: `cargo run --release -- quickstart`, `cargo run --release -- --help`.
 
+/// `println!` on rank 0 only: the other ranks of a data-parallel job would print the same lines again.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !$crate::dist::quiet() {
+            println!($($arg)*);
+        }
+    };
+}
+
 mod commands;
+mod dist;
 mod plot;
 mod posttrain;
 mod progress;
@@ -36,6 +46,19 @@ struct ExampleArgs {
     /// Examples generated per task.
     #[arg(long, default_value_t = 5000)]
     examples: usize,
+}
+
+/// How a training command runs data-parallel when started under `mpirun -np N` (built with `--features mpi`).
+#[derive(clap::Args, Clone, Copy)]
+struct DistArgs {
+    /// ZeRO stage: 1 shards the AdamW moments over the ranks (optimizer memory falls with N), 0 keeps a full copy
+    /// on every rank. Results are the same either way.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    zero: u8,
+    /// MiB of gradients per all-reduce message; smaller buckets start sooner (more overlap), larger ones pay
+    /// less per-message latency.
+    #[arg(long, default_value_t = 4.0)]
+    bucket_mib: f64,
 }
 
 impl ExampleArgs {
@@ -99,6 +122,8 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         ckpt_every: u64,
         #[command(flatten)]
+        dist: DistArgs,
+        #[command(flatten)]
         train: TrainConfig,
     },
     /// Supervised fine-tuning from a checkpoint on chat-formatted task examples (loss on responses only).
@@ -126,6 +151,8 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         ckpt_every: u64,
         #[command(flatten)]
+        dist: DistArgs,
+        #[command(flatten)]
         train: TrainConfig,
     },
     /// Policy-gradient RL (GRPO or REINFORCE) from a checkpoint on tasks with exact-match rewards.
@@ -147,6 +174,8 @@ enum Command {
         eval_examples: usize,
         #[arg(long, default_value_t = 50)]
         ckpt_every: u64,
+        #[command(flatten)]
+        dist: DistArgs,
         #[command(flatten)]
         rl: RlConfig,
     },
@@ -253,16 +282,24 @@ enum Command {
 fn main() -> std::process::ExitCode {
     // Errors print as one chain of causes ("reading train.bin: runs/data/train.bin: No such file ..."), without the
     // backtrace anyhow would add when RUST_BACKTRACE is set: they are about the user's input, not our code.
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let world = match dist::World::init() {
+        Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match run(&world) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // With several ranks this ends the whole job (naming this rank), so no other rank waits for it.
+            world.abort(&format!("{e:#}"));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-fn run() -> Result<()> {
+fn run(world: &dist::World) -> Result<()> {
     // Mesa warns when XDG_RUNTIME_DIR is unset; the warning is harmless but alarming, so give it a private dir.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = std::env::temp_dir().join(format!("kiln-xdg-{}", std::process::id()));
@@ -275,7 +312,11 @@ fn run() -> Result<()> {
             std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if !matches!(command, Command::Pretrain { .. } | Command::Sft { .. } | Command::Rl { .. }) {
+        dist::alone(world, command.name())?;
+    }
+    match command {
         Command::Devices => devices(),
         Command::Selfcheck => selfcheck(),
         Command::Quickstart { out, steps } => commands::quickstart_cmd(&open_gpu()?, &out, steps),
@@ -287,7 +328,18 @@ fn run() -> Result<()> {
             };
             commands::prepare_cmd(&inputs, &out, source, val_fraction).map(|_| ())
         }
-        Command::Pretrain { data, out, preset, config, resume, eval_every, eval_batches, ckpt_every, train: cfg } => {
+        Command::Pretrain {
+            data,
+            out,
+            preset,
+            config,
+            resume,
+            eval_every,
+            eval_batches,
+            ckpt_every,
+            dist,
+            train: cfg,
+        } => {
             let model = match &config {
                 Some(p) => commands::ModelChoice::Toml(p),
                 None => commands::ModelChoice::Preset(&preset),
@@ -300,8 +352,9 @@ fn run() -> Result<()> {
                 eval_every: eval_every.max(1),
                 eval_batches,
                 ckpt_every: ckpt_every.max(1),
+                world: dist::Job::new(world, dist.zero, dist.bucket_mib)?,
             };
-            commands::pretrain_cmd(&open_gpu()?, &opts, cfg).map(|_| ())
+            commands::pretrain_cmd(&rank_gpu(world)?, &opts, cfg).map(|_| ())
         }
         Command::Sft {
             init,
@@ -313,6 +366,7 @@ fn run() -> Result<()> {
             eval_every,
             eval_examples,
             ckpt_every,
+            dist,
             train: cfg,
         } => {
             let opts = posttrain::SftOpts {
@@ -325,10 +379,22 @@ fn run() -> Result<()> {
                 eval_every: eval_every.max(1),
                 eval_examples: eval_examples.max(1),
                 ckpt_every: ckpt_every.max(1),
+                world: dist::Job::new(world, dist.zero, dist.bucket_mib)?,
             };
-            posttrain::sft_cmd(&open_gpu()?, &opts, cfg)
+            posttrain::sft_cmd(&rank_gpu(world)?, &opts, cfg)
         }
-        Command::Rl { init, reference, out, examples, resume, eval_every, eval_examples, ckpt_every, rl: cfg } => {
+        Command::Rl {
+            init,
+            reference,
+            out,
+            examples,
+            resume,
+            eval_every,
+            eval_examples,
+            ckpt_every,
+            dist,
+            rl: cfg,
+        } => {
             let opts = posttrain::RlOpts {
                 init: &init,
                 reference: reference.as_deref(),
@@ -338,8 +404,9 @@ fn run() -> Result<()> {
                 eval_every: eval_every.max(1),
                 eval_examples: eval_examples.max(1),
                 ckpt_every: ckpt_every.max(1),
+                world: dist::Job::new(world, dist.zero, dist.bucket_mib)?,
             };
-            posttrain::rl_cmd(&open_gpu()?, &opts, cfg)
+            posttrain::rl_cmd(&rank_gpu(world)?, &opts, cfg)
         }
         Command::Study {
             out,
@@ -394,6 +461,36 @@ fn run() -> Result<()> {
 
 fn open_gpu() -> Result<Gpu> {
     Gpu::new().context("opening the GPU")
+}
+
+/// The GPU of this rank: `KILN_ADAPTER`, or the machine's best adapters round-robin by local rank.
+fn rank_gpu(world: &dist::World) -> Result<Gpu> {
+    if world.size == 1 {
+        return open_gpu();
+    }
+    let gpu = Gpu::for_local_rank(world.local_rank)
+        .with_context(|| format!("opening the GPU of rank {} (local rank {})", world.rank, world.local_rank))?;
+    eprintln!("rank {} of {}: {}", world.rank, world.size, gpu.adapter_name());
+    Ok(gpu)
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Quickstart { .. } => "quickstart",
+            Command::Prepare { .. } => "prepare",
+            Command::Pretrain { .. } => "pretrain",
+            Command::Sft { .. } => "sft",
+            Command::Rl { .. } => "rl",
+            Command::Study { .. } => "study",
+            Command::Eval { .. } => "eval",
+            Command::Generate { .. } => "generate",
+            Command::Inspect { .. } => "inspect",
+            Command::Plot { .. } => "plot",
+            Command::Devices => "devices",
+            Command::Selfcheck => "selfcheck",
+        }
+    }
 }
 
 fn mib(bytes: u64) -> String {

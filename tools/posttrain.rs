@@ -15,12 +15,12 @@ use kiln_model::data::read_shard;
 use kiln_model::data::tasks::{read_rl_jsonl, read_sft_jsonl, reward, Example, Split, Task};
 use kiln_model::data::tokenizer::Tokenizer;
 use kiln_model::eval::evaluate::greedy_accuracy;
-use kiln_model::train::driver::{drive, Evaluation, RunDir, Schedule};
+use kiln_model::train::driver::{drive, Evaluate, Evaluation, RunDir, Schedule};
 use kiln_model::train::pretrain::{eval_loss, TrainConfig, Trainer};
 use kiln_model::train::rl::{RlConfig, RlTrainer};
 use kiln_model::train::sft::SftSource;
 
-use crate::progress::Bar;
+use crate::dist::Job;
 
 /// Where examples come from: generated tasks (train split) or a JSONL file.
 pub struct ExampleSource<'a> {
@@ -59,7 +59,7 @@ pub fn load_policy(dir: &Path) -> Result<(Checkpoint, Tokenizer)> {
     let vocab = ckpt.config.vocab_size;
     let added = add_chat_tokens(&mut ckpt, &mut tok)?;
     if !added.is_empty() {
-        println!(
+        say!(
             "{}: added the chat tokens {} to its tokenizer (model vocabulary {vocab} → {}; new rows start at the \
              mean embedding)",
             dir.display(),
@@ -99,6 +99,7 @@ pub struct SftOpts<'a> {
     pub eval_every: u64,
     pub eval_examples: usize,
     pub ckpt_every: u64,
+    pub world: Job<'a>,
 }
 
 /// The evaluation fields of post-training: greedy accuracy per task (under `key`) and, given held-out text, the
@@ -115,8 +116,10 @@ fn accuracy_eval(acc: Vec<(String, f64)>, key: &str, val_loss: Option<f32>) -> E
 
 /// `kiln sft`.
 pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
-    let mut out = RunDir::open(opts.out, None)?;
-    let ckpt_dir = out.checkpoint_dir();
+    let job = opts.world;
+    // Only rank 0 of a data-parallel job writes the run directory.
+    let mut out = if job.is_root() { Some(RunDir::open(opts.out, None)?) } else { None };
+    let ckpt_dir = opts.out.join("checkpoint");
     let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
     let examples = opts.examples.load(false)?;
     let tasks = opts.examples.parsed_tasks()?;
@@ -134,8 +137,8 @@ pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
     };
     let source =
         SftSource::new(&tok, &examples, cfg.batch, cfg.seq_len, cfg.seed, train_tokens.map(|t| (t, opts.mix)))?;
-    println!(
-        "sft: {} examples packed into {} rows of {} tokens ({} response tokens per epoch), {} steps of {}×{} on {}",
+    say!(
+        "sft: {} examples packed into {} rows of {} tokens ({} response tokens per epoch), {} steps of {}×{}×{}{} on {}",
         examples.len(),
         source.num_rows(),
         cfg.seq_len,
@@ -143,16 +146,24 @@ pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
         cfg.steps,
         cfg.batch,
         cfg.seq_len,
+        cfg.grad_accum,
+        crate::commands::ranks_note(job),
         gpu.adapter_name()
     );
     let out_tok = start.tokenizer_json.clone();
     let mut trainer = if opts.resume {
+        crate::commands::note_ranks_changed(&start, job.world.size, cfg.grad_accum, cfg.batch);
         Trainer::resume_with_source(gpu, start, cfg.clone(), Box::new(source))?
     } else {
         let model = Model::from_host(gpu, &start.config, start.model)?;
         Trainer::with_source(gpu, model, cfg.clone(), Box::new(source))?
     };
-    out.set_tokenizer(out_tok);
+    if let Some(comm) = &job.world.comm {
+        trainer.data_parallel(comm.clone(), job.zero, job.bucket_bytes)?;
+    }
+    if let Some(out) = out.as_mut() {
+        out.set_tokenizer(out_tok);
+    }
     let mut eval = |model: &Model| -> kiln_model::Result<Evaluation> {
         let acc = task_accuracies(gpu, model, &tok, &tasks, opts.eval_examples, 16)?;
         let t = cfg.seq_len.min(model.config.n_ctx);
@@ -160,9 +171,10 @@ pub fn sft_cmd(gpu: &Gpu, opts: &SftOpts, cfg: TrainConfig) -> Result<()> {
         Ok(accuracy_eval(acc, "accuracy", val_loss))
     };
     let schedule = Schedule { eval_every: opts.eval_every, ckpt_every: opts.ckpt_every };
-    let last = drive(&mut trainer, u64::MAX, schedule, Some(&mut eval), Some(&mut out), &mut Bar::new("sft"))?;
+    let eval: Option<&mut Evaluate> = if job.is_root() { Some(&mut eval) } else { None };
+    let last = drive(&mut trainer, u64::MAX, schedule, eval, out.as_mut(), job.progress("sft").as_mut())?;
     let summary = last.map(|e| e.summary).unwrap_or_default();
-    println!("sft: done; checkpoint in {} ({summary})", ckpt_dir.display());
+    say!("sft: done; checkpoint in {} ({summary})", ckpt_dir.display());
     Ok(())
 }
 
@@ -176,12 +188,14 @@ pub struct RlOpts<'a> {
     pub eval_every: u64,
     pub eval_examples: usize,
     pub ckpt_every: u64,
+    pub world: Job<'a>,
 }
 
 /// `kiln rl`.
 pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
-    let mut out = RunDir::open(opts.out, None)?;
-    let ckpt_dir = out.checkpoint_dir();
+    let job = opts.world;
+    let mut out = if job.is_root() { Some(RunDir::open(opts.out, None)?) } else { None };
+    let ckpt_dir = opts.out.join("checkpoint");
     let reference_dir: PathBuf = opts.reference.unwrap_or(opts.init).to_path_buf();
     let (reference, _) = load_policy(&reference_dir)?;
     let reference = Model::from_host(gpu, &reference.config, reference.model)
@@ -189,18 +203,25 @@ pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
     let (start, tok) = if opts.resume { load_policy(&ckpt_dir)? } else { load_policy(opts.init)? };
     let examples = opts.examples.load(true)?;
     let tasks = opts.examples.parsed_tasks()?;
-    out.set_tokenizer(start.tokenizer_json.clone());
+    if let Some(out) = out.as_mut() {
+        out.set_tokenizer(start.tokenizer_json.clone());
+    }
     let mut trainer = if opts.resume {
+        crate::commands::note_ranks_changed(&start, job.world.size, 1, cfg.prompts_per_step);
         RlTrainer::resume(gpu, start, reference, tok.clone(), examples, reward, cfg.clone())?
     } else {
         let policy = Model::from_host(gpu, &start.config, start.model)?;
         RlTrainer::new(gpu, policy, reference, tok.clone(), examples, reward, cfg.clone())?
     };
-    println!(
-        "rl: {:?}, {} steps of {} prompts × {} samples (≤ {} new tokens), β = {}, ε = {}, {} pass(es) per batch on {}",
+    if let Some(comm) = &job.world.comm {
+        trainer.data_parallel(comm.clone(), job.zero, job.bucket_bytes)?;
+    }
+    say!(
+        "rl: {:?}, {} steps of {} prompts{} × {} samples (≤ {} new tokens), β = {}, ε = {}, {} pass(es) per batch on {}",
         cfg.algorithm,
         cfg.steps,
         cfg.prompts_per_step,
+        crate::commands::ranks_note(job),
         cfg.group_size,
         cfg.max_new_tokens,
         cfg.beta,
@@ -212,10 +233,10 @@ pub fn rl_cmd(gpu: &Gpu, opts: &RlOpts, cfg: RlConfig) -> Result<()> {
         let acc = task_accuracies(gpu, model, &tok, &tasks, opts.eval_examples, cfg.max_new_tokens)?;
         Ok(accuracy_eval(acc, "eval_accuracy", None))
     };
-    let eval: Option<&mut kiln_model::train::driver::Evaluate> = if tasks.is_empty() { None } else { Some(&mut eval) };
+    let eval: Option<&mut Evaluate> = if tasks.is_empty() || !job.is_root() { None } else { Some(&mut eval) };
     let schedule = Schedule { eval_every: opts.eval_every, ckpt_every: opts.ckpt_every };
-    let last = drive(&mut trainer, u64::MAX, schedule, eval, Some(&mut out), &mut Bar::new("rl"))?;
+    let last = drive(&mut trainer, u64::MAX, schedule, eval, out.as_mut(), job.progress("rl").as_mut())?;
     let summary = last.map(|e| e.summary).unwrap_or_default();
-    println!("rl: done; checkpoint in {} ({summary})", ckpt_dir.display());
+    say!("rl: done; checkpoint in {} ({summary})", ckpt_dir.display());
     Ok(())
 }

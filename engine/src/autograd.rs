@@ -10,6 +10,7 @@ use crate::ops::matmul::{matmul, matmul_backward, MatmulSpec};
 use crate::ops::rope::{self, RopeTable};
 use crate::ops::{attention, classifier, elementwise, embedding, loss, norm};
 use crate::{DType, Error, Gpu, MemoryKind, Result, Tensor};
+use std::collections::HashMap;
 
 /// A trainable tensor and its gradient (same shape, zeroed by `zero_grad`).
 pub struct Param {
@@ -428,6 +429,29 @@ impl<'a> Tape<'a> {
 
     /// Backpropagate from a one-element `loss`. The tape is spent afterwards: values are released as it walks.
     pub fn backward(&mut self, loss: Var) -> Result<()> {
+        self.backward_with(loss, &mut |_| Ok(()))
+    }
+
+    /// `backward`, calling `done(p)` as soon as parameter `p`'s gradient is final: once the walk has passed the
+    /// first node that uses it (the kernels adding into `p.grad` are recorded, not necessarily run). Data-parallel
+    /// training starts a bucket's all-reduce there. Parameters the tape never used are not reported.
+    pub fn backward_with(&mut self, loss: Var, done: &mut dyn FnMut(&'a Param) -> Result<()>) -> Result<()> {
+        // The node below which each parameter is used no more, by address (a tied weight appears twice).
+        let mut first_use: HashMap<*const Param, (usize, &'a Param)> = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate().take(loss.0 + 1) {
+            let used: [Option<&'a Param>; 2] = match node.op {
+                Op::Param(p) | Op::Classifier { w: p, .. } => [Some(p), None],
+                Op::Embedding { wte, wpe, .. } => [Some(wte), wpe],
+                _ => [None, None],
+            };
+            for p in used.into_iter().flatten() {
+                first_use.entry(p as *const Param).or_insert((i, p));
+            }
+        }
+        let mut finals: HashMap<usize, Vec<&'a Param>> = HashMap::new();
+        for (i, p) in first_use.into_values() {
+            finals.entry(i).or_default().push(p);
+        }
         if !self.record {
             return Err(Error::Invalid { op: "backward", message: "this tape was made with no_grad".into() });
         }
@@ -448,6 +472,9 @@ impl<'a> Tape<'a> {
             let value = node.value.take(); // released once this node's backward has run
             if let Some(g) = g {
                 self.backward_node(op, g, value)?;
+            }
+            for p in finals.remove(&i).unwrap_or_default() {
+                done(p)?;
             }
         }
         Ok(())

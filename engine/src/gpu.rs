@@ -97,6 +97,21 @@ fn rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
+/// The adapter of the `nth` process on a machine (data-parallel ranks): the adapters of the best kind present
+/// (e.g. every discrete GPU), in wgpu's order, taken round-robin, so ranks spread over the GPUs and share them
+/// when there are more ranks than GPUs (several ranks on one lavapipe, say).
+fn pick_nth_adapter(nth: usize) -> Result<wgpu::Adapter> {
+    let mut all = adapters();
+    if all.is_empty() {
+        return Err(Error::NoAdapter { detail: "wgpu enumerated no Vulkan, Metal or DX12 adapter".into() });
+    }
+    all.sort_by_key(|a| rank(a.get_info().device_type));
+    let best = rank(all[0].get_info().device_type);
+    all.retain(|a| rank(a.get_info().device_type) == best);
+    let n = all.len();
+    Ok(all.swap_remove(nth % n))
+}
+
 fn pick_adapter(wanted: Option<&str>) -> Result<wgpu::Adapter> {
     let all = adapters();
     if all.is_empty() {
@@ -145,9 +160,21 @@ impl Gpu {
         Gpu::open(std::env::var("KILN_ADAPTER").ok().as_deref())
     }
 
+    /// The adapter for the `local_rank`-th process of a data-parallel job on this machine: the one named by
+    /// `KILN_ADAPTER` if set, else the best adapters taken round-robin by local rank.
+    pub fn for_local_rank(local_rank: usize) -> Result<Gpu> {
+        match std::env::var("KILN_ADAPTER").ok().filter(|w| !w.is_empty()) {
+            Some(w) => Gpu::open(Some(&w)),
+            None => Gpu::with_adapter(pick_nth_adapter(local_rank)?),
+        }
+    }
+
     /// Open the adapter whose name contains `wanted` (case-insensitive), or the best one for `None`.
     pub fn open(wanted: Option<&str>) -> Result<Gpu> {
-        let adapter = pick_adapter(wanted)?;
+        Gpu::with_adapter(pick_adapter(wanted)?)
+    }
+
+    fn with_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
         let info = adapter.get_info();
         let missing = wgpu::Features::IMMEDIATES - adapter.features();
         if !missing.is_empty() {

@@ -284,10 +284,16 @@ impl Gpu {
 
     /// Submit everything recorded so far as one command buffer (does not wait).
     pub fn flush(&self) -> Result<()> {
+        self.submit().map(|_| ())
+    }
+
+    /// `flush`, returning the submission's index (None when nothing was recorded) so a caller can wait for it alone.
+    pub(crate) fn submit(&self) -> Result<Option<wgpu::SubmissionIndex>> {
         let mut rec = self.recorder.lock().unwrap();
+        let mut index = None;
         if let Some(mut enc) = rec.encoder.take() {
             let resolved = rec.profiler.resolve(&mut enc);
-            self.queue.submit([enc.finish()]);
+            index = Some(self.queue.submit([enc.finish()]));
             rec.submits += 1;
             rec.staging.clear();
             if let Some((buffer, size)) = resolved {
@@ -296,6 +302,7 @@ impl Gpu {
             }
         }
         drop(rec);
-        self.take_gpu_error("flush")
+        self.take_gpu_error("flush")?;
+        Ok(index)
     }
 }

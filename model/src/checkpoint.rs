@@ -176,6 +176,13 @@ pub struct TrainState {
     pub rng: serde_json::Value,
     /// Trainer-specific (lr schedule config, phase, ...).
     pub extra: serde_json::Value,
+    /// Data-parallel ranks that trained it (1 alone; checkpoints from before data parallelism say nothing).
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq)]

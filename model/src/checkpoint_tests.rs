@@ -77,6 +77,7 @@ fn full_checkpoint(step: u64) -> Checkpoint {
             sampler: serde_json::json!({"epoch": 1, "cursor": step * 3}),
             rng: serde_json::json!([1, 2, 3]),
             extra: serde_json::json!({"lr": {"peak": 6e-4, "warmup": 10}, "phase": "pretrain"}),
+            ranks: 2,
         }),
         tokenizer_json: Some(r#"{"version":"1.0","model":{"type":"BPE"}}"#.to_string()),
     }

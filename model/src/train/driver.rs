@@ -26,8 +26,12 @@ pub trait Stage {
     fn step(&mut self) -> Result<StepReport>;
     /// The model being trained (what evaluation scores).
     fn model(&self) -> &Model;
-    /// Everything needed to resume exactly.
+    /// Everything needed to resume exactly. In a data-parallel job it is a collective: every rank calls it.
     fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint>;
+    /// Ranks of the data-parallel job the stage trains in (1 alone).
+    fn ranks(&self) -> usize {
+        1
+    }
 }
 
 /// An evaluation's result: fields for the metrics line and a short summary for the progress line.
@@ -132,7 +136,8 @@ impl RunDir {
 
 /// Run `stage` until it has taken `until` steps (at most its total). Evaluates every `eval_every` steps and at
 /// the last step of the run, writes every step's metrics (with the evaluation's fields) and checkpoints every
-/// `ckpt_every` steps and at the last step when `out` is given. Returns the last evaluation, if any ran.
+/// `ckpt_every` steps and at the last step when `out` is given. Returns the last evaluation, if any ran. In a
+/// data-parallel job every rank runs it; only rank 0 passes `out` (and an evaluation and a progress display).
 pub fn drive(
     stage: &mut dyn Stage,
     until: u64,
@@ -156,11 +161,16 @@ pub fn drive(
             }
             last = Some(e);
         }
+        let at_checkpoint = r.step % ckpt_every == 0 || r.step == total;
         if let Some(out) = out.as_deref_mut() {
             out.append(&record)?;
-            if r.step % ckpt_every == 0 || r.step == total {
+            if at_checkpoint {
                 out.save(stage)?;
             }
+        } else if at_checkpoint && stage.ranks() > 1 {
+            // A rank that writes nothing still takes its part in the checkpoint's collectives (the replica
+            // check, gathering sharded moments) while rank 0 writes.
+            stage.checkpoint(None)?;
         }
         let summary = last.as_ref().map(|e| e.summary.as_str()).unwrap_or("");
         let message = if summary.is_empty() { r.message } else { format!("{} | {summary}", r.message) };

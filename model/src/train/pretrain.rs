@@ -15,6 +15,8 @@ use crate::arch::{Model, Recompute};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::{sequential_batches, BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
+use crate::train::collective::Collective;
+use crate::train::data_parallel::{verify_replicas, CommStats, GradSync};
 use crate::train::driver::StepReport;
 use crate::train::optim::{OptimConfig, Optimizer};
 
@@ -89,6 +91,9 @@ pub struct StepMetrics {
     pub peak_bytes: u64,
     /// Where that peak went, by what the memory held (measured by the pool at the moment of the peak).
     pub memory: StepMemory,
+    /// The gradient all-reduce of a data-parallel step (absent when training alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<CommStats>,
 }
 
 /// Bytes of a step's peak by kind, as the buffer pool counted them (size-class capacity).
@@ -179,6 +184,8 @@ pub struct Trainer<'g> {
     pub tokens_seen: u64,
     opt: Optimizer,
     source: Box<dyn BatchSource>,
+    /// Set when this process is one rank of a data-parallel job.
+    dp: Option<GradSync>,
 }
 
 impl<'g> Trainer<'g> {
@@ -206,7 +213,25 @@ impl<'g> Trainer<'g> {
         let opt = Optimizer::new(gpu, &model)?;
         let mut model = model;
         model.recompute = cfg.recompute;
-        Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, opt, source })
+        Ok(Trainer { gpu, model, cfg, step: 0, tokens_seen: 0, opt, source, dp: None })
+    }
+
+    /// Train as one rank of `comm`: every rank draws every micro-batch of the global batch (ranks × grad_accum
+    /// micro-batches, in the order one process with that many accumulation steps would) and trains on its own
+    /// grad_accum of them, so the data stream, its checkpointed position and the losses are those of a single
+    /// process with ranks × grad_accum accumulation steps. `zero` shards the AdamW moments over the ranks.
+    /// Gradients travel in buckets of `bucket_bytes` ([`crate::train::data_parallel::BUCKET_BYTES`] is a good default).
+    pub fn data_parallel(&mut self, comm: Arc<dyn Collective>, zero: bool, bucket_bytes: usize) -> Result<()> {
+        self.dp = Some(GradSync::new(self.gpu, comm.clone(), &self.model.params, bucket_bytes)?);
+        if zero {
+            self.opt.shard(self.gpu, &self.model, comm)?;
+        }
+        Ok(())
+    }
+
+    /// Ranks of the data-parallel job this trainer is part of (1 alone).
+    pub fn ranks(&self) -> usize {
+        self.dp.as_ref().map_or(1, GradSync::ranks)
     }
 
     /// One optimizer step over `grad_accum` micro-batches: two submissions (forward/backward/norm, then clipping
@@ -217,30 +242,44 @@ impl<'g> Trainer<'g> {
         let start = Instant::now();
         gpu.reset_peak();
         let (b, t, accum) = (self.cfg.batch, self.cfg.seq_len, self.cfg.grad_accum);
+        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.comm().rank(), d.ranks()));
+        let micro_batches = accum * ranks;
         self.model.zero_grad(gpu)?;
         let loss_sum = elementwise::zeros(gpu, &[1])?;
         let mut trained = 0u64;
-        for _ in 0..accum {
+        let mut comm = None;
+        for j in 0..micro_batches {
             let batch = self.source.next_batch();
             trained += batch.targets.iter().filter(|&&x| x >= 0).count() as u64;
-            // The mean over the whole accumulated batch: each micro-batch's mean scaled by 1/accum.
-            let w: Vec<f32> = mean_weights(&batch.targets).iter().map(|w| w / accum as f32).collect();
+            if j / accum != rank {
+                continue; // another rank's micro-batch
+            }
+            // The mean over the whole (global) batch: each micro-batch's mean scaled by 1/micro_batches.
+            let w: Vec<f32> = mean_weights(&batch.targets).iter().map(|w| w / micro_batches as f32).collect();
             let targets = gpu.upload_i32(&batch.targets, &[b, t])?;
             let weights = gpu.upload(&w, &[b * t])?;
             let mut tape = Tape::new(gpu);
             let packed = batch.packed.as_deref();
             let f = self.model.forward_packed(&mut tape, &batch.inputs, b, t, packed, &targets, &weights)?;
             elementwise::add_inplace(gpu, &loss_sum, tape.value(f.loss), 1.0)?;
-            tape.backward(f.loss)?;
+            match &self.dp {
+                // The last local micro-batch finishes the gradients: reduce them as backward completes them.
+                Some(dp) if j + 1 == (rank + 1) * accum => {
+                    let params = &self.model.params;
+                    comm = Some(dp.backward_and_reduce(gpu, params, |hook| Ok(tape.backward_with(f.loss, hook)?))?);
+                }
+                _ => tape.backward(f.loss)?,
+            }
         }
+        let world = self.dp.as_ref().map(GradSync::comm);
         let (lr, grad_norm, reported) =
-            self.opt.apply(gpu, &self.model, &self.cfg.optim, self.cfg.steps, &[&loss_sum])?;
+            self.opt.apply(gpu, &self.model, &self.cfg.optim, self.cfg.steps, &[&loss_sum], world)?;
         self.step = self.opt.step;
         let loss = reported[0];
         if !loss.is_finite() {
             return Err(ModelError::NonFinite { what: "loss", value: loss, step: self.step });
         }
-        let tokens = (b * t * accum) as u64;
+        let tokens = (b * t * micro_batches) as u64;
         self.tokens_seen += tokens;
         let secs = start.elapsed().as_secs_f64();
         Ok(StepMetrics {
@@ -253,10 +292,12 @@ impl<'g> Trainer<'g> {
             ms_per_step: secs * 1e3,
             peak_bytes: gpu.pool_stats().peak_bytes,
             memory: gpu.pool_stats().peak_split.into(),
+            comm,
         })
     }
 
-    /// Everything needed to continue exactly: weights, AdamW moments, step, data position.
+    /// Everything needed to continue exactly: weights, AdamW moments, step, data position. In a data-parallel job
+    /// every rank must call it (it checks that the ranks' weights agree and gathers sharded moments).
     pub fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
         let gpu = self.gpu;
         let state = TrainState {
@@ -265,10 +306,15 @@ impl<'g> Trainer<'g> {
             sampler: self.source.state()?,
             rng: serde_json::Value::Null,
             extra: serde_json::to_value(&self.cfg).map_err(|e| ModelError::Data(e.to_string()))?,
+            ranks: self.ranks(),
         };
+        let model = self.model.to_host(gpu)?;
+        if let Some(dp) = &self.dp {
+            verify_replicas(dp.comm(), &model, self.step)?;
+        }
         Ok(Checkpoint {
             config: self.model.config.clone(),
-            model: self.model.to_host(gpu)?,
+            model,
             optimizer: self.opt.to_host(gpu, &self.model)?,
             state: Some(state),
             tokenizer_json,
@@ -326,6 +372,10 @@ impl crate::train::driver::Stage for Trainer<'_> {
 
     fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
         Trainer::checkpoint(self, tokenizer_json)
+    }
+
+    fn ranks(&self) -> usize {
+        Trainer::ranks(self)
     }
 }
 

@@ -15,6 +15,7 @@
 //! `max_new_tokens` is trained as far as it got. REINFORCE is the same objective with no clipping, one pass, and
 //! the mean reward of the group as baseline.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::seq::index::sample as sample_indices;
@@ -36,6 +37,8 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
 use crate::eval::evaluate::{chat_prompts, completion_text};
 use crate::eval::generate::{rollouts, stream_seed, Completion, GenerateConfig};
+use crate::train::collective::Collective;
+use crate::train::data_parallel::{verify_replicas, GradSync};
 use crate::train::driver::StepReport;
 use crate::train::optim::{OptimConfig, Optimizer};
 use crate::train::pretrain::{check_fits, resumable_state};
@@ -262,6 +265,8 @@ pub struct RlTrainer<'g> {
     pub cfg: RlConfig,
     opt: Optimizer,
     pub step: u64,
+    /// Set when this process is one rank of a data-parallel job.
+    dp: Option<GradSync>,
 }
 
 impl<'g> RlTrainer<'g> {
@@ -295,19 +300,35 @@ impl<'g> RlTrainer<'g> {
         let opt = Optimizer::new(gpu, &policy)?;
         let mut policy = policy;
         policy.recompute = cfg.recompute;
-        Ok(RlTrainer { gpu, policy, reference, tok, ct, examples, prompts, reward, cfg, opt, step: 0 })
+        Ok(RlTrainer { gpu, policy, reference, tok, ct, examples, prompts, reward, cfg, opt, step: 0, dp: None })
     }
 
-    /// The prompts of step `step` (1-based): a seeded draw without replacement (with, once the pool is smaller).
+    /// Train as one rank of `comm`: each step draws ranks × prompts_per_step prompts, this rank samples and
+    /// scores the groups of its own prompts, the objective is averaged over every rank's completion tokens, the
+    /// gradients are summed over ranks and the metrics are the job's. `zero` shards the AdamW moments.
+    /// Gradients travel in buckets of `bucket_bytes` ([`crate::train::data_parallel::BUCKET_BYTES`] is a good default).
+    pub fn data_parallel(&mut self, comm: Arc<dyn Collective>, zero: bool, bucket_bytes: usize) -> Result<()> {
+        self.dp = Some(GradSync::new(self.gpu, comm.clone(), &self.policy.params, bucket_bytes)?);
+        if zero {
+            self.opt.shard(self.gpu, &self.policy, comm)?;
+        }
+        Ok(())
+    }
+
+    pub fn ranks(&self) -> usize {
+        self.dp.as_ref().map_or(1, GradSync::ranks)
+    }
+
+    /// This rank's prompts of step `step` (1-based): a seeded draw of ranks × prompts_per_step prompts without
+    /// replacement (with, once the pool is smaller), of which rank r takes the r-th run of prompts_per_step.
     fn step_prompts(&self, step: u64) -> Vec<usize> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x726c);
         rng.set_stream(step);
-        let (n, k) = (self.prompts.len(), self.cfg.prompts_per_step);
-        if k <= n {
-            sample_indices(&mut rng, n, k).into_vec()
-        } else {
-            (0..k).map(|i| i % n).collect()
-        }
+        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.comm().rank(), d.ranks()));
+        let (n, per) = (self.prompts.len(), self.cfg.prompts_per_step);
+        let k = per * ranks;
+        let all = if k <= n { sample_indices(&mut rng, n, k).into_vec() } else { (0..k).map(|i| i % n).collect() };
+        all[rank * per..(rank + 1) * per].to_vec()
     }
 
     /// One RL step: rollouts, rewards, `passes()` optimiser steps. Two readbacks per pass at most (the sampled
@@ -319,10 +340,12 @@ impl<'g> RlTrainer<'g> {
         let picked = self.step_prompts(step);
         let prompts: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].clone()).collect();
         let sampling = SamplingParams { temperature: self.cfg.temperature, top_k: 0, top_p: 1.0 };
+        let rank = self.dp.as_ref().map_or(0, |d| d.comm().rank()) as u64;
         let gen = GenerateConfig {
             max_new_tokens: self.cfg.max_new_tokens,
             sampling,
-            seed: stream_seed(self.cfg.seed, step, 0x726f_6c6c),
+            // Each rank's samples from streams of their own (rank 0's are those of a run alone).
+            seed: stream_seed(self.cfg.seed, step, 0x726f_6c6c + rank),
             stop_token: Some(self.ct.end),
             vocab_limit: Some(self.tok.vocab_size()),
         };
@@ -350,7 +373,23 @@ impl<'g> RlTrainer<'g> {
         let adv: Vec<Vec<f32>> = rewards.iter().map(|r| group_advantages(r, scale_by_std)).collect();
         let batch = rollout_batch(&prompts, &groups, &adv);
         let passes = self.cfg.passes();
-        let chunks = self.upload_chunks(&batch, passes > 1)?;
+        let world = self.dp.as_ref().map(GradSync::comm);
+        // The job's totals, from which the step's metrics and the objective's per-token mean are computed.
+        let local = [
+            rewards.iter().flatten().map(|&r| r as f64).sum::<f64>(),
+            rewards.iter().flatten().filter(|&&r| r >= 1.0).count() as f64,
+            rewards.iter().flatten().count() as f64,
+            batch.trained_tokens as f64,
+            groups.iter().flatten().filter(|c| c.stopped).count() as f64,
+            rewards.iter().filter(|r| r.iter().all(|&x| x == r[0])).count() as f64,
+            rewards.len() as f64,
+        ];
+        let mut job = local;
+        if let Some(world) = world {
+            world.all_reduce_sum_f64(&mut job)?;
+        }
+        let [reward_sum, correct, n_samples, trained_tokens, stopped, equal_groups, n_groups] = job;
+        let chunks = self.upload_chunks(&batch, trained_tokens, passes > 1)?;
 
         let loss_cfg = PolicyLossConfig {
             clip_eps: match self.cfg.algorithm {
@@ -365,7 +404,7 @@ impl<'g> RlTrainer<'g> {
             self.policy.zero_grad(gpu)?;
             let totals = elementwise::zeros(gpu, &[3])?;
             let entropy = elementwise::zeros(gpu, &[1])?;
-            for c in &chunks {
+            for (ci, c) in chunks.iter().enumerate() {
                 let mut tape = Tape::new(gpu);
                 let (losses, h) =
                     self.policy.token_losses(&mut tape, &c.inputs, c.rows, c.time, None, &c.targets, true)?;
@@ -385,19 +424,24 @@ impl<'g> RlTrainer<'g> {
                 let h_mean = matmul(gpu, &h.reshape(&[1, n])?, &c.mean_w.reshape(&[n, 1])?, None, MatmulSpec::nn())?;
                 elementwise::add_inplace(gpu, &entropy, &h_mean.reshape(&[1])?, 1.0)?;
                 let loss = tape.weighted_sum(losses, &pl.weights)?;
-                tape.backward(loss)?;
+                match &self.dp {
+                    Some(dp) if ci + 1 == chunks.len() => {
+                        let params = &self.policy.params;
+                        dp.backward_and_reduce(gpu, params, |hook| Ok(tape.backward_with(loss, hook)?))?;
+                    }
+                    _ => tape.backward(loss)?,
+                }
             }
             let total = self.cfg.optimizer_steps();
-            let (l, g, values) = self.opt.apply(gpu, &self.policy, &self.cfg.optim, total, &[&totals, &entropy])?;
+            let (l, g, values) =
+                self.opt.apply(gpu, &self.policy, &self.cfg.optim, total, &[&totals, &entropy], world)?;
             for (sum, v) in sums.iter_mut().zip(&values) {
                 *sum += *v as f64;
             }
             (lr, grad_norm) = (l, g);
         }
         self.step = step;
-        let n_samples = (groups.len() * self.cfg.group_size) as f64;
-        let tokens = batch.trained_tokens.max(1) as f64;
-        let all: Vec<f32> = rewards.iter().flatten().copied().collect();
+        let tokens = trained_tokens.max(1.0);
         let p = passes as f64;
         if !sums[0].is_finite() {
             return Err(ModelError::NonFinite { what: "RL objective", value: sums[0] as f32, step });
@@ -405,15 +449,14 @@ impl<'g> RlTrainer<'g> {
         Ok(RlMetrics {
             step,
             lr,
-            mean_reward: all.iter().map(|&r| r as f64).sum::<f64>() / n_samples,
-            accuracy: all.iter().filter(|&&r| r >= 1.0).count() as f64 / n_samples,
+            mean_reward: reward_sum / n_samples,
+            accuracy: correct / n_samples,
             kl: sums[1] / p / tokens,
-            mean_completion_len: batch.trained_tokens as f64 / n_samples,
-            stopped: groups.iter().flatten().filter(|c| c.stopped).count() as f64 / n_samples,
+            mean_completion_len: trained_tokens / n_samples,
+            stopped: stopped / n_samples,
             clip_fraction: sums[2] / p / tokens,
             entropy: sums[3] / p,
-            equal_reward_groups: rewards.iter().filter(|r| r.iter().all(|&x| x == r[0])).count() as f64
-                / rewards.len() as f64,
+            equal_reward_groups: equal_groups / n_groups,
             grad_norm,
             objective: sums[0] / p,
             rollout_tokens_per_s: tokens / rollout_secs,
@@ -423,10 +466,11 @@ impl<'g> RlTrainer<'g> {
 
     /// Rows to the GPU in micro-batches, with the reference log-probs (and the pre-update ones for several
     /// passes) computed once, without gradients.
-    fn upload_chunks(&self, b: &RolloutBatch, need_old: bool) -> Result<Vec<Chunk>> {
+    /// `job_tokens`: completion tokens of the whole step over every rank (the objective is their mean).
+    fn upload_chunks(&self, b: &RolloutBatch, job_tokens: f64, need_old: bool) -> Result<Vec<Chunk>> {
         let gpu = self.gpu;
         let per = if self.cfg.micro_batch == 0 { b.inputs.len() } else { self.cfg.micro_batch };
-        let inv = 1.0 / b.trained_tokens.max(1) as f32;
+        let inv = (1.0 / job_tokens.max(1.0)) as f32;
         let mut chunks = Vec::new();
         for start in (0..b.inputs.len()).step_by(per.max(1)) {
             let end = (start + per).min(b.inputs.len());
@@ -480,10 +524,15 @@ impl<'g> RlTrainer<'g> {
             sampler: serde_json::Value::Null,
             rng: serde_json::Value::Null,
             extra: serde_json::to_value(&self.cfg).map_err(|e| ModelError::Data(e.to_string()))?,
+            ranks: self.ranks(),
         };
+        let model = self.policy.to_host(gpu)?;
+        if let Some(dp) = &self.dp {
+            verify_replicas(dp.comm(), &model, self.step)?;
+        }
         Ok(Checkpoint {
             config: self.policy.config.clone(),
-            model: self.policy.to_host(gpu)?,
+            model,
             optimizer: self.opt.to_host(gpu, &self.policy)?,
             state: Some(state),
             tokenizer_json,
@@ -535,6 +584,10 @@ impl crate::train::driver::Stage for RlTrainer<'_> {
 
     fn checkpoint(&self, tokenizer_json: Option<String>) -> Result<Checkpoint> {
         RlTrainer::checkpoint(self, tokenizer_json)
+    }
+
+    fn ranks(&self) -> usize {
+        RlTrainer::ranks(self)
     }
 }
 
