@@ -470,7 +470,7 @@ fn rank_gpu(world: &dist::World) -> Result<Gpu> {
     }
     let gpu = Gpu::for_local_rank(world.local_rank)
         .with_context(|| format!("opening the GPU of rank {} (local rank {})", world.rank, world.local_rank))?;
-    eprintln!("rank {} of {}: {}", world.rank, world.size, gpu.adapter_name());
+    eprintln!("rank {} of {} (pid {}): {}", world.rank, world.size, std::process::id(), gpu.adapter_name());
     Ok(gpu)
 }
 

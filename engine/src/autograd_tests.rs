@@ -376,3 +376,44 @@ fn tape_attention_segments_backward_is_the_segmented_kernel() {
     let off = got.iter().zip(&causal).map(|(&g, &r)| (g as f64 - r).abs()).fold(0.0, f64::max);
     assert!(off > 1e-2 * scale, "the segmented gradient equals the causal one (max difference {off})");
 }
+
+#[test]
+fn backward_with_reports_each_parameter_once_when_its_gradient_is_final() {
+    // Data parallelism starts a parameter's all-reduce at the report: what it reads then must be the gradient
+    // backward ends with, for every parameter, the tied embedding and the twice-used norm gains included.
+    let d = Dims { b: 2, t: 5, c: 12, nh: 3, v: 11 };
+    let cs = case(d, 21, 1);
+    let values = init(d, 5);
+    let want = gpu_grads(&cs, &values, 0.7);
+    let gpu = gpu();
+    let params: Vec<Param> = values
+        .iter()
+        .zip(shapes(d))
+        .enumerate()
+        .map(|(i, (v, s))| Param::new(gpu, NAMES[i], gpu.upload(v, &s).unwrap()).unwrap())
+        .collect();
+    let targets = gpu.upload_i32(&cs.targets, &[d.b, d.t]).unwrap();
+    let weights = gpu.upload(&cs.weights, &[d.b * d.t]).unwrap();
+    let mut tape = Tape::new(gpu);
+    let loss = gpu_loss(&mut tape, &params, d, &cs.tokens, &targets, &weights, 0.7);
+    let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
+    tape.backward_with(loss, &mut |p| {
+        seen.push((p.name.clone(), gpu.read(&p.grad)?));
+        Ok(())
+    })
+    .unwrap();
+    let mut names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    // Reported in reverse order of first use: the parameters were put on the tape first (ln1_g first of all),
+    // then the embedding used wte and wpe; the tied head's second use of wte does not delay it.
+    let pos = |n: &str| names.iter().position(|&x| x == n).unwrap();
+    assert!(pos("wte") < pos("w_fp") && pos("w_fp") < pos("w_qkv"), "{names:?}");
+    assert_eq!(pos("ln1_g"), names.len() - 1, "{names:?}");
+    for (name, at_report) in &seen {
+        let i = NAMES.iter().position(|n| n == name).unwrap();
+        assert_eq!(at_report, &want[i], "{name}: the gradient changed after it was reported final");
+    }
+    names.sort();
+    let mut all = NAMES.to_vec();
+    all.sort();
+    assert_eq!(names, all, "every parameter exactly once");
+}

@@ -173,7 +173,6 @@ impl GradSync {
                     start(b, &mut started)?;
                 }
             }
-            drop(start);
             let waited = Instant::now();
             let mut out: Vec<Vec<f32>> = vec![Vec::new(); nb];
             let (mut gpu_done, mut all_done) = (waited, waited);
@@ -237,3 +236,7 @@ pub fn verify_replicas(comm: &dyn Collective, tensors: &[HostTensor], step: u64)
         differ.join(", ")
     )))
 }
+
+#[cfg(test)]
+#[path = "data_parallel_tests.rs"]
+mod tests;
