@@ -214,6 +214,7 @@ fn rl_and_sft_train_across_two_ranks() {
         // 2 ranks × 2 prompts × 3 samples: fractions of 12 completions and of 4 groups.
         let reward = m["mean_reward"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&reward) && m["grad_norm"].as_f64().unwrap().is_finite(), "{m}");
+        assert!(m["comm"]["bytes"].as_u64().unwrap() > 0, "{m}");
         let groups = m["equal_reward_groups"].as_f64().unwrap() * 4.0;
         assert!((groups - groups.round()).abs() < 1e-9, "{m}");
     }

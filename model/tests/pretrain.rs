@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use kiln_engine::autograd::Tape;
 use kiln_engine::testing::gpu;
+use kiln_engine::Gpu;
 use kiln_model::arch::Model;
 use kiln_model::checkpoint::{load_checkpoint, save_checkpoint};
 use kiln_model::data::tokenizer::Tokenizer;
@@ -186,8 +187,7 @@ fn text_loss_counts_every_token_once_whatever_the_length() {
 }
 
 /// Gradients of one forward/backward of a fixed batch with `recompute`, and the step's peak pool bytes.
-fn grads_with(config: &ModelConfig, recompute: kiln_model::arch::Recompute) -> (Vec<Vec<f32>>, u64) {
-    let gpu = gpu();
+fn grads_with(gpu: &Gpu, config: &ModelConfig, recompute: kiln_model::arch::Recompute) -> (Vec<Vec<f32>>, u64) {
     let mut model = Model::new(gpu, config, 3).unwrap();
     model.recompute = recompute;
     let (b, t) = (4, 32);
@@ -208,10 +208,12 @@ fn grads_with(config: &ModelConfig, recompute: kiln_model::arch::Recompute) -> (
 #[test]
 fn recomputation_changes_memory_not_gradients() {
     use kiln_model::arch::Recompute;
+    // A device of its own: the pool's peak is per device, and the shared test device serves concurrent tests.
+    let gpu = Gpu::new().expect("an adapter (run tools/setup.sh)");
     for config in [ModelConfig::gpt2(97, 64, 3, 4, 64), ModelConfig::preset("llama-tiny", 97).unwrap()] {
-        let (g_none, p_none) = grads_with(&config, Recompute::None);
-        let (g_gelu, p_gelu) = grads_with(&config, Recompute::Gelu);
-        let (g_block, p_block) = grads_with(&config, Recompute::Block);
+        let (g_none, p_none) = grads_with(&gpu, &config, Recompute::None);
+        let (g_gelu, p_gelu) = grads_with(&gpu, &config, Recompute::Gelu);
+        let (g_block, p_block) = grads_with(&gpu, &config, Recompute::Block);
         let family = config.family.name();
         assert!(g_gelu == g_none, "{family}: recomputing the MLP activation changed the gradients");
         assert!(g_block == g_none, "{family}: recomputing whole blocks changed the gradients");

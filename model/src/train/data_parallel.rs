@@ -48,6 +48,22 @@ pub struct CommStats {
     pub buckets: usize,
 }
 
+impl CommStats {
+    /// Two exchanges as one (an RL step's passes): times and bytes add up, the overlap is recomputed.
+    pub fn merge(self, o: CommStats) -> CommStats {
+        let comm_ms = self.comm_ms + o.comm_ms;
+        let exposed_ms = self.exposed_ms + o.exposed_ms;
+        CommStats {
+            bytes: self.bytes + o.bytes,
+            comm_ms,
+            exposed_ms,
+            overlap: if comm_ms > 0.0 { (1.0 - exposed_ms / comm_ms).max(0.0) } else { 0.0 },
+            wait_ms: self.wait_ms + o.wait_ms,
+            buckets: self.buckets + o.buckets,
+        }
+    }
+}
+
 /// One reduced bucket as the communication thread hands it back.
 struct Reduced {
     bucket: usize,

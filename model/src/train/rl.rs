@@ -38,7 +38,7 @@ use crate::error::{ModelError, Result};
 use crate::eval::evaluate::{chat_prompts, completion_text};
 use crate::eval::generate::{rollouts, stream_seed, Completion, GenerateConfig};
 use crate::train::collective::Collective;
-use crate::train::data_parallel::{verify_replicas, GradSync};
+use crate::train::data_parallel::{verify_replicas, CommStats, GradSync};
 use crate::train::driver::StepReport;
 use crate::train::optim::{OptimConfig, Optimizer};
 use crate::train::pretrain::{check_fits, resumable_state};
@@ -187,6 +187,9 @@ pub struct RlMetrics {
     pub objective: f64,
     pub rollout_tokens_per_s: f64,
     pub ms_per_step: f64,
+    /// The gradient all-reduces of a data-parallel step, all passes together (absent when training alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<CommStats>,
 }
 
 /// Group-relative advantages: r − mean(group), divided by (std + 1e-4) when `scale_by_std` (GRPO), so a group
@@ -400,6 +403,7 @@ impl<'g> RlTrainer<'g> {
         };
         let mut sums = [0.0f64; 4]; // objective, k3, clipped, entropy — summed over passes
         let (mut lr, mut grad_norm) = (0.0, 0.0);
+        let mut comm: Option<CommStats> = None;
         for _ in 0..passes {
             self.policy.zero_grad(gpu)?;
             let totals = elementwise::zeros(gpu, &[3])?;
@@ -427,7 +431,8 @@ impl<'g> RlTrainer<'g> {
                 match &self.dp {
                     Some(dp) if ci + 1 == chunks.len() => {
                         let params = &self.policy.params;
-                        dp.backward_and_reduce(gpu, params, |hook| Ok(tape.backward_with(loss, hook)?))?;
+                        let c = dp.backward_and_reduce(gpu, params, |hook| Ok(tape.backward_with(loss, hook)?))?;
+                        comm = Some(comm.map_or(c, |sum| sum.merge(c)));
                     }
                     _ => tape.backward(loss)?,
                 }
@@ -461,6 +466,7 @@ impl<'g> RlTrainer<'g> {
             objective: sums[0] / p,
             rollout_tokens_per_s: tokens / rollout_secs,
             ms_per_step: start.elapsed().as_secs_f64() * 1e3,
+            comm,
         })
     }
 
