@@ -254,6 +254,11 @@ impl Optimizer {
     }
 
     /// The moments as host tensors named `<param>.m` / `<param>.v` (the checkpoint's optimizer file).
+    /// Whether the moments are sharded over ranks (ZeRO-1): then `to_host` is a collective.
+    pub fn is_sharded(&self) -> bool {
+        self.shard.is_some()
+    }
+
     /// Sharded (ZeRO-1), this is a collective: every rank must call it, and every rank gets all the moments.
     pub fn to_host(&self, gpu: &Gpu, model: &Model) -> Result<Vec<HostTensor>> {
         let gathered = match &self.shard {

@@ -230,6 +230,12 @@ impl<'g> Trainer<'g> {
     }
 
     /// Ranks of the data-parallel job this trainer is part of (1 alone).
+    /// Whether `checkpoint` reads the moments back: rank 0 writes them, and sharded moments are gathered by all;
+    /// the other ranks of an unsharded job skip the readback.
+    fn writes_moments(&self) -> bool {
+        self.dp.as_ref().is_none_or(|d| d.comm().rank() == 0) || self.opt.is_sharded()
+    }
+
     pub fn ranks(&self) -> usize {
         self.dp.as_ref().map_or(1, GradSync::ranks)
     }
@@ -315,7 +321,7 @@ impl<'g> Trainer<'g> {
         Ok(Checkpoint {
             config: self.model.config.clone(),
             model,
-            optimizer: self.opt.to_host(gpu, &self.model)?,
+            optimizer: if self.writes_moments() { self.opt.to_host(gpu, &self.model)? } else { Vec::new() },
             state: Some(state),
             tokenizer_json,
         })

@@ -318,6 +318,12 @@ impl<'g> RlTrainer<'g> {
         Ok(())
     }
 
+    /// Whether `checkpoint` reads the moments back: rank 0 writes them, and sharded moments are gathered by all;
+    /// the other ranks of an unsharded job skip the readback.
+    fn writes_moments(&self) -> bool {
+        self.dp.as_ref().is_none_or(|d| d.comm().rank() == 0) || self.opt.is_sharded()
+    }
+
     pub fn ranks(&self) -> usize {
         self.dp.as_ref().map_or(1, GradSync::ranks)
     }
@@ -539,7 +545,7 @@ impl<'g> RlTrainer<'g> {
         Ok(Checkpoint {
             config: self.policy.config.clone(),
             model,
-            optimizer: self.opt.to_host(gpu, &self.policy)?,
+            optimizer: if self.writes_moments() { self.opt.to_host(gpu, &self.policy)? } else { Vec::new() },
             state: Some(state),
             tokenizer_json,
         })
