@@ -16,9 +16,11 @@ use serde::Serialize;
 use kiln_engine::autograd::Param;
 use kiln_engine::{Gpu, PendingRead, Readback};
 
+use crate::arch::Model;
 use crate::checkpoint::HostTensor;
 use crate::error::{ModelError, Result};
 use crate::train::collective::Collective;
+use crate::train::optim::Optimizer;
 
 /// Default bucket size: big enough that per-message latency is small, small enough to start early.
 pub const BUCKET_BYTES: usize = 4 << 20;
@@ -78,8 +80,8 @@ struct Reduced {
 pub struct GradSync {
     comm: Arc<dyn Collective>,
     buckets: Vec<Bucket>,
-    /// Parameter address → (bucket, position in the model's list), for the backward hook.
-    index: HashMap<usize, (usize, usize)>,
+    /// Parameter address → its bucket, for the backward hook.
+    index: HashMap<usize, usize>,
 }
 
 impl GradSync {
@@ -102,11 +104,28 @@ impl GradSync {
         for (b, group) in groups.into_iter().enumerate() {
             let elems = group.iter().map(|&i| params[i].grad.numel()).sum();
             for &i in &group {
-                index.insert(&params[i] as *const Param as usize, (b, i));
+                index.insert(&params[i] as *const Param as usize, b);
             }
             buckets.push(Bucket { params: group, elems, readback: gpu.readback_buffer(elems)? });
         }
         Ok(GradSync { comm, buckets, index })
+    }
+
+    /// What a trainer does to join `comm`: gradient buckets over `model`'s parameters and, with `zero`, `opt`'s
+    /// moments sharded over the ranks.
+    pub fn attach(
+        gpu: &Gpu,
+        comm: Arc<dyn Collective>,
+        model: &Model,
+        opt: &mut Optimizer,
+        zero: bool,
+        bucket_bytes: usize,
+    ) -> Result<GradSync> {
+        let sync = GradSync::new(gpu, comm.clone(), &model.params, bucket_bytes)?;
+        if zero {
+            opt.shard(gpu, model, comm)?;
+        }
+        Ok(sync)
     }
 
     pub fn comm(&self) -> &dyn Collective {
@@ -174,7 +193,7 @@ impl GradSync {
                 Ok(())
             };
             let mut hook = |p: &'p Param| -> kiln_engine::Result<()> {
-                if let Some(&(b, _)) = self.index.get(&(p as *const Param as usize)) {
+                if let Some(&b) = self.index.get(&(p as *const Param as usize)) {
                     remaining[b] -= 1;
                     if remaining[b] == 0 {
                         start(b, &mut started)?;

@@ -143,15 +143,20 @@ impl Shard {
         per: usize,
         tensors: impl Fn(usize) -> Vec<&'t Tensor>,
     ) -> Result<Vec<Vec<f32>>> {
-        let len = |i: usize| tensors(i).iter().map(|t| t.numel()).sum::<usize>();
-        let mut local = Vec::new();
+        let size = |i: usize| model.params[i].value.numel() * per;
+        // This rank's share end to end in one pooled buffer: one readback, not one per tensor.
+        let total: usize = self.mine().map(size).sum();
+        let packed = gpu.alloc(&[total.max(1)], kiln_engine::DType::F32)?;
+        let mut at = 0;
         for i in self.mine() {
             for t in tensors(i) {
-                local.extend(gpu.read(t)?);
+                gpu.copy_elements(t, 0, &packed, at, t.numel())?;
+                at += t.numel();
             }
         }
-        let size = |i: usize| model.params[i].value.numel() * per;
-        debug_assert!(self.mine().all(|i| len(i) == size(i)));
+        debug_assert_eq!(at, total, "every owned parameter contributes `per` tensors of its shape");
+        let mut local = gpu.read(&packed)?;
+        local.truncate(total);
         let all = self.comm.all_gather_f32(&local, &self.counts(size))?;
         let mut out = vec![Vec::new(); model.params.len()];
         let mut at = 0;
@@ -254,9 +259,20 @@ impl Optimizer {
     }
 
     /// The moments as host tensors named `<param>.m` / `<param>.v` (the checkpoint's optimizer file).
-    /// Whether the moments are sharded over ranks (ZeRO-1): then `to_host` is a collective.
-    pub fn is_sharded(&self) -> bool {
-        self.shard.is_some()
+    /// The moments a checkpoint of this rank holds: all of them where it is written (alone, or rank 0 of
+    /// `world`) and always when sharded (gathering them is a collective every rank joins); none on the other ranks
+    /// of an unsharded job, which would only discard them.
+    pub fn checkpoint_moments(
+        &self,
+        gpu: &Gpu,
+        model: &Model,
+        world: Option<&dyn Collective>,
+    ) -> Result<Vec<HostTensor>> {
+        if self.shard.is_some() || world.is_none_or(|w| w.rank() == 0) {
+            self.to_host(gpu, model)
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     /// Sharded (ZeRO-1), this is a collective: every rank must call it, and every rank gets all the moments.

@@ -15,7 +15,7 @@ use crate::arch::{Model, Recompute};
 use crate::checkpoint::{Checkpoint, TrainState};
 use crate::data::{sequential_batches, BatchSampler, SamplerState};
 use crate::error::{ModelError, Result};
-use crate::train::collective::Collective;
+use crate::train::collective::{rank_of, Collective};
 use crate::train::data_parallel::{verify_replicas, CommStats, GradSync};
 use crate::train::driver::StepReport;
 use crate::train::optim::{OptimConfig, Optimizer};
@@ -222,20 +222,11 @@ impl<'g> Trainer<'g> {
     /// process with ranks × grad_accum accumulation steps. `zero` shards the AdamW moments over the ranks.
     /// Gradients travel in buckets of `bucket_bytes` ([`crate::train::data_parallel::BUCKET_BYTES`] is a good default).
     pub fn data_parallel(&mut self, comm: Arc<dyn Collective>, zero: bool, bucket_bytes: usize) -> Result<()> {
-        self.dp = Some(GradSync::new(self.gpu, comm.clone(), &self.model.params, bucket_bytes)?);
-        if zero {
-            self.opt.shard(self.gpu, &self.model, comm)?;
-        }
+        self.dp = Some(GradSync::attach(self.gpu, comm, &self.model, &mut self.opt, zero, bucket_bytes)?);
         Ok(())
     }
 
     /// Ranks of the data-parallel job this trainer is part of (1 alone).
-    /// Whether `checkpoint` reads the moments back: rank 0 writes them, and sharded moments are gathered by all;
-    /// the other ranks of an unsharded job skip the readback.
-    fn writes_moments(&self) -> bool {
-        self.dp.as_ref().is_none_or(|d| d.comm().rank() == 0) || self.opt.is_sharded()
-    }
-
     pub fn ranks(&self) -> usize {
         self.dp.as_ref().map_or(1, GradSync::ranks)
     }
@@ -248,7 +239,7 @@ impl<'g> Trainer<'g> {
         let start = Instant::now();
         gpu.reset_peak();
         let (b, t, accum) = (self.cfg.batch, self.cfg.seq_len, self.cfg.grad_accum);
-        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.comm().rank(), d.ranks()));
+        let (rank, ranks) = rank_of(self.dp.as_ref().map(GradSync::comm));
         let micro_batches = accum * ranks;
         self.model.zero_grad(gpu)?;
         let loss_sum = elementwise::zeros(gpu, &[1])?;
@@ -321,7 +312,7 @@ impl<'g> Trainer<'g> {
         Ok(Checkpoint {
             config: self.model.config.clone(),
             model,
-            optimizer: if self.writes_moments() { self.opt.to_host(gpu, &self.model)? } else { Vec::new() },
+            optimizer: self.opt.checkpoint_moments(gpu, &self.model, self.dp.as_ref().map(GradSync::comm))?,
             state: Some(state),
             tokenizer_json,
         })

@@ -37,7 +37,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
 use crate::eval::evaluate::{chat_prompts, completion_text};
 use crate::eval::generate::{rollouts, stream_seed, Completion, GenerateConfig};
-use crate::train::collective::Collective;
+use crate::train::collective::{rank_of, Collective};
 use crate::train::data_parallel::{verify_replicas, CommStats, GradSync};
 use crate::train::driver::StepReport;
 use crate::train::optim::{OptimConfig, Optimizer};
@@ -311,17 +311,8 @@ impl<'g> RlTrainer<'g> {
     /// gradients are summed over ranks and the metrics are the job's. `zero` shards the AdamW moments.
     /// Gradients travel in buckets of `bucket_bytes` ([`crate::train::data_parallel::BUCKET_BYTES`] is a good default).
     pub fn data_parallel(&mut self, comm: Arc<dyn Collective>, zero: bool, bucket_bytes: usize) -> Result<()> {
-        self.dp = Some(GradSync::new(self.gpu, comm.clone(), &self.policy.params, bucket_bytes)?);
-        if zero {
-            self.opt.shard(self.gpu, &self.policy, comm)?;
-        }
+        self.dp = Some(GradSync::attach(self.gpu, comm, &self.policy, &mut self.opt, zero, bucket_bytes)?);
         Ok(())
-    }
-
-    /// Whether `checkpoint` reads the moments back: rank 0 writes them, and sharded moments are gathered by all;
-    /// the other ranks of an unsharded job skip the readback.
-    fn writes_moments(&self) -> bool {
-        self.dp.as_ref().is_none_or(|d| d.comm().rank() == 0) || self.opt.is_sharded()
     }
 
     pub fn ranks(&self) -> usize {
@@ -333,7 +324,7 @@ impl<'g> RlTrainer<'g> {
     fn step_prompts(&self, step: u64) -> Vec<usize> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x726c);
         rng.set_stream(step);
-        let (rank, ranks) = self.dp.as_ref().map_or((0, 1), |d| (d.comm().rank(), d.ranks()));
+        let (rank, ranks) = rank_of(self.dp.as_ref().map(GradSync::comm));
         let (n, per) = (self.prompts.len(), self.cfg.prompts_per_step);
         let k = per * ranks;
         let all = if k <= n { sample_indices(&mut rng, n, k).into_vec() } else { (0..k).map(|i| i % n).collect() };
@@ -349,7 +340,7 @@ impl<'g> RlTrainer<'g> {
         let picked = self.step_prompts(step);
         let prompts: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].clone()).collect();
         let sampling = SamplingParams { temperature: self.cfg.temperature, top_k: 0, top_p: 1.0 };
-        let rank = self.dp.as_ref().map_or(0, |d| d.comm().rank()) as u64;
+        let rank = rank_of(self.dp.as_ref().map(GradSync::comm)).0 as u64;
         let gen = GenerateConfig {
             max_new_tokens: self.cfg.max_new_tokens,
             sampling,
@@ -545,7 +536,7 @@ impl<'g> RlTrainer<'g> {
         Ok(Checkpoint {
             config: self.policy.config.clone(),
             model,
-            optimizer: if self.writes_moments() { self.opt.to_host(gpu, &self.policy)? } else { Vec::new() },
+            optimizer: self.opt.checkpoint_moments(gpu, &self.policy, self.dp.as_ref().map(GradSync::comm))?,
             state: Some(state),
             tokenizer_json,
         })
