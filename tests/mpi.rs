@@ -67,16 +67,16 @@ fn data(dir: &Path) -> PathBuf {
     out
 }
 
+/// Every line of a metrics.jsonl.
+fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 /// (loss, grad_norm) of every step in a metrics.jsonl, with the step's comm record if any.
-fn steps(metrics: &Path) -> Vec<(f64, f64, Option<serde_json::Value>)> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap(), v.get("comm").cloned())
-        })
-        .collect()
+fn steps(path: &Path) -> Vec<(f64, f64, Option<serde_json::Value>)> {
+    let row =
+        |v: &serde_json::Value| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap(), v.get("comm").cloned());
+    metrics(path).iter().map(row).collect()
 }
 
 /// A constant learning rate after one warmup step, so a run cut short and resumed follows the same schedule.
@@ -126,11 +126,8 @@ fn two_ranks_train_like_one_process_accumulating_the_same_batch() {
     args.extend(["--zero".into(), "1".into()]);
     ok(mpirun(2), &args);
     assert_same(&a, &steps(&zero.join("metrics.jsonl")), "ZeRO-1 vs 1 process");
-    let optimizer = |p: &Path| -> u64 {
-        let line = std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
-        let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
-        v["memory"]["optimizer"].as_u64().unwrap()
-    };
+    let optimizer =
+        |p: &Path| metrics(&p.join("metrics.jsonl")).last().unwrap()["memory"]["optimizer"].as_u64().unwrap();
     assert!(optimizer(&zero) * 10 < optimizer(&two) * 6, "{} vs {}", optimizer(&zero), optimizer(&two));
 
     // A resumed two-rank run continues exactly where a straight one went (checkpoint at step 2, then 2 more).
@@ -204,11 +201,7 @@ fn rl_and_sft_train_across_two_ranks() {
     ];
     let text = ok(mpirun(2), &rl_args);
     assert!(text.contains("rl: done") && text.contains("2 prompts × 2 ranks (ZeRO-1) × 3 samples"), "{text}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(rl.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = metrics(&rl.join("metrics.jsonl"));
     assert_eq!(lines.len(), 2, "rank 0 alone writes the metrics");
     for m in &lines {
         // 2 ranks × 2 prompts × 3 samples: fractions of 12 completions and of 4 groups.

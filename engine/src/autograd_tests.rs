@@ -148,9 +148,8 @@ fn case(d: Dims, seed: u64, masked_tail: usize) -> Case {
     Case { d, tokens, targets, weights }
 }
 
-/// GPU gradients of every parameter, in NAMES order.
-fn gpu_grads(cs: &Case, values: &[Vec<f32>], branch_scale: f32) -> Vec<Vec<f32>> {
-    let gpu = gpu();
+/// The case on the GPU: parameters (NAMES order), targets, weights.
+fn upload(gpu: &Gpu, cs: &Case, values: &[Vec<f32>]) -> (Vec<Param>, Tensor, Tensor) {
     let params: Vec<Param> = values
         .iter()
         .zip(shapes(cs.d))
@@ -159,6 +158,13 @@ fn gpu_grads(cs: &Case, values: &[Vec<f32>], branch_scale: f32) -> Vec<Vec<f32>>
         .collect();
     let targets = gpu.upload_i32(&cs.targets, &[cs.d.b, cs.d.t]).unwrap();
     let weights = gpu.upload(&cs.weights, &[cs.d.b * cs.d.t]).unwrap();
+    (params, targets, weights)
+}
+
+/// GPU gradients of every parameter, in NAMES order.
+fn gpu_grads(cs: &Case, values: &[Vec<f32>], branch_scale: f32) -> Vec<Vec<f32>> {
+    let gpu = gpu();
+    let (params, targets, weights) = upload(gpu, cs, values);
     let mut tape = Tape::new(gpu);
     let loss = gpu_loss(&mut tape, &params, cs.d, &cs.tokens, &targets, &weights, branch_scale);
     tape.backward(loss).unwrap();
@@ -386,14 +392,7 @@ fn backward_with_reports_each_parameter_once_when_its_gradient_is_final() {
     let values = init(d, 5);
     let want = gpu_grads(&cs, &values, 0.7);
     let gpu = gpu();
-    let params: Vec<Param> = values
-        .iter()
-        .zip(shapes(d))
-        .enumerate()
-        .map(|(i, (v, s))| Param::new(gpu, NAMES[i], gpu.upload(v, &s).unwrap()).unwrap())
-        .collect();
-    let targets = gpu.upload_i32(&cs.targets, &[d.b, d.t]).unwrap();
-    let weights = gpu.upload(&cs.weights, &[d.b * d.t]).unwrap();
+    let (params, targets, weights) = upload(gpu, &cs, &values);
     let mut tape = Tape::new(gpu);
     let loss = gpu_loss(&mut tape, &params, d, &cs.tokens, &targets, &weights, 0.7);
     let mut seen: Vec<(String, Vec<f32>)> = Vec::new();
