@@ -60,7 +60,7 @@ fn bench_matmul(c: &mut Criterion) {
             if gpu.is_software() && v == MatmulVariant::Tiled && m * n * k > 1 << 30 {
                 continue;
             }
-            group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
+            group.bench_function(BenchmarkId::new(v.to_string(), name), |bch| {
                 bch.iter_custom(|iters| {
                     gpu_time(iters, || {
                         matmul_with(gpu, v, &a, &b, None, &out, MatmulSpec::nn()).unwrap();
@@ -156,7 +156,7 @@ fn bench_matmul_backward(c: &mut Criterion) {
             if gpu.is_software() && v == MatmulVariant::Tiled {
                 continue; // seconds per call on a software GPU (see bench_matmul)
             }
-            group.bench_function(BenchmarkId::new(v.name(), name), |bch| {
+            group.bench_function(BenchmarkId::new(v.to_string(), name), |bch| {
                 bch.iter_custom(|iters| {
                     gpu_time(iters, || {
                         matmul_with(gpu, v, a, b, None, out, spec).unwrap();

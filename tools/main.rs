@@ -518,9 +518,35 @@ fn devices() -> Result<()> {
             a.subgroup_sizes.1
         );
         println!("    features: {}", a.features.join(", "));
+        let tuned = kiln_engine::ops::matmul_tune::cache_file()
+            .map(|f| kiln_engine::ops::matmul_tune::cached_for(&f, &a.tuning_key))
+            .unwrap_or_default();
+        if tuned.is_empty() {
+            println!("    matmul: not tuned yet (the first products of each size class time the candidates)");
+        } else {
+            let list: Vec<String> = tuned
+                .iter()
+                .map(|(class, v, g)| {
+                    format!("{class} {v}{}", g.map_or(String::new(), |g| format!(" ({g:.1} GFLOP/s)")))
+                })
+                .collect();
+            println!("    matmul tuned: {}", list.join(", "));
+        }
     }
     println!("Pick one with KILN_ADAPTER=<part of its name>; force a backend with WGPU_BACKEND=vulkan|metal|dx12.");
     Ok(())
+}
+
+/// Which matmul design each size class runs and why (KILN_MATMUL, default, cache, or timed in this run).
+fn print_matmul_choices(gpu: &kiln_engine::Gpu) {
+    use kiln_engine::ops::matmul_tune;
+    for (class, c) in matmul_tune::decided(gpu) {
+        let speed = c.gflops.map_or(String::new(), |g| format!(", {g:.1} GFLOP/s in the race"));
+        println!("matmul {class:<17} {} ({}{speed})", c.variant, c.source);
+    }
+    if let Some(f) = matmul_tune::cache_file() {
+        println!("matmul choices are cached in {} (KILN_AUTOTUNE=off skips tuning)", f.display());
+    }
 }
 
 fn selfcheck() -> Result<()> {
@@ -557,5 +583,6 @@ fn selfcheck() -> Result<()> {
         anyhow::bail!("{failed} kernel(s) disagree with their CPU reference on {}", gpu.adapter_name());
     }
     println!("\nAll {} kernels agree with their references.", rows.len());
+    print_matmul_choices(&gpu);
     Ok(())
 }

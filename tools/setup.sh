@@ -62,7 +62,8 @@ elif [[ "$(uname -s)" != "Linux" ]]; then
   echo "setup: no Vulkan driver found. On macOS wgpu uses Metal and on Windows DX12/Vulkan: install your GPU driver." >&2
 else
   echo "setup: no Vulkan device found; installing Mesa lavapipe (software Vulkan) and the Vulkan loader."
-  apt_install "Mesa lavapipe" mesa-vulkan-drivers libvulkan1
+  # spirv-tools: the shader translation test also validates the SPIR-V naga writes (spirv-val).
+  apt_install "Mesa lavapipe" mesa-vulkan-drivers libvulkan1 spirv-tools
   if have_vulkan_icd && have_loader; then
     echo "setup: lavapipe installed."
   else

@@ -38,6 +38,8 @@ pub struct AdapterReport {
     pub max_immediates: u32,
     pub subgroup_sizes: (u32, u32),
     pub features: Vec<&'static str>,
+    /// The adapter's key in the matmul autotune cache.
+    pub tuning_key: String,
 }
 
 fn report(adapter: &wgpu::Adapter) -> AdapterReport {
@@ -67,6 +69,7 @@ fn report(adapter: &wgpu::Adapter) -> AdapterReport {
         max_immediates: limits.max_immediate_size,
         subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
         features: named.iter().filter(|(bit, _)| f.contains(*bit)).map(|(_, n)| *n).collect(),
+        tuning_key: crate::ops::matmul_tune::adapter_key(&info),
     }
 }
 
@@ -144,8 +147,8 @@ pub struct Gpu {
     pub(crate) recorder: Mutex<Recorder>,
     /// Validation errors wgpu reports asynchronously; surfaced as `Error::Gpu` at the next flush.
     pub(crate) gpu_error: Arc<Mutex<Option<String>>>,
-    /// Per-adapter tuning decisions (e.g. which matmul variant), made once per process.
-    pub(crate) choices: Mutex<HashMap<&'static str, u32>>,
+    /// Which matmul design each shape class runs, decided once per process (see `ops::matmul_tune`).
+    pub(crate) matmul_choices: Mutex<HashMap<&'static str, crate::ops::matmul_tune::Choice>>,
     placeholder: std::sync::OnceLock<Tensor>,
     /// Debug switch: every allocation is filled with NaN, so a kernel that reads memory nobody wrote fails loudly.
     poison: std::sync::atomic::AtomicBool,
@@ -217,7 +220,7 @@ impl Gpu {
             caches: Caches::default(),
             recorder,
             gpu_error,
-            choices: Mutex::new(HashMap::new()),
+            matmul_choices: Mutex::new(HashMap::new()),
             placeholder: std::sync::OnceLock::new(),
             poison: std::sync::atomic::AtomicBool::new(false),
             binding_limit: std::sync::atomic::AtomicU64::new(0),

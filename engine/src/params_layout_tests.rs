@@ -32,10 +32,11 @@ fn wgsl_params(source: &ShaderSource) -> (Vec<(String, usize, usize)>, usize) {
 
 #[test]
 fn rust_params_match_the_wgsl_structs() {
-    let cases: [(&ShaderSource, Vec<Field>, usize); 14] = [
+    let cases: [(&ShaderSource, Vec<Field>, usize); 15] = [
         (&ELEMENTWISE, elementwise::params_layout(), elementwise::params_size()),
         (&MATMUL, matmul::params_layout(), matmul::params_size()),
         (&MATMUL_REGISTER, matmul::params_layout(), matmul::params_size()),
+        (&MATMUL_BLOCKED, matmul::params_layout(), matmul::params_size()),
         (&ATTENTION, attention::params_layout(), attention::params_size()),
         (&ATTENTION_CACHED, kv_cache::params_layout(), kv_cache::params_size()),
         (&NORM, norm::params_layout(), norm::params_size()),

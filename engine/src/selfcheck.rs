@@ -87,7 +87,7 @@ pub fn run(gpu: &Gpu) -> Result<Vec<CheckRow>> {
         let shape = matmul::matmul_shape(&a, &b, spec)?;
         let want = matmul::cpu::matmul(&to_f64(&av), &to_f64(&bv), None, &vec![0.0; m * n], &shape, spec);
         let secs = seconds_per_call(gpu, || matmul::matmul_into(gpu, &a, &b, None, &out, spec))?;
-        let label = format!("{m}x{n}x{k} ({})", matmul::variant_for(gpu)?.name());
+        let label = format!("{m}x{n}x{k} ({})", crate::ops::matmul_tune::variant_for(gpu, &shape, spec)?);
         let got = gpu.read(&out)?;
         // f32 sums of k products of values in [-1, 1].
         let tolerance = 1e-6 * k as f64;

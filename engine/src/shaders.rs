@@ -30,6 +30,12 @@ pub static MATMUL_REGISTER: ShaderSource = ShaderSource {
     source: concat!(include_str!("../../shaders/matmul.wgsl"), include_str!("../../shaders/matmul_register.wgsl")),
     trusted: true,
 };
+/// The blocked (GPU) matmul: matmul.wgsl's Params, bindings and `store`, then matmul_blocked.wgsl.
+pub static MATMUL_BLOCKED: ShaderSource = ShaderSource {
+    name: "matmul_blocked.wgsl",
+    source: concat!(include_str!("../../shaders/matmul.wgsl"), include_str!("../../shaders/matmul_blocked.wgsl")),
+    trusted: true,
+};
 shader!(ATTENTION, "attention.wgsl");
 /// The row kernels share rows.wgsl (WG, the reduction trees, row folding), prepended to each family's file: WGSL
 /// has no includes, and one copy of the trees is one place to fix.
@@ -57,3 +63,26 @@ shader!(SAMPLING, "sampling.wgsl");
 shader!(ROPE, "rope.wgsl");
 // Attention over a KV cache (generation): its own module, since it needs immediates attention.wgsl lacks.
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");
+
+/// Every module Kiln builds (the translation test walks them all; a new module belongs here).
+pub static ALL: [&ShaderSource; 15] = [
+    &ELEMENTWISE,
+    &MATMUL,
+    &MATMUL_REGISTER,
+    &MATMUL_BLOCKED,
+    &ATTENTION,
+    &ATTENTION_CACHED,
+    &NORM,
+    &LOSS,
+    &POLICY,
+    &EMBEDDING,
+    &CLASSIFIER,
+    &REDUCE,
+    &OPTIMIZER,
+    &SAMPLING,
+    &ROPE,
+];
+
+#[cfg(test)]
+#[path = "shaders_tests.rs"]
+mod tests;

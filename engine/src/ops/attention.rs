@@ -13,9 +13,9 @@ use crate::{DType, Error, Gpu, Result, Tensor};
 /// Largest head size the kernels hold in their private arrays (`4 * MAX_HS4` in the WGSL).
 pub const MAX_HEAD_SIZE: usize = 128;
 /// Query rows per workgroup of the forward and dQ kernels (the `BR` override).
-const BR: u32 = 64;
+pub(crate) const BR: u32 = 64;
 /// Key rows per workgroup of the dK/dV kernel (the `BKV` override).
-const BKV: u32 = 64;
+pub(crate) const BKV: u32 = 64;
 /// vec4s per K (and per V) tile in workgroup memory, and the most keys per block (`TILE4`, `MAX_BC` in the WGSL).
 const TILE4: usize = 512;
 const MAX_BC: usize = 64;

@@ -16,7 +16,7 @@ use crate::shaders::ATTENTION_CACHED;
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// Query rows per workgroup of the many-query kernel (the `BR` override).
-const BR: u32 = 64;
+pub(crate) const BR: u32 = 64;
 /// vec4s per staged K (and V) block and the most keys per block (`TILE4`, `MAX_BC` in the WGSL).
 const TILE4: usize = 512;
 const MAX_BC: usize = 64;

@@ -1,13 +1,12 @@
 //! Batched matmul with optional transposes, alpha/beta and a fused bias: C = alpha·op(A)·op(B) + beta·C + bias.
-//! Two WGSL variants (workgroup-memory tiles for GPUs, barrier-free register tiles for software rasterizers);
-//! `variant_for` picks one per adapter from its type and a quick timing on first use.
-
-use std::time::Instant;
+//! Three WGSL designs (blocked workgroup tiles with register blocking for GPUs, barrier-free register tiles for
+//! software rasterizers, and the first plain tiled kernel as a baseline); `matmul_tune` picks one per adapter and
+//! shape class by timing the candidates once and remembering the choice on disk.
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
 use crate::ops::{fits_u32, nonempty};
-use crate::shaders::{ShaderSource, MATMUL, MATMUL_REGISTER};
+use crate::shaders::{ShaderSource, MATMUL, MATMUL_BLOCKED, MATMUL_REGISTER};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// How to read the operands and combine with the output.
@@ -42,45 +41,164 @@ impl MatmulSpec {
     }
 }
 
-/// The kernel designs in `shaders/matmul.wgsl`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The kernel designs: `shaders/matmul.wgsl` (tiled), `matmul_register.wgsl`, `matmul_blocked.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MatmulVariant {
-    /// 64×64 tiles in workgroup memory: what real GPUs want.
+    /// 64×64 tiles in workgroup memory, 4×4 scalar outputs per invocation: the first GPU design, kept as the
+    /// baseline the blocked design is measured against.
     Tiled,
     /// 16×8 register tiles per invocation, no barriers: what CPU-backed Vulkan (lavapipe) wants.
     Register,
+    /// Workgroup tiles with 2D register blocking and vec4 loads, sizes from the autotuner: what real GPUs want.
+    Blocked(BlockedConfig),
+}
+
+/// Tile sizes of the blocked design (override constants of `matmul_blocked.wgsl`): a workgroup computes BM×BN
+/// outputs in BK-deep steps, each invocation TM×TN of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockedConfig {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub tm: u32,
+    pub tn: u32,
+}
+
+const fn blocked(bm: u32, bn: u32, bk: u32, tm: u32, tn: u32) -> BlockedConfig {
+    BlockedConfig { bm, bn, bk, tm, tn }
+}
+
+impl BlockedConfig {
+    /// What the autotuner times: Boehm's 128×128 with 8×8 per invocation, its halves for mid-sized and skinny
+    /// products, and small tiles that keep many workgroups busy when M·N is small.
+    pub const CANDIDATES: [BlockedConfig; 6] = [
+        blocked(128, 128, 16, 8, 8),
+        blocked(128, 64, 16, 8, 4),
+        blocked(64, 128, 16, 4, 8),
+        blocked(64, 64, 16, 4, 4),
+        blocked(64, 64, 8, 8, 8),
+        blocked(32, 32, 16, 4, 4),
+    ];
+    /// Used where tuning is off (`KILN_AUTOTUNE=off`) or impossible.
+    pub const DEFAULT: BlockedConfig = Self::CANDIDATES[0];
+
+    pub fn invocations(&self) -> u32 {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+
+    /// Workgroup memory the kernel declares (sized for the largest candidate, see the WGSL).
+    pub const WORKGROUP_BYTES: u32 = 2 * 512 * 16;
+
+    /// The shape rules the WGSL relies on (it indexes its workgroup arrays without checks).
+    pub fn valid(&self) -> bool {
+        matches!(self.tm, 4 | 8)
+            && matches!(self.tn, 4 | 8)
+            && self.bm.is_multiple_of(self.tm)
+            && self.bn.is_multiple_of(self.tn)
+            && self.bk.is_multiple_of(4)
+            && self.bk > 0
+            && self.bk * self.bm <= 2048
+            && self.bk * self.bn <= 2048
+    }
+
+    pub(crate) fn overrides(&self) -> [(&'static str, f64); 6] {
+        [
+            ("BLOCK_M", self.bm as f64),
+            ("BLOCK_N", self.bn as f64),
+            ("BLOCK_K", self.bk as f64),
+            ("THREAD_M", self.tm as f64),
+            ("THREAD_N", self.tn as f64),
+            ("INVOCATIONS", self.invocations() as f64),
+        ]
+    }
+}
+
+impl std::fmt::Display for MatmulVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MatmulVariant::Tiled => write!(f, "tiled"),
+            MatmulVariant::Register => write!(f, "register"),
+            MatmulVariant::Blocked(c) => write!(f, "blocked-{}x{}x{}-{}x{}", c.bm, c.bn, c.bk, c.tm, c.tn),
+        }
+    }
+}
+
+impl std::str::FromStr for MatmulVariant {
+    type Err = String;
+    /// The names `Display` writes (`KILN_MATMUL`, the autotune cache); "blocked" alone is the default config.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "blocked" {
+            return Ok(MatmulVariant::Blocked(BlockedConfig::DEFAULT));
+        }
+        Self::all()
+            .into_iter()
+            .chain(
+                // Any valid blocked configuration, not only the candidates: a user may try their own.
+                parse_blocked(s).map(MatmulVariant::Blocked),
+            )
+            .find(|v| v.to_string() == s)
+            .ok_or_else(|| {
+                format!("unknown matmul variant {s:?}: use tiled, register, blocked or blocked-BMxBNxBK-TMxTN")
+            })
+    }
+}
+
+fn parse_blocked(s: &str) -> Option<BlockedConfig> {
+    let rest = s.strip_prefix("blocked-")?;
+    let (tile, thread) = rest.split_once('-')?;
+    let nums: Vec<u32> = tile.split('x').chain(thread.split('x')).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let [bm, bn, bk, tm, tn] = nums[..] else { return None };
+    let c = blocked(bm, bn, bk, tm, tn);
+    c.valid().then_some(c)
 }
 
 impl MatmulVariant {
-    pub const ALL: [MatmulVariant; 2] = [MatmulVariant::Tiled, MatmulVariant::Register];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MatmulVariant::Tiled => "matmul_tiled",
-            MatmulVariant::Register => "matmul_register",
-        }
+    /// Every variant, in a fixed order (tests run each one the adapter can).
+    pub fn all() -> Vec<MatmulVariant> {
+        let mut v = vec![MatmulVariant::Tiled, MatmulVariant::Register];
+        v.extend(BlockedConfig::CANDIDATES.map(MatmulVariant::Blocked));
+        v
     }
 
-    /// Whether this adapter can run the variant: the register design broadcasts across an 8-lane subgroup.
+    /// Whether this adapter can run the variant: the register design broadcasts across an 8-lane subgroup; the
+    /// blocked ones need their invocations and workgroup memory within the adapter's limits.
     pub fn available(self, gpu: &Gpu) -> bool {
+        let lim = gpu.limits();
         match self {
             MatmulVariant::Tiled => true,
             MatmulVariant::Register => gpu.has_subgroups() && gpu.info().subgroup_min_size >= 8,
+            MatmulVariant::Blocked(c) => {
+                c.valid()
+                    && c.invocations() <= lim.max_compute_invocations_per_workgroup
+                    && c.invocations() <= lim.max_compute_workgroup_size_x
+                    && BlockedConfig::WORKGROUP_BYTES <= lim.max_compute_workgroup_storage_size
+            }
         }
     }
 
     /// The variants this adapter can run (tests check every one).
     pub fn all_available(gpu: &Gpu) -> Vec<MatmulVariant> {
-        Self::ALL.into_iter().filter(|v| v.available(gpu)).collect()
+        Self::all().into_iter().filter(|v| v.available(gpu)).collect()
     }
 
-    /// (shader, entry point, workgroup grid) for a problem.
-    fn kernel(self, m: u32, n: u32, batch: u32, b_vec4: bool) -> (&'static ShaderSource, &'static str, [u32; 3]) {
+    /// (shader, entry point, workgroup grid, override constants) for a problem. `vec4` says B (register) or both
+    /// operands (blocked) may be read as vec4 along their contiguous dimension.
+    fn kernel(
+        self,
+        m: u32,
+        n: u32,
+        batch: u32,
+        vec4: bool,
+    ) -> (&'static ShaderSource, &'static str, [u32; 3], Vec<(&'static str, f64)>) {
         match self {
-            MatmulVariant::Tiled => (&MATMUL, "matmul_tiled", [n.div_ceil(64), m.div_ceil(64), batch]),
+            MatmulVariant::Tiled => (&MATMUL, "matmul_tiled", [n.div_ceil(64), m.div_ceil(64), batch], vec![]),
             MatmulVariant::Register => {
-                let entry = if b_vec4 { "matmul_register_v4" } else { "matmul_register" };
-                (&MATMUL_REGISTER, entry, [m.div_ceil(16), n.div_ceil(128), batch])
+                let entry = if vec4 { "matmul_register_v4" } else { "matmul_register" };
+                (&MATMUL_REGISTER, entry, [m.div_ceil(16), n.div_ceil(128), batch], vec![])
+            }
+            MatmulVariant::Blocked(c) => {
+                let entry = if vec4 { "matmul_blocked_v4" } else { "matmul_blocked" };
+                (&MATMUL_BLOCKED, entry, [n.div_ceil(c.bn), m.div_ceil(c.bm), batch], c.overrides().to_vec())
             }
         }
     }
@@ -193,7 +311,8 @@ pub fn matmul_into(
     out: &Tensor,
     spec: MatmulSpec,
 ) -> Result<()> {
-    let variant = variant_for(gpu)?;
+    let shape = matmul_shape(a, b, spec)?;
+    let variant = crate::ops::matmul_tune::variant_for(gpu, &shape, spec)?;
     matmul_with(gpu, variant, a, b, bias, out, spec)
 }
 
@@ -262,24 +381,52 @@ pub fn matmul_with(
         }
     };
     if !variant.available(gpu) {
-        return Err(Error::MissingFeature {
-            adapter: gpu.adapter_name().to_string(),
-            feature: "subgroups of at least 8 lanes",
-            why: "the register-tiled matmul broadcasts A across the subgroup",
+        return Err(match variant {
+            MatmulVariant::Blocked(c) => Error::Invalid {
+                op,
+                message: format!(
+                    "{variant} does not fit {}: it needs {} invocations and {} B of workgroup memory (limits {} \
+                     and {} B), TM and TN of 4 or 8, BK a multiple of 4 and BK·BM, BK·BN at most 2048",
+                    gpu.adapter_name(),
+                    c.invocations(),
+                    BlockedConfig::WORKGROUP_BYTES,
+                    gpu.limits().max_compute_invocations_per_workgroup,
+                    gpu.limits().max_compute_workgroup_storage_size
+                ),
+            },
+            _ => Error::MissingFeature {
+                adapter: gpu.adapter_name().to_string(),
+                feature: "subgroups of at least 8 lanes",
+                why: "the register-tiled matmul broadcasts A across the subgroup",
+            },
         });
     }
-    // vec4 loads of B need it contiguous along n with rows of whole vec4s.
-    let b_vec4 = !spec.trans_b && n % 4 == 0;
-    let (shader, entry, groups) = variant.kernel(m, n, s.batch as u32, b_vec4);
+    let (shader, entry, groups, overrides) = variant.kernel(m, n, s.batch as u32, vec4_ok(variant, &s, spec));
     gpu.dispatch(&Launch {
         op,
         shader,
         entry,
-        overrides: &[],
+        overrides: &overrides,
         args: &[a, b, bias, out],
         params: bytemuck::bytes_of(&params),
         groups,
     })
+}
+
+/// Whether the variant's vec4 entry point may read this problem's operands: the register design reads B as
+/// vec4 along n (B not transposed, N % 4 == 0); the blocked one reads both operands along their contiguous
+/// dimension, which must then hold whole vec4s (A: K or, transposed, M; B: N or, transposed, K). Bindings start
+/// at offsets aligned far beyond 16 bytes, so a batch stride that is a multiple of 4 keeps every row aligned.
+fn vec4_ok(variant: MatmulVariant, s: &MatmulShape, spec: MatmulSpec) -> bool {
+    match variant {
+        MatmulVariant::Tiled => false,
+        MatmulVariant::Register => !spec.trans_b && s.n.is_multiple_of(4),
+        MatmulVariant::Blocked(_) => {
+            let a_row = if spec.trans_a { s.m } else { s.k };
+            let b_row = if spec.trans_b { s.k } else { s.n };
+            a_row.is_multiple_of(4) && b_row.is_multiple_of(4)
+        }
+    }
 }
 
 /// Gradients of C = op(A)·op(B) + bias (forward with alpha 1, beta 0) given dC, each a NEW tensor shaped like its
@@ -332,52 +479,6 @@ pub fn matmul_backward(
     let dbias =
         if want[2] { Some(crate::ops::reduce::sum_rows(gpu, &dc.reshape(&[s.batch * s.m, s.n])?)?) } else { None };
     Ok((da, db, dbias))
-}
-
-const CHOICE_KEY: &str = "matmul_variant";
-
-/// The variant for this adapter: `KILN_MATMUL=tiled|register` forces one; otherwise software adapters take the
-/// register design and GPUs the faster of the two on a 512³ product, timed once per process.
-pub fn variant_for(gpu: &Gpu) -> Result<MatmulVariant> {
-    if let Some(&v) = gpu.choices.lock().unwrap().get(CHOICE_KEY) {
-        return Ok(MatmulVariant::ALL[v as usize]);
-    }
-    let chosen = match std::env::var("KILN_MATMUL").ok().as_deref() {
-        Some("tiled") => MatmulVariant::Tiled,
-        Some("register") => MatmulVariant::Register,
-        Some(other) => {
-            return Err(Error::Invalid {
-                op: "matmul",
-                message: format!("KILN_MATMUL={other:?}: use tiled or register"),
-            })
-        }
-        None if gpu.is_software() && MatmulVariant::Register.available(gpu) => MatmulVariant::Register,
-        None => fastest(gpu)?,
-    };
-    let idx = MatmulVariant::ALL.iter().position(|v| *v == chosen).unwrap() as u32;
-    gpu.choices.lock().unwrap().insert(CHOICE_KEY, idx);
-    Ok(chosen)
-}
-
-fn fastest(gpu: &Gpu) -> Result<MatmulVariant> {
-    let n = 512;
-    let a = crate::ops::elementwise::zeros(gpu, &[n, n])?;
-    let c = gpu.alloc(&[n, n], DType::F32)?;
-    let mut best = (f64::INFINITY, MatmulVariant::Tiled);
-    for v in MatmulVariant::all_available(gpu) {
-        matmul_with(gpu, v, &a, &a, None, &c, MatmulSpec::nn())?; // compile + warm up
-        gpu.sync()?;
-        let t = Instant::now();
-        for _ in 0..3 {
-            matmul_with(gpu, v, &a, &a, None, &c, MatmulSpec::nn())?;
-        }
-        gpu.sync()?;
-        let dt = t.elapsed().as_secs_f64();
-        if dt < best.0 {
-            best = (dt, v);
-        }
-    }
-    Ok(best.1)
 }
 
 pub mod cpu {

@@ -3,8 +3,9 @@
 use super::*;
 use crate::testing::{assert_close, gpu, random_vec, to_f64};
 
-/// (m, n, k): 1, odd, primes, exact and off-by-one multiples of the tiles (64×64 tiled; 16×128 register), and
-/// n % 4 == 0 cases that take the register design's vec4 path for B.
+/// (m, n, k): 1, odd, primes, exact and off-by-one multiples of the tiles (64×64 tiled; 16×128 register; 32 to
+/// 128 blocked), n % 4 == 0 cases that take the register design's vec4 path for B, and all-multiple-of-4 cases
+/// (in every transpose) that take the blocked design's vec4 path.
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (1, 7, 3),
@@ -16,6 +17,10 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (100, 257, 31),
     (3, 130, 2),
     (33, 260, 17),
+    (4, 4, 4),
+    (132, 136, 20),
+    (128, 128, 128),
+    (60, 4, 252),
 ];
 
 fn check(v: MatmulVariant, batch: usize, (m, n, k): (usize, usize, usize), spec: MatmulSpec, bias: bool, bcast: bool) {
@@ -67,15 +72,43 @@ fn every_variant_handles_batch_bias_alpha_beta() {
 }
 
 #[test]
-fn software_adapters_run_both_variants_and_pick_register() {
+fn software_adapters_run_every_variant_and_default_to_register() {
     let gpu = gpu();
-    if gpu.is_software() && gpu.has_subgroups() {
-        assert_eq!(MatmulVariant::all_available(gpu), MatmulVariant::ALL.to_vec());
-        if std::env::var_os("KILN_MATMUL").is_none() {
-            assert_eq!(variant_for(gpu).unwrap(), MatmulVariant::Register);
-        }
+    if gpu.is_software() && gpu.has_subgroups() && gpu.info().subgroup_min_size >= 8 {
+        assert_eq!(MatmulVariant::all_available(gpu), MatmulVariant::all());
+        assert_eq!(crate::ops::matmul_tune::default_variant(gpu), MatmulVariant::Register);
     }
     assert!(MatmulVariant::Tiled.available(gpu), "the tiled design must run everywhere");
+    // lavapipe's limits (1024 invocations, 32 KiB) fit every blocked candidate, so CI tests them all.
+    if gpu.is_software() {
+        for c in BlockedConfig::CANDIDATES {
+            assert!(MatmulVariant::Blocked(c).available(gpu), "{c:?} does not fit {}", gpu.adapter_name());
+        }
+    }
+}
+
+#[test]
+fn variant_names_round_trip() {
+    for v in MatmulVariant::all() {
+        assert_eq!(v.to_string().parse::<MatmulVariant>(), Ok(v));
+    }
+    assert_eq!("blocked".parse::<MatmulVariant>(), Ok(MatmulVariant::Blocked(BlockedConfig::DEFAULT)));
+    // A valid configuration outside the candidate set parses; an invalid one is refused with the forms to use.
+    let own = "blocked-32x64x8-4x8".parse::<MatmulVariant>().unwrap();
+    assert_eq!(own, MatmulVariant::Blocked(BlockedConfig { bm: 32, bn: 64, bk: 8, tm: 4, tn: 8 }));
+    for bad in ["blocked-64x64x6-4x4", "blocked-64x64x16-3x4", "blocked-256x256x16-8x8", "fast", "blocked-1x2"] {
+        let e = bad.parse::<MatmulVariant>().unwrap_err();
+        assert!(e.contains("blocked-BMxBNxBK-TMxTN"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn a_configuration_outside_the_candidates_computes_correctly() {
+    let v: MatmulVariant = "blocked-32x64x8-4x8".parse().unwrap();
+    for (ta, tb) in [(false, false), (true, true)] {
+        check(v, 2, (37, 70, 45), MatmulSpec { trans_a: ta, trans_b: tb, ..MatmulSpec::default() }, true, false);
+        check(v, 1, (36, 68, 44), MatmulSpec { trans_a: ta, trans_b: tb, ..MatmulSpec::default() }, false, false);
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod kv_cache;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_tune;
 pub mod norm;
 pub mod policy;
 pub mod reduce;

@@ -32,7 +32,7 @@ pub(crate) fn params_size() -> usize {
 /// Threads per workgroup (`WG` in the WGSL).
 const WG: usize = 256;
 /// Elements each thread of `sum_blocks` adds before the tree (`ITEMS` override); 1024 elements per workgroup.
-const ITEMS: usize = 4;
+pub(crate) const ITEMS: usize = 4;
 /// Columns and rows one `sum_rows_blocks` workgroup covers (`RC`, `ROWS_PER_BLOCK` in the WGSL).
 const ROW_COLS: usize = 32;
 const ROWS_PER_BLOCK: usize = 32;
