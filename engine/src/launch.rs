@@ -13,6 +13,9 @@ use crate::{Error, Gpu, Result, Tensor};
 /// workgroup grid.
 pub struct Launch<'a> {
     pub op: &'static str,
+    /// Floating-point operations of this launch (0 where not worth counting: row and elementwise kernels), for
+    /// the profiler's achieved-GFLOP/s column.
+    pub flops: u64,
     pub shader: &'static ShaderSource,
     pub entry: &'static str,
     /// WGSL `override` constants (tile sizes); each distinct set is its own cached pipeline.
@@ -218,6 +221,7 @@ impl Gpu {
         let (pid, pipeline) = self.caches.pipeline(&self.device, l)?;
         let bind_group = self.caches.bind_group(&self.device, pid, &pipeline, l.args);
         let wall_clock = self.recorder.lock().unwrap().profiler.wall_clock();
+        let work = crate::profiler::Work { flops: l.flops, bytes: l.args.iter().map(|t| t.bytes()).sum() };
         if wall_clock {
             self.sync()?; // time this kernel alone
         }
@@ -227,7 +231,7 @@ impl Gpu {
             rec.dispatches += 1;
             let Recorder { encoder, profiler, .. } = &mut *rec;
             let enc = encoder.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
-            let timestamp_writes = profiler.next_pass(l.entry);
+            let timestamp_writes = profiler.next_pass(l.entry, work);
             let mut pass =
                 enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(l.entry), timestamp_writes });
             pass.set_pipeline(&pipeline);
@@ -239,7 +243,7 @@ impl Gpu {
         }
         if wall_clock {
             self.sync()?;
-            self.recorder.lock().unwrap().profiler.add_wall(l.entry, start.elapsed());
+            self.recorder.lock().unwrap().profiler.add_wall(l.entry, start.elapsed(), work);
         } else if self.recorder.lock().unwrap().profiler.full() {
             self.flush()?;
         }

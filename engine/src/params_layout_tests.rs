@@ -32,7 +32,7 @@ fn wgsl_params(source: &ShaderSource) -> (Vec<(String, usize, usize)>, usize) {
 
 #[test]
 fn rust_params_match_the_wgsl_structs() {
-    let cases: [(&ShaderSource, Vec<Field>, usize); 15] = [
+    let cases: [(&ShaderSource, Vec<Field>, usize); 16] = [
         (&ELEMENTWISE, elementwise::params_layout(), elementwise::params_size()),
         (&MATMUL, matmul::params_layout(), matmul::params_size()),
         (&MATMUL_REGISTER, matmul::params_layout(), matmul::params_size()),
@@ -48,6 +48,7 @@ fn rust_params_match_the_wgsl_structs() {
         (&OPTIMIZER, adamw::params_layout(), adamw::params_size()),
         (&SAMPLING, sampling::params_layout(), sampling::params_size()),
         (&ROPE, rope::params_layout(), rope::params_size()),
+        (&PROBE, crate::ops::probe::params_layout(), crate::ops::probe::params_size()),
     ];
     for (source, rust, rust_size) in cases {
         let (wgsl, span) = wgsl_params(source);

@@ -6,12 +6,41 @@ use std::time::Duration;
 
 use crate::Gpu;
 
-/// Accumulated time of one kernel entry point.
+/// Accumulated time of one kernel entry point, with the work its launches declared.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelTime {
     pub name: &'static str,
     pub calls: u64,
     pub total_ms: f64,
+    /// FLOPs the launches declared (0 for kernels that do not count theirs).
+    pub flops: u64,
+    /// Bytes of every buffer bound to the launches: what a kernel that reads each input and writes each output
+    /// once moves (the ideal traffic, a lower bound for the real one).
+    pub bytes: u64,
+}
+
+/// What one launch adds to its kernel's totals.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Work {
+    pub(crate) flops: u64,
+    pub(crate) bytes: u64,
+}
+
+#[derive(Default)]
+struct Totals {
+    calls: u64,
+    ms: f64,
+    flops: u64,
+    bytes: u64,
+}
+
+impl Totals {
+    fn add(&mut self, ms: f64, w: Work) {
+        self.calls += 1;
+        self.ms += ms;
+        self.flops += w.flops;
+        self.bytes += w.bytes;
+    }
 }
 
 /// Passes timed per command buffer; a full set triggers a flush.
@@ -27,8 +56,8 @@ struct Timestamps {
 pub(crate) struct Profiler {
     enabled: bool,
     timestamps: Option<Timestamps>,
-    pending: Vec<&'static str>,
-    totals: BTreeMap<&'static str, (u64, f64)>,
+    pending: Vec<(&'static str, Work)>,
+    totals: BTreeMap<&'static str, Totals>,
 }
 
 impl Profiler {
@@ -66,13 +95,13 @@ impl Profiler {
         self.pending.len() as u32 >= MAX_PASSES
     }
 
-    pub(crate) fn next_pass(&mut self, name: &'static str) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
+    pub(crate) fn next_pass(&mut self, name: &'static str, work: Work) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
         if !self.enabled || self.full() {
             return None;
         }
         let ts = self.timestamps.as_ref()?;
         let i = self.pending.len() as u32;
-        self.pending.push(name);
+        self.pending.push((name, work));
         Some(wgpu::ComputePassTimestampWrites {
             query_set: &ts.set,
             beginning_of_pass_write_index: Some(2 * i),
@@ -95,18 +124,14 @@ impl Profiler {
     pub(crate) fn accumulate(&mut self, bytes: &[u8]) {
         let period = self.timestamps.as_ref().map_or(1.0, |t| t.period_ns);
         let stamps: &[u64] = bytemuck::cast_slice(bytes);
-        for (i, name) in self.pending.drain(..).enumerate() {
+        for (i, (name, work)) in self.pending.drain(..).enumerate() {
             let ns = stamps[2 * i + 1].saturating_sub(stamps[2 * i]) as f64 * period;
-            let e = self.totals.entry(name).or_insert((0, 0.0));
-            e.0 += 1;
-            e.1 += ns / 1e6;
+            self.totals.entry(name).or_default().add(ns / 1e6, work);
         }
     }
 
-    pub(crate) fn add_wall(&mut self, name: &'static str, d: Duration) {
-        let e = self.totals.entry(name).or_insert((0, 0.0));
-        e.0 += 1;
-        e.1 += d.as_secs_f64() * 1e3;
+    pub(crate) fn add_wall(&mut self, name: &'static str, d: Duration, work: Work) {
+        self.totals.entry(name).or_default().add(d.as_secs_f64() * 1e3, work);
     }
 }
 
@@ -129,7 +154,7 @@ impl Gpu {
             .profiler
             .totals
             .iter()
-            .map(|(name, (calls, ms))| KernelTime { name, calls: *calls, total_ms: *ms })
+            .map(|(name, t)| KernelTime { name, calls: t.calls, total_ms: t.ms, flops: t.flops, bytes: t.bytes })
             .collect();
         out.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
         Ok(out)

@@ -61,11 +61,13 @@ shader!(REDUCE, "reduce.wgsl");
 shader!(OPTIMIZER, "optimizer.wgsl");
 shader!(SAMPLING, "sampling.wgsl");
 shader!(ROPE, "rope.wgsl");
+// Peak probes (FMA throughput, copy bandwidth) for the profiler.
+shader!(PROBE, "probe.wgsl");
 // Attention over a KV cache (generation): its own module, since it needs immediates attention.wgsl lacks.
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");
 
 /// Every module Kiln builds (the translation test walks them all; a new module belongs here).
-pub static ALL: [&ShaderSource; 15] = [
+pub static ALL: [&ShaderSource; 16] = [
     &ELEMENTWISE,
     &MATMUL,
     &MATMUL_REGISTER,
@@ -81,6 +83,7 @@ pub static ALL: [&ShaderSource; 15] = [
     &OPTIMIZER,
     &SAMPLING,
     &ROPE,
+    &PROBE,
 ];
 
 #[cfg(test)]

@@ -111,6 +111,7 @@ pub fn adamw_step(
     };
     gpu.dispatch(&Launch {
         op: "adamw_step",
+        flops: 0,
         shader: &OPTIMIZER,
         entry: "adamw",
         overrides: &[],

@@ -106,6 +106,13 @@ struct Dims {
 }
 
 impl Dims {
+    /// FLOPs of one T×T×HS product per head over the causal triangle (Q·Kᵀ, P·V and the backward's products
+    /// each cost this): forward is 2 of them, dQ recomputes S and does dP and dQ (3), dK/dV recomputes S and does
+    /// dV, dP and dK (4).
+    fn causal_product_flops(&self) -> u64 {
+        (self.b * self.nh * self.t * (self.t + 1) * self.hs) as u64
+    }
+
     /// The head loops' trip count in vec4s, an override so the shader compiler can unroll them (`HS4` in the WGSL).
     fn hs4(&self) -> usize {
         self.hs.next_power_of_two().div_ceil(4)
@@ -233,6 +240,7 @@ pub fn attention_forward_segments(
     let lse = gpu.alloc(&[b, nh, t], DType::F32)?;
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 2 * dims.causal_product_flops(),
         shader: &ATTENTION,
         entry: "attention_forward",
         overrides: &dims.overrides("BR", BR, starts.is_some()),
@@ -287,6 +295,7 @@ pub fn attention_backward_segments(
     let params = dims.params(TILE4, MAX_BC);
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 0,
         shader: &ATTENTION,
         entry: "attention_backward_dsum",
         overrides: &[],
@@ -298,6 +307,7 @@ pub fn attention_backward_segments(
     // Writes the q part of dqkv.
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 3 * dims.causal_product_flops(),
         shader: &ATTENTION,
         entry: "attention_backward_dq",
         overrides: &dims.overrides("BR", BR, segmented),
@@ -309,6 +319,7 @@ pub fn attention_backward_segments(
     let params = dims.params(TILE4_BW, if segmented { MAX_BQ_SEGMENTED } else { MAX_BQ });
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 4 * dims.causal_product_flops(),
         shader: &ATTENTION,
         entry: "attention_backward_dkv",
         overrides: &dims.overrides("BKV", BKV, segmented),

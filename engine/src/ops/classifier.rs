@@ -131,6 +131,7 @@ fn copy_columns(gpu: &Gpu, src: &Tensor, src_col: usize, dst: &Tensor, dst_col: 
     };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &CLASSIFIER,
         entry: "copy_columns",
         overrides: &[],

@@ -57,6 +57,7 @@ fn launch_n(
     let params = Params { n: fits_u32(op, "tensor", n)?, alpha, inner: inner as u32 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &ELEMENTWISE,
         entry,
         overrides: &[],

@@ -297,6 +297,7 @@ fn gather(gpu: &Gpu, op: &'static str, params: Params, args: [&Tensor; 5]) -> Re
         let params = Params { v0: v0 as u32, v_rows: (v1 - v0) as u32, ..params };
         gpu.dispatch(&Launch {
             op,
+            flops: 0,
             shader: &EMBEDDING,
             entry: "embedding",
             overrides: &[],
@@ -325,6 +326,7 @@ fn scatter(gpu: &Gpu, op: &'static str, params: Params, args: [&Tensor; 4]) -> R
         };
         gpu.dispatch(&Launch {
             op,
+            flops: 0,
             shader: &EMBEDDING,
             entry: "embedding_backward",
             overrides: &[],

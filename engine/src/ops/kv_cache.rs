@@ -180,6 +180,7 @@ pub fn kv_append(gpu: &Gpu, cache: &KvCache, qkv: &Tensor, pos: usize) -> Result
     let n = params.b as usize * params.t as usize * cache.n_kv_head * cache.head_size;
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 0,
         shader: &ATTENTION_CACHED,
         entry: "kv_append",
         overrides: &[],
@@ -210,6 +211,7 @@ pub fn attention_cached(gpu: &Gpu, cache: &KvCache, qkv: &Tensor, pos: usize) ->
     params.bc = (TILE4 / hs4).min(MAX_BC) as u32;
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 0,
         shader: &ATTENTION_CACHED,
         entry,
         overrides: &[("BR", BR as f64), ("HS4", hs4 as f64)],
@@ -240,6 +242,7 @@ pub fn kv_copy_rows(gpu: &Gpu, cache: &KvCache, src: usize, dst: Range<usize>, l
         Params { src: src as u32, dst0: dst.start as u32, dst1: dst.end as u32, len: len as u32, ..cache.params() };
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 0,
         shader: &ATTENTION_CACHED,
         entry: "kv_copy_rows",
         overrides: &[],

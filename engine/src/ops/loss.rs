@@ -61,6 +61,7 @@ pub fn cross_entropy(gpu: &Gpu, logits: &Tensor, targets: &Tensor) -> Result<(Te
     let params = Params { rows: rows as u32, v: v as u32 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &LOSS,
         entry: "cross_entropy",
         overrides: &[],
@@ -116,6 +117,7 @@ pub fn cross_entropy_backward_into(
     let params = Params { rows: rows as u32, v: v as u32 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &LOSS,
         entry: "cross_entropy_backward",
         overrides: &[],

@@ -404,6 +404,7 @@ pub fn matmul_with(
     let (shader, entry, groups, overrides) = variant.kernel(m, n, s.batch as u32, vec4_ok(variant, &s, spec));
     gpu.dispatch(&Launch {
         op,
+        flops: s.flops(),
         shader,
         entry,
         overrides: &overrides,

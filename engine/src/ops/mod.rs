@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod matmul_tune;
 pub mod norm;
 pub mod policy;
+pub mod probe;
 pub mod reduce;
 pub mod rope;
 pub mod sampling;

@@ -62,6 +62,7 @@ pub fn layernorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32)
     let params = Params { rows: rows as u32, c: c as u32, eps };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &NORM,
         entry: "layernorm",
         overrides: &[],
@@ -92,6 +93,7 @@ pub fn rmsnorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<(Tenso
     let params = Params { rows: rows as u32, c: c as u32, eps };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &NORM,
         entry: "rmsnorm",
         overrides: &[],
@@ -118,6 +120,7 @@ pub fn rmsnorm_backward(gpu: &Gpu, dy: &Tensor, x: &Tensor, gamma: &Tensor, rstd
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &NORM,
         entry: "rmsnorm_backward",
         overrides: &[],
@@ -136,6 +139,7 @@ pub fn softmax(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &NORM,
         entry: "softmax",
         overrides: &[],
@@ -174,6 +178,7 @@ pub fn layernorm_backward(
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &NORM,
         entry: "layernorm_backward",
         overrides: &[],
@@ -196,6 +201,7 @@ pub fn softmax_backward(gpu: &Gpu, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &NORM,
         entry: "softmax_backward",
         overrides: &[],

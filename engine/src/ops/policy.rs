@@ -113,6 +113,7 @@ pub fn policy_loss(
     };
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &POLICY,
         entry: "policy_loss",
         overrides: &[],
@@ -122,6 +123,7 @@ pub fn policy_loss(
     })?;
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &POLICY,
         entry: "policy_totals",
         overrides: &[],
@@ -154,6 +156,7 @@ fn row_kernel(gpu: &Gpu, op: &'static str, logits: &[&Tensor], rows: usize, v: u
     args.push(&out);
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &POLICY,
         entry: op,
         overrides: &[],

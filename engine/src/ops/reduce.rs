@@ -96,6 +96,7 @@ fn reduce_all(
         let overrides = [("ITEMS", (per_group / WG) as f64)];
         gpu.dispatch(&Launch {
             op,
+            flops: 0,
             shader: &REDUCE,
             entry: "sum_blocks",
             overrides: &overrides,
@@ -155,6 +156,7 @@ pub fn sum_rows(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
             Params { n: rows as u32, cols: cols as u32, col_blocks: col_blocks as u32, square: 0, scale: 1.0, root: 0 };
         gpu.dispatch(&Launch {
             op,
+            flops: 0,
             shader: &REDUCE,
             entry: "sum_rows_blocks",
             overrides: &[],

@@ -138,6 +138,7 @@ fn launch(
     let out = gpu.alloc(x.shape(), DType::F32)?;
     gpu.dispatch(&Launch {
         op,
+        flops: 0,
         shader: &ROPE,
         entry: "rope",
         overrides: &[],

@@ -134,6 +134,7 @@ pub fn sample_columns(gpu: &Gpu, logits: &Tensor, u: &Tensor, p: SamplingParams,
     let ids = gpu.alloc(u.shape(), DType::I32)?;
     gpu.dispatch(&Launch {
         op: OP,
+        flops: 0,
         shader: &SAMPLING,
         entry: "sample",
         overrides: &[],
