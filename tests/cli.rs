@@ -354,3 +354,37 @@ fn gpt2_124m_runs_every_command() {
     assert!(text.contains("rl: done"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kiln profile` on a small step: every kernel of the step in the table and the JSON, shares adding up to one,
+/// the matmul's FLOPs counted; bad settings are errors.
+#[test]
+fn profile_reports_every_kernel_of_a_step() {
+    let dir = scratch("profile");
+    let json = dir.join("profile.json");
+    let text = ok(&["profile", "--batch", "2", "--seq-len", "16", "--steps", "1", "--json", json.to_str().unwrap()]);
+    assert!(text.contains("peak probes") && text.contains("attention_backward_dkv"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let kernels = v["kernels"].as_array().unwrap();
+    let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
+    for want in ["attention_forward", "attention_backward_dq", "layernorm", "cross_entropy", "adamw", "embedding"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let share: f64 = kernels.iter().map(|k| k["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-6, "shares add up to {share}");
+    // Sorted by time, and the matmuls (whatever design ran) declare their FLOPs: 6·params·tokens is a lower bound
+    // for forward + backward of the weight products.
+    let ms: Vec<f64> = kernels.iter().map(|k| k["ms_per_step"].as_f64().unwrap()).collect();
+    assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+    let matmul_gflop: f64 = kernels
+        .iter()
+        .filter(|k| k["kernel"].as_str().unwrap().starts_with("matmul"))
+        .map(|k| k["gflop_per_step"].as_f64().unwrap())
+        .sum();
+    let params = v["params"].as_f64().unwrap();
+    assert!(matmul_gflop * 1e9 > 0.5 * 6.0 * params * 32.0, "matmul {matmul_gflop} GFLOP for {params} params");
+    assert!(v["peak_gflops"].as_f64().unwrap() > 0.0 && v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let (success, text) = kiln(&["profile", "--seq-len", "100000"]);
+    assert!(!success && text.contains("exceeds the model's context"), "{text}");
+    let (success, text) = kiln(&["profile", "--steps", "0"]);
+    assert!(!success && text.contains("--steps"), "{text}");
+}

@@ -180,7 +180,7 @@ pub fn note_ranks_changed(ckpt: &kiln_model::checkpoint::Checkpoint, ranks: usiz
     }
 }
 
-fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Model, Tokenizer)> {
+pub(crate) fn load_model(gpu: &Gpu, dir: &Path) -> Result<(Model, Tokenizer)> {
     let ckpt = load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let tok = match &ckpt.tokenizer_json {
         Some(_) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,

@@ -16,6 +16,7 @@ mod commands;
 mod dist;
 mod plot;
 mod posttrain;
+mod profile;
 mod progress;
 mod study;
 
@@ -277,6 +278,29 @@ enum Command {
     Devices,
     /// Check every kernel against its CPU f64 reference on this device (max error, speed).
     Selfcheck,
+    /// Where a training step's time goes: per-kernel calls, time, FLOPs, bytes, GFLOP/s, GB/s and % of this
+    /// adapter's measured peak (FMA and copy probes), sorted by time. Synthetic tokens: kernels' time does not
+    /// depend on the text.
+    Profile {
+        /// Profile this checkpoint's model instead of a freshly initialised preset.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Vocabulary size of the preset model.
+        #[arg(long, default_value_t = 2048)]
+        vocab: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Steps timed (after one warm-up step).
+        #[arg(long, default_value_t = 2)]
+        steps: u64,
+        /// Also write the table as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -319,6 +343,18 @@ fn run(world: &dist::World) -> Result<()> {
     match command {
         Command::Devices => devices(),
         Command::Selfcheck => selfcheck(),
+        Command::Profile { checkpoint, preset, vocab, batch, seq_len, steps, json } => profile::profile_cmd(
+            &open_gpu()?,
+            &profile::ProfileOpts {
+                checkpoint: checkpoint.as_deref(),
+                preset: &preset,
+                vocab,
+                batch,
+                seq_len,
+                steps,
+                json,
+            },
+        ),
         Command::Quickstart { out, steps } => commands::quickstart_cmd(&open_gpu()?, &out, steps),
         Command::Prepare { inputs, out, vocab, tokenizer, gpt2_vocab, gpt2_merges, val_fraction } => {
             let source = match (&tokenizer, &gpt2_vocab, &gpt2_merges) {
@@ -488,6 +524,7 @@ impl Command {
             Command::Inspect { .. } => "inspect",
             Command::Plot { .. } => "plot",
             Command::Devices => "devices",
+            Command::Profile { .. } => "profile",
             Command::Selfcheck => "selfcheck",
         }
     }

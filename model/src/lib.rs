@@ -9,7 +9,7 @@
 //! - `checkpoint`: the on-disk format and atomic directory writes (`atomic`: the crate's one atomic file writer).
 
 pub mod arch;
-mod atomic;
+pub mod atomic;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
