@@ -14,6 +14,7 @@ macro_rules! say {
 
 mod commands;
 mod dist;
+mod gpu_bench;
 mod plot;
 mod posttrain;
 mod profile;
@@ -301,6 +302,15 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Kiln's half of tools/gpu-bench.sh: matmul, attention forward+backward and a training step timed on this
+    /// adapter, written as JSON for benches/torch_bench.py to run the same work in PyTorch.
+    GpuBench {
+        /// Shapes a software GPU finishes in about a minute (default: the shapes real GPUs are measured at).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "gpu-bench.json")]
+        json: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -343,6 +353,7 @@ fn run(world: &dist::World) -> Result<()> {
     match command {
         Command::Devices => devices(),
         Command::Selfcheck => selfcheck(),
+        Command::GpuBench { quick, json } => gpu_bench::gpu_bench_cmd(&open_gpu()?, quick, &json),
         Command::Profile { checkpoint, preset, vocab, batch, seq_len, steps, json } => profile::profile_cmd(
             &open_gpu()?,
             &profile::ProfileOpts {
@@ -525,6 +536,7 @@ impl Command {
             Command::Plot { .. } => "plot",
             Command::Devices => "devices",
             Command::Profile { .. } => "profile",
+            Command::GpuBench { .. } => "gpu-bench",
             Command::Selfcheck => "selfcheck",
         }
     }
