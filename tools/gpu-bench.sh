@@ -43,7 +43,7 @@ commit="${KILN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-"$kiln" devices | head -2
+"$kiln" devices
 "$kiln" gpu-bench $quick --json "$out/kiln.json"
 "$python" benches/torch_bench.py --kiln "$out/kiln.json" --markdown "$out/table.md"
 if [[ "$append" == 1 ]]; then
