@@ -138,6 +138,7 @@ fn broken_shader_is_a_typed_error() {
         args: &[&t],
         params: &[],
         groups: [1, 1, 1],
+        flops: 0,
     });
     assert!(matches!(r, Err(Error::Gpu { context: "shader compilation", .. })), "{r:?}");
     // The device stays usable.
