@@ -8,7 +8,7 @@
 //    (either transpose), `matmul_blocked` one float at a time for shapes whose rows are not whole vec4s.
 // The tile sizes are override constants, so one source gives every candidate the autotuner times
 // (engine/src/ops/matmul.rs `BlockedConfig`: bm, bn, bk, tm, tn). Limits the launcher guarantees: THREAD_M and
-// THREAD_N ∈ {4, 8}; BLOCK_M % THREAD_M == 0; BLOCK_N % THREAD_N == 0; BLOCK_K % 4 == 0;
+// THREAD_N ∈ {4, 8, 16}; BLOCK_M % THREAD_M == 0; BLOCK_N % THREAD_N == 0; BLOCK_K % 4 == 0;
 // INVOCATIONS == (BLOCK_M / THREAD_M) · (BLOCK_N / THREAD_N); BLOCK_K·BLOCK_M and BLOCK_K·BLOCK_N ≤ 2048.
 
 override BLOCK_M: u32 = 64u;
@@ -25,50 +25,73 @@ override INVOCATIONS: u32 = 256u;
 var<workgroup> Sa: array<vec4<f32>, 512>; // Sa[(k * BLOCK_M + m) / 4]: A's slab, transposed
 var<workgroup> Sb: array<vec4<f32>, 512>; // Sb[(k * BLOCK_N + n) / 4]
 
-// The register block: rows 0..7, columns 0..3 in c*, 4..7 in d*. Named fields, not an array: llvmpipe keeps an
-// array indexed in loops in memory (5× slower, see matmul_register.wgsl), while fields read with constant names
-// become registers on every compiler. Blocks of 4 rows or columns leave the rest untouched (folded away, since
-// THREAD_M and THREAD_N are constants by the time the driver compiles the pipeline).
+// The register block: up to 16 rows (r0..r15) of up to 16 columns (four vec4s c0..c3 per row). Named fields, not
+// arrays: llvmpipe keeps an array indexed in loops in memory (5× slower, see matmul_register.wgsl), while fields
+// read with constant names become registers on every compiler. Rows and columns past THREAD_M, THREAD_N are never
+// touched (the guards fold away: the overrides are constants by the time the driver compiles the pipeline).
+struct Row { c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32> }
 struct Acc {
-    c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>, c4: vec4<f32>, c5: vec4<f32>, c6: vec4<f32>, c7: vec4<f32>,
-    d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, d3: vec4<f32>, d4: vec4<f32>, d5: vec4<f32>, d6: vec4<f32>, d7: vec4<f32>,
+    r0: Row, r1: Row, r2: Row, r3: Row, r4: Row, r5: Row, r6: Row, r7: Row,
+    r8: Row, r9: Row, r10: Row, r11: Row, r12: Row, r13: Row, r14: Row, r15: Row,
+}
+// Up to 16 consecutive values of A's column or B's row, as vec4s.
+struct Frag { v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32> }
+
+fn row_fma(a: f32, b: Frag, r: Row) -> Row {
+    var o = r;
+    let av = vec4<f32>(a);
+    o.c0 = fma(av, b.v0, o.c0);
+    if (THREAD_N > 4u) { o.c1 = fma(av, b.v1, o.c1); }
+    if (THREAD_N > 8u) { o.c2 = fma(av, b.v2, o.c2); o.c3 = fma(av, b.v3, o.c3); }
+    return o;
+}
+
+// THREAD_M (or THREAD_N) values starting at vec4 index i of a slab.
+fn frag_a(i: u32) -> Frag {
+    var f: Frag;
+    f.v0 = Sa[i];
+    if (THREAD_M > 4u) { f.v1 = Sa[i + 1u]; }
+    if (THREAD_M > 8u) { f.v2 = Sa[i + 2u]; f.v3 = Sa[i + 3u]; }
+    return f;
+}
+fn frag_b(i: u32) -> Frag {
+    var f: Frag;
+    f.v0 = Sb[i];
+    if (THREAD_N > 4u) { f.v1 = Sb[i + 1u]; }
+    if (THREAD_N > 8u) { f.v2 = Sb[i + 2u]; f.v3 = Sb[i + 3u]; }
+    return f;
 }
 
 // BLOCK_K steps of the register block: per step THREAD_M values of A's column and THREAD_N of B's row (vec4 reads
-// of workgroup memory) feed THREAD_M·THREAD_N FMAs.
-fn multiply_slab(tx: u32, ty: u32, acc: ptr<function, Acc>) {
+// of workgroup memory) feed THREAD_M·THREAD_N FMAs. The bigger the block, the fewer reads per FMA: what a software
+// GPU, which reads workgroup memory lane by lane, is bound by.
+fn multiply_slab(tx: u32, ty: u32, acc_in: Acc) -> Acc {
+    var acc = acc_in;
     for (var kk = 0u; kk < BLOCK_K; kk++) {
-        let ia = (kk * BLOCK_M + ty * THREAD_M) / 4u;
-        let ib = (kk * BLOCK_N + tx * THREAD_N) / 4u;
-        let a0 = Sa[ia];
-        let b0 = Sb[ib];
-        var a1 = vec4<f32>();
-        var b1 = vec4<f32>();
-        if (THREAD_M == 8u) { a1 = Sa[ia + 1u]; }
-        if (THREAD_N == 8u) { b1 = Sb[ib + 1u]; }
-        (*acc).c0 = (*acc).c0 + vec4<f32>(a0.x) * b0;
-        (*acc).c1 = (*acc).c1 + vec4<f32>(a0.y) * b0;
-        (*acc).c2 = (*acc).c2 + vec4<f32>(a0.z) * b0;
-        (*acc).c3 = (*acc).c3 + vec4<f32>(a0.w) * b0;
-        if (THREAD_N == 8u) {
-            (*acc).d0 = (*acc).d0 + vec4<f32>(a0.x) * b1;
-            (*acc).d1 = (*acc).d1 + vec4<f32>(a0.y) * b1;
-            (*acc).d2 = (*acc).d2 + vec4<f32>(a0.z) * b1;
-            (*acc).d3 = (*acc).d3 + vec4<f32>(a0.w) * b1;
+        let a = frag_a((kk * BLOCK_M + ty * THREAD_M) / 4u);
+        let b = frag_b((kk * BLOCK_N + tx * THREAD_N) / 4u);
+        acc.r0 = row_fma(a.v0.x, b, acc.r0);
+        acc.r1 = row_fma(a.v0.y, b, acc.r1);
+        acc.r2 = row_fma(a.v0.z, b, acc.r2);
+        acc.r3 = row_fma(a.v0.w, b, acc.r3);
+        if (THREAD_M > 4u) {
+            acc.r4 = row_fma(a.v1.x, b, acc.r4);
+            acc.r5 = row_fma(a.v1.y, b, acc.r5);
+            acc.r6 = row_fma(a.v1.z, b, acc.r6);
+            acc.r7 = row_fma(a.v1.w, b, acc.r7);
         }
-        if (THREAD_M == 8u) {
-            (*acc).c4 = (*acc).c4 + vec4<f32>(a1.x) * b0;
-            (*acc).c5 = (*acc).c5 + vec4<f32>(a1.y) * b0;
-            (*acc).c6 = (*acc).c6 + vec4<f32>(a1.z) * b0;
-            (*acc).c7 = (*acc).c7 + vec4<f32>(a1.w) * b0;
-            if (THREAD_N == 8u) {
-                (*acc).d4 = (*acc).d4 + vec4<f32>(a1.x) * b1;
-                (*acc).d5 = (*acc).d5 + vec4<f32>(a1.y) * b1;
-                (*acc).d6 = (*acc).d6 + vec4<f32>(a1.z) * b1;
-                (*acc).d7 = (*acc).d7 + vec4<f32>(a1.w) * b1;
-            }
+        if (THREAD_M > 8u) {
+            acc.r8 = row_fma(a.v2.x, b, acc.r8);
+            acc.r9 = row_fma(a.v2.y, b, acc.r9);
+            acc.r10 = row_fma(a.v2.z, b, acc.r10);
+            acc.r11 = row_fma(a.v2.w, b, acc.r11);
+            acc.r12 = row_fma(a.v3.x, b, acc.r12);
+            acc.r13 = row_fma(a.v3.y, b, acc.r13);
+            acc.r14 = row_fma(a.v3.z, b, acc.r14);
+            acc.r15 = row_fma(a.v3.w, b, acc.r15);
         }
     }
+    return acc;
 }
 
 fn store4(batch: u32, row: u32, col: u32, v: vec4<f32>) {
@@ -78,28 +101,32 @@ fn store4(batch: u32, row: u32, col: u32, v: vec4<f32>) {
     store(batch, row, col + 3u, v.w);
 }
 
-fn store_block(batch: u32, r: u32, c: u32, acc: ptr<function, Acc>) {
-    store4(batch, r, c, (*acc).c0);
-    store4(batch, r + 1u, c, (*acc).c1);
-    store4(batch, r + 2u, c, (*acc).c2);
-    store4(batch, r + 3u, c, (*acc).c3);
-    if (THREAD_N == 8u) {
-        store4(batch, r, c + 4u, (*acc).d0);
-        store4(batch, r + 1u, c + 4u, (*acc).d1);
-        store4(batch, r + 2u, c + 4u, (*acc).d2);
-        store4(batch, r + 3u, c + 4u, (*acc).d3);
+fn store_row(batch: u32, r: u32, c: u32, row: Row) {
+    store4(batch, r, c, row.c0);
+    if (THREAD_N > 4u) { store4(batch, r, c + 4u, row.c1); }
+    if (THREAD_N > 8u) { store4(batch, r, c + 8u, row.c2); store4(batch, r, c + 12u, row.c3); }
+}
+
+fn store_block(batch: u32, r: u32, c: u32, acc: Acc) {
+    store_row(batch, r, c, acc.r0);
+    store_row(batch, r + 1u, c, acc.r1);
+    store_row(batch, r + 2u, c, acc.r2);
+    store_row(batch, r + 3u, c, acc.r3);
+    if (THREAD_M > 4u) {
+        store_row(batch, r + 4u, c, acc.r4);
+        store_row(batch, r + 5u, c, acc.r5);
+        store_row(batch, r + 6u, c, acc.r6);
+        store_row(batch, r + 7u, c, acc.r7);
     }
-    if (THREAD_M == 8u) {
-        store4(batch, r + 4u, c, (*acc).c4);
-        store4(batch, r + 5u, c, (*acc).c5);
-        store4(batch, r + 6u, c, (*acc).c6);
-        store4(batch, r + 7u, c, (*acc).c7);
-        if (THREAD_N == 8u) {
-            store4(batch, r + 4u, c + 4u, (*acc).d4);
-            store4(batch, r + 5u, c + 4u, (*acc).d5);
-            store4(batch, r + 6u, c + 4u, (*acc).d6);
-            store4(batch, r + 7u, c + 4u, (*acc).d7);
-        }
+    if (THREAD_M > 8u) {
+        store_row(batch, r + 8u, c, acc.r8);
+        store_row(batch, r + 9u, c, acc.r9);
+        store_row(batch, r + 10u, c, acc.r10);
+        store_row(batch, r + 11u, c, acc.r11);
+        store_row(batch, r + 12u, c, acc.r12);
+        store_row(batch, r + 13u, c, acc.r13);
+        store_row(batch, r + 14u, c, acc.r14);
+        store_row(batch, r + 15u, c, acc.r15);
     }
 }
 
@@ -152,10 +179,10 @@ fn matmul_blocked_v4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
             }
         }
         workgroupBarrier();
-        multiply_slab(tx, ty, &acc);
+        acc = multiply_slab(tx, ty, acc);
         workgroupBarrier();
     }
-    store_block(batch, row0 + ty * THREAD_M, col0 + tx * THREAD_N, &acc);
+    store_block(batch, row0 + ty * THREAD_M, col0 + tx * THREAD_N, acc);
 }
 
 @compute @workgroup_size(INVOCATIONS)
@@ -187,8 +214,8 @@ fn matmul_blocked(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
             put_b(kk, nn, v);
         }
         workgroupBarrier();
-        multiply_slab(tx, ty, &acc);
+        acc = multiply_slab(tx, ty, acc);
         workgroupBarrier();
     }
-    store_block(batch, row0 + ty * THREAD_M, col0 + tx * THREAD_N, &acc);
+    store_block(batch, row0 + ty * THREAD_M, col0 + tx * THREAD_N, acc);
 }

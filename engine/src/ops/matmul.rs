@@ -69,10 +69,13 @@ const fn blocked(bm: u32, bn: u32, bk: u32, tm: u32, tn: u32) -> BlockedConfig {
 }
 
 impl BlockedConfig {
-    /// What the autotuner times: Boehm's 128×128 with 8×8 per invocation, its halves for mid-sized and skinny
-    /// products, and small tiles that keep many workgroups busy when M·N is small.
-    pub const CANDIDATES: [BlockedConfig; 6] = [
+    /// What the autotuner times: Boehm's 128×128 with 8×8 per invocation; 16×16 per invocation (256
+    /// accumulators: too many registers for most GPUs, but the fewest workgroup-memory reads per FMA, which is
+    /// what bounds a software GPU); halves for mid-sized and skinny products; and small tiles that keep many
+    /// workgroups busy when M·N is small.
+    pub const CANDIDATES: [BlockedConfig; 7] = [
         blocked(128, 128, 16, 8, 8),
+        blocked(128, 128, 16, 16, 16),
         blocked(128, 64, 16, 8, 4),
         blocked(64, 128, 16, 4, 8),
         blocked(64, 64, 16, 4, 4),
@@ -91,8 +94,8 @@ impl BlockedConfig {
 
     /// The shape rules the WGSL relies on (it indexes its workgroup arrays without checks).
     pub fn valid(&self) -> bool {
-        matches!(self.tm, 4 | 8)
-            && matches!(self.tn, 4 | 8)
+        matches!(self.tm, 4 | 8 | 16)
+            && matches!(self.tn, 4 | 8 | 16)
             && self.bm.is_multiple_of(self.tm)
             && self.bn.is_multiple_of(self.tn)
             && self.bk.is_multiple_of(4)
