@@ -36,7 +36,17 @@ pub static MATMUL_BLOCKED: ShaderSource = ShaderSource {
     source: concat!(include_str!("../../shaders/matmul.wgsl"), include_str!("../../shaders/matmul_blocked.wgsl")),
     trusted: true,
 };
-shader!(ATTENTION, "attention.wgsl");
+shader!(ATTENTION, "attention.wgsl", true);
+/// The register-tiled attention needs subgroups: attention.wgsl (Params, bindings, helpers, overrides) followed by
+/// attention_register.wgsl. Adapters without subgroups never build it.
+pub static ATTENTION_REGISTER: ShaderSource = ShaderSource {
+    name: "attention_register.wgsl",
+    source: concat!(
+        include_str!("../../shaders/attention.wgsl"),
+        include_str!("../../shaders/attention_register.wgsl")
+    ),
+    trusted: true,
+};
 /// The row kernels share rows.wgsl (WG, the reduction trees, row folding), prepended to each family's file: WGSL
 /// has no includes, and one copy of the trees is one place to fix.
 pub static NORM: ShaderSource = ShaderSource {
@@ -67,12 +77,13 @@ shader!(PROBE, "probe.wgsl");
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");
 
 /// Every module Kiln builds (the translation test walks them all; a new module belongs here).
-pub static ALL: [&ShaderSource; 16] = [
+pub static ALL: [&ShaderSource; 17] = [
     &ELEMENTWISE,
     &MATMUL,
     &MATMUL_REGISTER,
     &MATMUL_BLOCKED,
     &ATTENTION,
+    &ATTENTION_REGISTER,
     &ATTENTION_CACHED,
     &NORM,
     &LOSS,

@@ -33,6 +33,21 @@ fn override_sets(module: &str) -> Vec<Overrides> {
             }
             sets
         }
+        "attention_register.wgsl" => {
+            // HS4 = HS / 4 exactly: head sizes that are multiples of 4.
+            let mut sets = Vec::new();
+            for hs4 in 1..=attention::MAX_HEAD_SIZE / 4 {
+                for segmented in [0.0, 1.0] {
+                    sets.push(vec![
+                        ("BR", attention::BR as f64),
+                        ("BKV", attention::BKV as f64),
+                        ("HS4", hs4 as f64),
+                        ("SEGMENTED", segmented),
+                    ]);
+                }
+            }
+            sets
+        }
         "attention_cached.wgsl" => {
             hs4_values().into_iter().map(|hs4| vec![("BR", kv_cache::BR as f64), ("HS4", hs4)]).collect()
         }

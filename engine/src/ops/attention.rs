@@ -7,8 +7,10 @@
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
 use crate::ops::{fits_u32, grid_1d, nonempty, shape_is, WG_1D};
-use crate::shaders::ATTENTION;
+use crate::shaders::{ShaderSource, ATTENTION, ATTENTION_REGISTER};
 use crate::{DType, Error, Gpu, Result, Tensor};
+use std::cell::Cell;
+use std::sync::OnceLock;
 
 /// Largest head size the kernels hold in their private arrays (`4 * MAX_HS4` in the WGSL).
 pub const MAX_HEAD_SIZE: usize = 128;
@@ -24,6 +26,82 @@ const TILE4_BW: usize = 496;
 const MAX_BQ: usize = 64;
 /// Most queries per block of the dK/dV kernel with segments: their starts share the lse tile (`SEG_AT`).
 const MAX_BQ_SEGMENTED: usize = 32;
+
+/// The two kernel designs: `shaders/attention.wgsl` (K/V or Q/dO blocks staged in workgroup memory and shared by
+/// a workgroup of 64 rows: what GPUs want) and `attention_register.wgsl` (8-lane subgroups trading rows by
+/// `subgroupBroadcast`, no workgroup memory: what a software GPU wants, measured in benches/RESULTS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionDesign {
+    Tiled,
+    Register,
+}
+
+thread_local! {
+    static FORCED: Cell<Option<AttentionDesign>> = const { Cell::new(None) };
+}
+
+impl AttentionDesign {
+    pub const ALL: [AttentionDesign; 2] = [AttentionDesign::Tiled, AttentionDesign::Register];
+
+    /// Whether this adapter can run the design at this head size: the register design needs subgroups of at least
+    /// 8 lanes (its workgroup is one) and reads heads as vec4s.
+    pub fn available(self, gpu: &Gpu, head_size: usize) -> bool {
+        match self {
+            AttentionDesign::Tiled => true,
+            AttentionDesign::Register => {
+                gpu.has_subgroups() && gpu.info().subgroup_min_size >= 8 && head_size.is_multiple_of(4)
+            }
+        }
+    }
+
+    /// The design the launchers use: the one forced on this thread ([`AttentionDesign::with`]), else
+    /// `KILN_ATTENTION=tiled|register`, else register on software adapters that can run it and tiled elsewhere.
+    /// A forced or requested design this adapter cannot run falls back to tiled.
+    pub fn chosen(gpu: &Gpu, head_size: usize) -> AttentionDesign {
+        static ENV: OnceLock<Option<AttentionDesign>> = OnceLock::new();
+        let env = *ENV.get_or_init(|| match std::env::var("KILN_ATTENTION").as_deref() {
+            Ok("tiled") => Some(AttentionDesign::Tiled),
+            Ok("register") => Some(AttentionDesign::Register),
+            _ => None,
+        });
+        let wanted = FORCED.get().or(env).unwrap_or(if gpu.is_software() {
+            AttentionDesign::Register
+        } else {
+            AttentionDesign::Tiled
+        });
+        if wanted.available(gpu, head_size) {
+            wanted
+        } else {
+            AttentionDesign::Tiled
+        }
+    }
+
+    /// Runs `f` with this design forced on the current thread (tests and benches compare the two in one process).
+    pub fn with<R>(self, f: impl FnOnce() -> R) -> R {
+        let before = FORCED.replace(Some(self));
+        let r = f();
+        FORCED.set(before);
+        r
+    }
+
+    /// (shader, forward, dQ, dK/dV entry points, rows per workgroup of the forward/dQ and the dK/dV kernels).
+    fn kernels(self) -> (&'static ShaderSource, [&'static str; 3], u32, u32) {
+        match self {
+            AttentionDesign::Tiled => {
+                (&ATTENTION, ["attention_forward", "attention_backward_dq", "attention_backward_dkv"], BR, BKV)
+            }
+            AttentionDesign::Register => (
+                &ATTENTION_REGISTER,
+                ["attention_forward_register", "attention_backward_dq_register", "attention_backward_dkv_register"],
+                REGISTER_ROWS,
+                REGISTER_ROWS,
+            ),
+        }
+    }
+}
+
+/// Rows per workgroup of the register design: one 8-lane subgroup.
+const REGISTER_ROWS: u32 = 8;
 
 /// Query heads and key/value heads. Query head h reads key/value head h / (n_head / n_kv_head), Hugging Face's
 /// `repeat_kv` order; n_kv_head = n_head is plain multi-head attention. A bare `usize` converts to that.
@@ -113,12 +191,17 @@ impl Dims {
         (self.b * self.nh * self.t * (self.t + 1) * self.hs) as u64
     }
 
-    /// The head loops' trip count in vec4s, an override so the shader compiler can unroll them (`HS4` in the WGSL).
-    fn hs4(&self) -> usize {
-        self.hs.next_power_of_two().div_ceil(4)
+    /// The head loops' trip count in vec4s, an override so the shader compiler can unroll them (`HS4` in the WGSL):
+    /// HS rounded up to a power of two for the tiled design (few pipeline variants), exactly HS / 4 for the
+    /// register design (which reads vec4s and has no padding).
+    fn hs4(&self, design: AttentionDesign) -> usize {
+        match design {
+            AttentionDesign::Tiled => self.hs.next_power_of_two().div_ceil(4),
+            AttentionDesign::Register => self.hs / 4,
+        }
     }
 
-    /// Immediates with `tile4 / HS4` rows per staged block, at most `max_rows`.
+    /// Immediates with `tile4 / HS4` rows per staged block, at most `max_rows` (the register design ignores it).
     fn params(&self, tile4: usize, max_rows: usize) -> Params {
         Params {
             b: self.b as u32,
@@ -126,7 +209,7 @@ impl Dims {
             c: self.c as u32,
             nh: self.nh as u32,
             hs: self.hs as u32,
-            bc: (tile4 / self.hs4()).min(max_rows) as u32,
+            bc: (tile4 / self.hs4(AttentionDesign::Tiled)).min(max_rows) as u32,
             scale: 1.0 / (self.hs as f32).sqrt(),
             nkv: self.nkv as u32,
             w: self.w as u32,
@@ -135,8 +218,18 @@ impl Dims {
 
     /// Pipeline constants: rows per workgroup, head loop trip count, and whether the kernel reads segment starts
     /// (a constant, so the causal pipelines compile with every segment term folded away).
-    fn overrides(&self, rows_name: &'static str, rows: u32, segmented: bool) -> [(&'static str, f64); 3] {
-        [(rows_name, rows as f64), ("HS4", self.hs4() as f64), ("SEGMENTED", segmented as u8 as f64)]
+    fn overrides(
+        &self,
+        design: AttentionDesign,
+        rows_name: &'static str,
+        rows: u32,
+        segmented: bool,
+    ) -> [(&'static str, f64); 3] {
+        let rows = match design {
+            AttentionDesign::Tiled => rows,
+            AttentionDesign::Register => 64, // the override's default: unused by the register entry points
+        };
+        [(rows_name, rows as f64), ("HS4", self.hs4(design) as f64), ("SEGMENTED", segmented as u8 as f64)]
     }
 }
 
@@ -236,17 +329,19 @@ pub fn attention_forward_segments(
     let Dims { b, t, c, nh, .. } = dims;
     let seg = starts_arg(gpu, OP, &dims, starts)?;
     let params = dims.params(TILE4, MAX_BC);
+    let design = AttentionDesign::chosen(gpu, dims.hs);
+    let (shader, [entry, ..], rows, _) = design.kernels();
     let y = gpu.alloc(&[b, t, c], DType::F32)?;
     let lse = gpu.alloc(&[b, nh, t], DType::F32)?;
     gpu.dispatch(&Launch {
         op: OP,
         flops: 2 * dims.causal_product_flops(),
-        shader: &ATTENTION,
-        entry: "attention_forward",
-        overrides: &dims.overrides("BR", BR, starts.is_some()),
+        shader,
+        entry,
+        overrides: &dims.overrides(design, "BR", BR, starts.is_some()),
         args: &[qkv, &y, &lse, &seg],
         params: bytemuck::bytes_of(&params),
-        groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
+        groups: [(t as u32).div_ceil(rows), nh as u32, b as u32],
     })?;
     Ok((y, lse))
 }
@@ -303,29 +398,31 @@ pub fn attention_backward_segments(
         params: bytemuck::bytes_of(&params),
         groups: grid_1d(b * nh * t, WG_1D),
     })?;
+    let design = AttentionDesign::chosen(gpu, dims.hs);
+    let (shader, [_, entry_dq, entry_dkv], rows_q, rows_kv) = design.kernels();
     let dqkv = gpu.alloc(&[b, t, w], DType::F32)?;
     // Writes the q part of dqkv.
     gpu.dispatch(&Launch {
         op: OP,
         flops: 3 * dims.causal_product_flops(),
-        shader: &ATTENTION,
-        entry: "attention_backward_dq",
-        overrides: &dims.overrides("BR", BR, segmented),
+        shader,
+        entry: entry_dq,
+        overrides: &dims.overrides(design, "BR", BR, segmented),
         args: &[qkv, dy, &dsum, lse, &dqkv, &seg],
         params: bytemuck::bytes_of(&params),
-        groups: [(t as u32).div_ceil(BR), nh as u32, b as u32],
+        groups: [(t as u32).div_ceil(rows_q), nh as u32, b as u32],
     })?;
     // Writes the k and v parts: one workgroup per block of keys of each key/value head.
     let params = dims.params(TILE4_BW, if segmented { MAX_BQ_SEGMENTED } else { MAX_BQ });
     gpu.dispatch(&Launch {
         op: OP,
         flops: 4 * dims.causal_product_flops(),
-        shader: &ATTENTION,
-        entry: "attention_backward_dkv",
-        overrides: &dims.overrides("BKV", BKV, segmented),
+        shader,
+        entry: entry_dkv,
+        overrides: &dims.overrides(design, "BKV", BKV, segmented),
         args: &[qkv, dy, &dsum, lse, &dqkv, &seg],
         params: bytemuck::bytes_of(&params),
-        groups: [(t as u32).div_ceil(BKV), nkv as u32, b as u32],
+        groups: [(t as u32).div_ceil(rows_kv), nkv as u32, b as u32],
     })?;
     Ok(dqkv)
 }

@@ -21,13 +21,38 @@ fn random_qkv(b: usize, t: usize, c: usize, amp: f32, seed: u64) -> Vec<f32> {
     x
 }
 
-fn check(gpu: &Gpu, (b, t, c, nh): (usize, usize, usize, usize), amp: f32, seed: u64) {
+/// The designs this adapter runs (on 8-lane lavapipe both; with 4-lane subgroups or none, the tiled one). Every
+/// GPU check below runs once per design; a head size the register design cannot take falls back to tiled.
+fn designs(gpu: &Gpu) -> Vec<AttentionDesign> {
+    AttentionDesign::ALL.into_iter().filter(|d| d.available(gpu, 4)).collect()
+}
+
+#[test]
+fn register_design_runs_where_it_can() {
+    let gpu = gpu();
+    let can = gpu.has_subgroups() && gpu.info().subgroup_min_size >= 8;
+    assert_eq!(AttentionDesign::Register.available(gpu, 64), can);
+    assert!(!AttentionDesign::Register.available(gpu, 5), "head size 5 is not whole vec4s");
+    let default = if can && gpu.is_software() { AttentionDesign::Register } else { AttentionDesign::Tiled };
+    assert_eq!(AttentionDesign::chosen(gpu, 64), default);
+    assert_eq!(AttentionDesign::Register.with(|| AttentionDesign::chosen(gpu, 5)), AttentionDesign::Tiled);
+    assert_eq!(AttentionDesign::Tiled.with(|| AttentionDesign::chosen(gpu, 64)), AttentionDesign::Tiled);
+    assert_eq!(AttentionDesign::chosen(gpu, 64), default, "with() restores the choice");
+}
+
+fn check(gpu: &Gpu, shape: (usize, usize, usize, usize), amp: f32, seed: u64) {
+    for design in designs(gpu) {
+        design.with(|| check_one(gpu, shape, amp, seed, design));
+    }
+}
+
+fn check_one(gpu: &Gpu, (b, t, c, nh): (usize, usize, usize, usize), amp: f32, seed: u64, design: AttentionDesign) {
     let x = random_qkv(b, t, c, amp, seed);
     let (y, lse) = attention_forward(gpu, &gpu.upload(&x, &[b, t, 3 * c]).unwrap(), nh).unwrap();
     assert_eq!((y.shape(), lse.shape()), (&[b, t, c][..], &[b, nh, t][..]));
     let (want_y, want_lse) = cpu::attention_forward(&to_f64(&x), b, t, c, nh);
     let atol = tol(t, c / nh, amp as f64);
-    let what = format!("(B,T,C,NH)=({b},{t},{c},{nh}) amp {amp}");
+    let what = format!("{design:?} (B,T,C,NH)=({b},{t},{c},{nh}) amp {amp}");
     // |y| <= max|v| < 1 (a convex combination of v rows), so the absolute bound is the right measure.
     assert_close(&gpu.read(&y).unwrap(), &want_y, 0.0, atol, &format!("y {what}"));
     // lse = m + log(l) adds one rounding relative to |lse| on top of the same bound.
@@ -188,12 +213,16 @@ fn assert_backward_close(got: &[f32], want: &[f64], mag: &[f64], tol: f64, what:
 
 fn check_backward(gpu: &Gpu, shape: (usize, usize, usize, usize), amp: f32, seed: u64) -> f64 {
     let (b, t, c, nh) = shape;
-    let (x, g, got) = gpu_backward(gpu, shape, amp, seed);
-    let (x, g) = (to_f64(&x), to_f64(&g));
-    let want = cpu::attention_backward(&x, &g, b, t, c, nh);
-    let mag = magnitudes(&x, &g, b, t, c, nh);
-    let what = format!("dqkv (B,T,C,NH)=({b},{t},{c},{nh}) amp {amp}");
-    assert_backward_close(&got, &want, &mag, backward_tol(t, c / nh, amp as f64), &what)
+    let mut worst: f64 = 0.0;
+    for design in designs(gpu) {
+        let (x, g, got) = design.with(|| gpu_backward(gpu, shape, amp, seed));
+        let (x, g) = (to_f64(&x), to_f64(&g));
+        let want = cpu::attention_backward(&x, &g, b, t, c, nh);
+        let mag = magnitudes(&x, &g, b, t, c, nh);
+        let what = format!("{design:?} dqkv (B,T,C,NH)=({b},{t},{c},{nh}) amp {amp}");
+        worst = worst.max(assert_backward_close(&got, &want, &mag, backward_tol(t, c / nh, amp as f64), &what));
+    }
+    worst
 }
 
 #[test]
@@ -242,10 +271,12 @@ fn backward_matches_reference_on_odd_shapes() {
 fn backward_is_bit_reproducible() {
     let gpu = gpu();
     let shape = (2, 77, 48, 3);
-    let (_, _, first) = gpu_backward(gpu, shape, 3.0, 42);
-    let (_, _, second) = gpu_backward(gpu, shape, 3.0, 42);
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert!(bits(&first) == bits(&second), "two backward runs differ");
+    for design in designs(gpu) {
+        let (_, _, first) = design.with(|| gpu_backward(gpu, shape, 3.0, 42));
+        let (_, _, second) = design.with(|| gpu_backward(gpu, shape, 3.0, 42));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&first) == bits(&second), "{design:?}: two backward runs differ");
+    }
 }
 
 #[test]
@@ -321,7 +352,12 @@ type Shape = (usize, usize, usize, usize);
 
 /// GPU forward and backward with `starts` ([B, T] host values) against the f64 references; returns the worst
 /// backward error as a fraction of its bound.
-fn check_segments(gpu: &Gpu, (b, t, c, nh): Shape, starts: &[i32], amp: f32, seed: u64) -> f64 {
+fn check_segments(gpu: &Gpu, shape: Shape, starts: &[i32], amp: f32, seed: u64) -> f64 {
+    let run = |d: AttentionDesign| d.with(|| check_segments_one(gpu, shape, starts, amp, seed, d));
+    designs(gpu).into_iter().map(run).fold(0.0, f64::max)
+}
+
+fn check_segments_one(gpu: &Gpu, (b, t, c, nh): Shape, starts: &[i32], amp: f32, seed: u64, d: AttentionDesign) -> f64 {
     let x = random_qkv(b, t, c, amp, seed);
     let g = random_vec(b * t * c, seed + 1_000_000);
     let qkv = gpu.upload(&x, &[b, t, 3 * c]).unwrap();
@@ -332,7 +368,7 @@ fn check_segments(gpu: &Gpu, (b, t, c, nh): Shape, starts: &[i32], amp: f32, see
     assert_eq!((y.shape(), lse.shape(), dqkv.shape()), (&[b, t, c][..], &[b, nh, t][..], &[b, t, 3 * c][..]));
 
     let (x, g) = (to_f64(&x), to_f64(&g));
-    let what = format!("(B,T,C,NH)=({b},{t},{c},{nh}) amp {amp} starts {starts:?}");
+    let what = format!("{d:?} (B,T,C,NH)=({b},{t},{c},{nh}) amp {amp} starts {starts:?}");
     let (want_y, want_lse) = cpu::attention_forward_segments(&x, b, t, c, nh, starts);
     let atol = tol(t, c / nh, amp as f64);
     assert_close(&gpu.read(&y).unwrap(), &want_y, 0.0, atol, &format!("y {what}"));
@@ -619,6 +655,11 @@ fn gqa_reference_backward_matches_finite_differences() {
 /// on repeated K/V (the same arithmetic in the same order, so the same bits). Returns the worst backward error as
 /// a fraction of its bound.
 fn check_gqa(gpu: &Gpu, shape: GqaShape, starts: Option<&[i32]>, amp: f32, seed: u64) -> f64 {
+    let run = |d: AttentionDesign| d.with(|| check_gqa_one(gpu, shape, starts, amp, seed, d));
+    designs(gpu).into_iter().map(run).fold(0.0, f64::max)
+}
+
+fn check_gqa_one(gpu: &Gpu, shape: GqaShape, starts: Option<&[i32]>, amp: f32, seed: u64, d: AttentionDesign) -> f64 {
     let (b, t, hs, nh, nkv) = shape;
     let (c, w) = (nh * hs, (nh + 2 * nkv) * hs);
     let x = random_qkv_gqa(shape, amp, seed);
@@ -635,7 +676,7 @@ fn check_gqa(gpu: &Gpu, shape: GqaShape, starts: Option<&[i32]>, amp: f32, seed:
     let mha = gpu.upload(&repeat_kv(&x, hs, nh, nkv), &[b, t, 3 * c]).unwrap();
     let (my, mlse) = attention_forward_segments(gpu, &mha, nh, st.as_ref()).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let what = format!("GQA (B,T,HS,NH,NKV)={shape:?} amp {amp} segmented {}", starts.is_some());
+    let what = format!("{d:?} GQA (B,T,HS,NH,NKV)={shape:?} amp {amp} segmented {}", starts.is_some());
     assert!(bits(&got_y) == bits(&gpu.read(&my).unwrap()), "{what}: y differs from MHA on repeated K/V");
     assert!(bits(&got_lse) == bits(&gpu.read(&mlse).unwrap()), "{what}: lse differs from MHA on repeated K/V");
 
