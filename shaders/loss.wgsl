@@ -1,6 +1,7 @@
 // Fused softmax cross-entropy over the vocabulary: per row, loss = logsumexp(logits) - logits[target], and the
 // logsumexp itself for the backward pass, which turns it into dlogits. One workgroup per row (index folded over the
-// x/y grid); fixed-order tree reductions in workgroup memory, so results are deterministic.
+// x/y grid); fixed-order reductions (rows.wgsl's tree or rows_subgroup.wgsl's subgroup operations), so results are
+// deterministic.
 
 struct Params {
     rows: u32,
@@ -28,7 +29,7 @@ fn nan() -> f32 {
 // Pass 1: row max. Pass 2: sum of exp(x - max), every term in (0, 1]. Then one thread forms the loss.
 // Target -1 (ignore index) gives exactly 0; any other target outside [0, V) gives NaN, since the host cannot check
 // ids without a readback and a NaN loss is caught downstream.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
@@ -58,7 +59,7 @@ fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
 // dlogits[j] = dloss · (exp(logits[j] − lse) − [j == target]). The forward's lse makes this one elementwise pass
 // over the row: no reduction, so no barriers. Ignored rows write exactly 0.0 whatever dloss holds (even a NaN);
 // other out-of-range targets write NaN, as the forward's loss does.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn cross_entropy_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }

@@ -1,8 +1,8 @@
 // Row kernels over the last dimension: LayerNorm and RMSNorm (saving their row statistics for the backward pass)
 // and softmax, and their backward passes.
 // One workgroup per row, its index folded over the x/y grid (one grid dimension holds at most 65535 workgroups).
-// Threads stride over the row; partial results meet in a fixed-order tree in workgroup memory, so every run gives
-// the same bits (no atomics).
+// Threads stride over the row; partial results meet in a fixed-order reduction (rows.wgsl's tree in workgroup
+// memory, or rows_subgroup.wgsl's subgroup operations), so every run gives the same bits (no atomics).
 
 struct Params {
     rows: u32,
@@ -39,24 +39,9 @@ var<immediate> p: Params;
 @group(0) @binding(4) var<storage, read_write> rms_dx: array<f32>;
 @group(0) @binding(5) var<storage, read_write> rms_dgx: array<f32>;
 
-var<workgroup> red2: array<vec2<f32>, WG>;
-
-// Two sums in one tree: half the barriers of two reduce_sum calls.
-fn reduce_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
-    red2[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) { red2[lid] = red2[lid] + red2[lid + s]; }
-        workgroupBarrier();
-    }
-    let r = red2[0];
-    workgroupBarrier();
-    return r;
-}
-
 // y = (x - mean) * rstd * gamma + beta. Two passes (mean, then the sum of squared deviations) rather than
 // E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std, as in deep residual streams.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn layernorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
@@ -81,7 +66,7 @@ fn layernorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
 }
 
 // probs = exp(x - max) / sum(exp(x - max)); subtracting the row max keeps every exp in (0, 1].
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
@@ -101,7 +86,7 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
 //   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
 // Also writes dy * xhat per element; the host sums its columns into dgamma in a fixed order (no atomics).
 // xhat is recomputed in the second pass: a thread cannot keep its share of a long row in registers.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
@@ -125,7 +110,7 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
 }
 
 // dx = y * (dy - sum(dy * y)): the softmax Jacobian applied without forming it.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
@@ -140,7 +125,7 @@ fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
 
 // RMSNorm (Llama): y = x * rstd * gamma with rstd = 1/sqrt(mean(x^2) + eps), in that order as Hugging Face's
 // LlamaRMSNorm. One pass for the sum of squares (no mean to subtract, so nothing cancels), one for the output.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }
@@ -161,7 +146,7 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
 
 // With xhat = x * rstd and dxhat = dy * gamma: dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) (LayerNorm's
 // formula without the mean terms). Writes dy * xhat per element for the host's fixed-order column sums (dgamma).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.rows) { return; }

@@ -1,6 +1,8 @@
 // Shared by the row kernels (norm.wgsl, loss.wgsl, policy.wgsl), prepended to each at load time
 // (engine/src/shaders.rs): one workgroup of WG threads per row, rows folded over the x/y grid, and fixed-order tree
-// reductions in workgroup memory (no atomics, so results are bit-reproducible).
+// reductions in workgroup memory (no atomics, so results are bit-reproducible). rows_subgroup.wgsl provides the
+// same functions with subgroup operations, for adapters with fixed-size subgroups (norm and loss only: policy's
+// token blocks are WG = 256 wide on the host side too).
 
 const WG: u32 = 256u;
 // WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.
@@ -34,6 +36,21 @@ fn reduce_max(lid: u32, v: f32) -> f32 {
         workgroupBarrier();
     }
     let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+var<workgroup> red2: array<vec2<f32>, WG>;
+
+// Two sums in one tree: half the barriers of two reduce_sum calls.
+fn reduce_sum2(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    red2[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) { red2[lid] = red2[lid] + red2[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red2[0];
     workgroupBarrier();
     return r;
 }

@@ -59,6 +59,18 @@ pub static LOSS: ShaderSource = ShaderSource {
     source: concat!(include_str!("../../shaders/rows.wgsl"), include_str!("../../shaders/loss.wgsl")),
     trusted: false,
 };
+/// The same two families with rows_subgroup.wgsl's reductions (one subgroup per row): adapters with fixed-size
+/// subgroups.
+pub static NORM_SUBGROUP: ShaderSource = ShaderSource {
+    name: "norm_subgroup.wgsl",
+    source: concat!(include_str!("../../shaders/rows_subgroup.wgsl"), include_str!("../../shaders/norm.wgsl")),
+    trusted: false,
+};
+pub static LOSS_SUBGROUP: ShaderSource = ShaderSource {
+    name: "loss_subgroup.wgsl",
+    source: concat!(include_str!("../../shaders/rows_subgroup.wgsl"), include_str!("../../shaders/loss.wgsl")),
+    trusted: false,
+};
 /// RL objectives (policy loss, entropy, KL): rows.wgsl prepended, as the other row kernels.
 pub static POLICY: ShaderSource = ShaderSource {
     name: "policy.wgsl",
@@ -77,7 +89,7 @@ shader!(PROBE, "probe.wgsl");
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");
 
 /// Every module Kiln builds (the translation test walks them all; a new module belongs here).
-pub static ALL: [&ShaderSource; 17] = [
+pub static ALL: [&ShaderSource; 19] = [
     &ELEMENTWISE,
     &MATMUL,
     &MATMUL_REGISTER,
@@ -86,7 +98,9 @@ pub static ALL: [&ShaderSource; 17] = [
     &ATTENTION_REGISTER,
     &ATTENTION_CACHED,
     &NORM,
+    &NORM_SUBGROUP,
     &LOSS,
+    &LOSS_SUBGROUP,
     &POLICY,
     &EMBEDDING,
     &CLASSIFIER,

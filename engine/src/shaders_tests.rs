@@ -48,6 +48,10 @@ fn override_sets(module: &str) -> Vec<Overrides> {
             }
             sets
         }
+        // WG = the adapter's fixed subgroup size (`norm::RowReduction`).
+        "norm_subgroup.wgsl" | "loss_subgroup.wgsl" => {
+            crate::ops::norm::SUBGROUP_WG.iter().map(|(_, set)| set.to_vec()).collect()
+        }
         "attention_cached.wgsl" => {
             hs4_values().into_iter().map(|hs4| vec![("BR", kv_cache::BR as f64), ("HS4", hs4)]).collect()
         }

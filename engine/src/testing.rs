@@ -21,6 +21,18 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// Runs `f` once per row reduction the shared GPU can run (the tree everywhere; the subgroup one where subgroups
+/// have a fixed size), forced on this thread, and names the reduction when `f` panics.
+pub fn each_row_reduction(f: impl Fn()) {
+    use crate::ops::norm::RowReduction;
+    for r in RowReduction::ALL.into_iter().filter(|r| r.available(gpu())) {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.with(&f))) {
+            let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+            panic!("with {r:?} reductions: {}", msg.unwrap_or_default());
+        }
+    }
+}
+
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }

@@ -4,9 +4,10 @@
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
+use crate::ops::norm::RowReduction;
 use crate::ops::norm::{row_grid, rows_cols};
 use crate::ops::{nonempty, shape_is};
-use crate::shaders::LOSS;
+use crate::shaders::{LOSS, LOSS_SUBGROUP};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// Targets equal to this contribute exactly 0 loss (padding, masked positions), as PyTorch's `ignore_index`.
@@ -59,12 +60,13 @@ pub fn cross_entropy(gpu: &Gpu, logits: &Tensor, targets: &Tensor) -> Result<(Te
     let losses = gpu.alloc(targets.shape(), DType::F32)?;
     let lse = gpu.alloc(&[rows], DType::F32)?;
     let params = Params { rows: rows as u32, v: v as u32 };
+    let (shader, overrides) = RowReduction::module(gpu, &LOSS, &LOSS_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &LOSS,
+        shader,
         entry: "cross_entropy",
-        overrides: &[],
+        overrides,
         args: &[logits, targets, &losses, &lse],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
@@ -115,12 +117,13 @@ pub fn cross_entropy_backward_into(
     }
     shape_is(op, "dlogits", dlogits, logits.shape())?;
     let params = Params { rows: rows as u32, v: v as u32 };
+    let (shader, overrides) = RowReduction::module(gpu, &LOSS, &LOSS_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &LOSS,
+        shader,
         entry: "cross_entropy_backward",
-        overrides: &[],
+        overrides,
         args: &[logits, targets, lse, dloss, dlogits],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),

@@ -19,6 +19,10 @@ fn targets(rows: usize, v: usize, seed: u64) -> Vec<i32> {
 }
 
 fn check(rows: usize, v: usize, scale: f32, seed: u64) {
+    crate::testing::each_row_reduction(|| check_one(rows, v, scale, seed));
+}
+
+fn check_one(rows: usize, v: usize, scale: f32, seed: u64) {
     let gpu = gpu();
     let x: Vec<f32> = random_vec(rows * v, seed).iter().map(|a| a * scale).collect();
     let t = targets(rows, v, seed + 1);
@@ -131,6 +135,10 @@ fn reference_backward_matches_finite_differences() {
 
 /// GPU dlogits for `x` [rows, v], fed the GPU forward's lse, with the reference and a per-element error bound.
 fn check_backward(rows: usize, v: usize, scale: f32, seed: u64) {
+    crate::testing::each_row_reduction(|| check_backward_one(rows, v, scale, seed));
+}
+
+fn check_backward_one(rows: usize, v: usize, scale: f32, seed: u64) {
     let gpu = gpu();
     let x: Vec<f32> = random_vec(rows * v, seed).iter().map(|a| a * scale).collect();
     let t = targets(rows, v, seed + 1);

@@ -6,8 +6,9 @@ use crate::gpu::expect_dtype;
 use crate::launch::Launch;
 use crate::ops::reduce::sum_rows;
 use crate::ops::{fits_u32, grid_1d, nonempty, same_shape, shape_is};
-use crate::shaders::NORM;
+use crate::shaders::{ShaderSource, NORM, NORM_SUBGROUP};
 use crate::{DType, Error, Gpu, Result, Tensor};
+use std::cell::Cell;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -40,6 +41,76 @@ pub(crate) fn rows_cols(op: &'static str, what: &'static str, t: &Tensor) -> Res
     Ok((t.numel() / c, c))
 }
 
+/// How a row kernel's workgroup combines its partial results: rows.wgsl's tree in workgroup memory (256 threads,
+/// any adapter), or rows_subgroup.wgsl's subgroup operations (one subgroup per row, no barrier: adapters whose
+/// subgroups have one fixed size, which the workgroup must equal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowReduction {
+    Tree,
+    Subgroup,
+}
+
+thread_local! {
+    static FORCED_ROWS: Cell<Option<RowReduction>> = const { Cell::new(None) };
+}
+
+/// The subgroup sizes the subgroup modules are built for, with their override sets (WG = the subgroup size).
+pub(crate) const SUBGROUP_WG: [(u32, [(&str, f64); 1]); 6] = [
+    (4, [("WG", 4.0)]),
+    (8, [("WG", 8.0)]),
+    (16, [("WG", 16.0)]),
+    (32, [("WG", 32.0)]),
+    (64, [("WG", 64.0)]),
+    (128, [("WG", 128.0)]),
+];
+
+impl RowReduction {
+    pub const ALL: [RowReduction; 2] = [RowReduction::Tree, RowReduction::Subgroup];
+
+    /// The override set of the subgroup module on this adapter, if it can run it.
+    fn subgroup_overrides(gpu: &Gpu) -> Option<&'static [(&'static str, f64)]> {
+        let (min, max) = (gpu.info().subgroup_min_size, gpu.info().subgroup_max_size);
+        if !gpu.has_subgroups() || min != max {
+            return None;
+        }
+        SUBGROUP_WG.iter().find(|(n, _)| *n == min).map(|(_, set)| &set[..])
+    }
+
+    pub fn available(self, gpu: &Gpu) -> bool {
+        self == RowReduction::Tree || Self::subgroup_overrides(gpu).is_some()
+    }
+
+    /// Subgroup where the adapter can run it, unless [`RowReduction::with`] forces another on this thread.
+    pub fn chosen(gpu: &Gpu) -> RowReduction {
+        match FORCED_ROWS.get() {
+            Some(r) if r.available(gpu) => r,
+            Some(_) => RowReduction::Tree,
+            None if RowReduction::Subgroup.available(gpu) => RowReduction::Subgroup,
+            None => RowReduction::Tree,
+        }
+    }
+
+    /// Runs `f` with this reduction forced on the current thread (tests compare both in one process).
+    pub fn with<R>(self, f: impl FnOnce() -> R) -> R {
+        let before = FORCED_ROWS.replace(Some(self));
+        let r = f();
+        FORCED_ROWS.set(before);
+        r
+    }
+
+    /// (module, override constants) for a row kernel family given its tree and subgroup modules.
+    pub(crate) fn module(
+        gpu: &Gpu,
+        tree: &'static ShaderSource,
+        subgroup: &'static ShaderSource,
+    ) -> (&'static ShaderSource, &'static [(&'static str, f64)]) {
+        match (Self::chosen(gpu), Self::subgroup_overrides(gpu)) {
+            (RowReduction::Subgroup, Some(set)) => (subgroup, set),
+            _ => (tree, &[]),
+        }
+    }
+}
+
 /// One workgroup per row; `grid_1d` folds the row count over x/y beyond 65535 rows.
 pub(crate) fn row_grid(rows: usize) -> [u32; 3] {
     grid_1d(rows, 1)
@@ -60,12 +131,13 @@ pub fn layernorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32)
     let mean = gpu.alloc(&[rows], DType::F32)?;
     let rstd = gpu.alloc(&[rows], DType::F32)?;
     let params = Params { rows: rows as u32, c: c as u32, eps };
+    let (shader, overrides) = RowReduction::module(gpu, &NORM, &NORM_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &NORM,
+        shader,
         entry: "layernorm",
-        overrides: &[],
+        overrides,
         args: &[x, gamma, beta, &y, &mean, &rstd],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
@@ -91,12 +163,13 @@ pub fn rmsnorm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, eps: f32) -> Result<(Tenso
     let y = gpu.alloc(x.shape(), DType::F32)?;
     let rstd = gpu.alloc(&[rows], DType::F32)?;
     let params = Params { rows: rows as u32, c: c as u32, eps };
+    let (shader, overrides) = RowReduction::module(gpu, &NORM, &NORM_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &NORM,
+        shader,
         entry: "rmsnorm",
-        overrides: &[],
+        overrides,
         args: &[x, gamma, &y, &rstd],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
@@ -118,12 +191,13 @@ pub fn rmsnorm_backward(gpu: &Gpu, dy: &Tensor, x: &Tensor, gamma: &Tensor, rstd
     let dx = gpu.alloc(x.shape(), DType::F32)?;
     let dgx = gpu.alloc(&[rows, c], DType::F32)?;
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
+    let (shader, overrides) = RowReduction::module(gpu, &NORM, &NORM_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &NORM,
+        shader,
         entry: "rmsnorm_backward",
-        overrides: &[],
+        overrides,
         args: &[x, gamma, dy, rstd, &dx, &dgx],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
@@ -137,12 +211,13 @@ pub fn softmax(gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
     let (rows, c) = rows_cols(op, "x", x)?;
     let out = gpu.alloc(x.shape(), DType::F32)?;
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
+    let (shader, overrides) = RowReduction::module(gpu, &NORM, &NORM_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &NORM,
+        shader,
         entry: "softmax",
-        overrides: &[],
+        overrides,
         args: &[x, &out],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
@@ -176,12 +251,13 @@ pub fn layernorm_backward(
     // deterministic `sum_rows` instead of a second hand-written tree.
     let dgx = gpu.alloc(&[rows, c], DType::F32)?;
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
+    let (shader, overrides) = RowReduction::module(gpu, &NORM, &NORM_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &NORM,
+        shader,
         entry: "layernorm_backward",
-        overrides: &[],
+        overrides,
         args: &[x, gamma, dy, mean, rstd, &dx, &dgx],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),
@@ -199,12 +275,13 @@ pub fn softmax_backward(gpu: &Gpu, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     same_shape(op, "dy", y, dy)?;
     let dx = gpu.alloc(y.shape(), DType::F32)?;
     let params = Params { rows: rows as u32, c: c as u32, eps: 0.0 };
+    let (shader, overrides) = RowReduction::module(gpu, &NORM, &NORM_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &NORM,
+        shader,
         entry: "softmax_backward",
-        overrides: &[],
+        overrides,
         args: &[y, dy, &dx],
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),

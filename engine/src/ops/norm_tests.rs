@@ -39,6 +39,10 @@ const COLS: &[usize] = &[1, 7, 64, 255, 769];
 const VOCAB: usize = 50257;
 
 fn check_layernorm(rows: usize, c: usize, offset: f32, seed: u64, tol: (f64, f64)) {
+    crate::testing::each_row_reduction(|| check_layernorm_one(rows, c, offset, seed, tol));
+}
+
+fn check_layernorm_one(rows: usize, c: usize, offset: f32, seed: u64, tol: (f64, f64)) {
     let gpu = gpu();
     let x: Vec<f32> = random_vec(rows * c, seed).iter().map(|v| v + offset).collect();
     let g: Vec<f32> = random_vec(c, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect();
@@ -77,6 +81,10 @@ fn layernorm_long_rows_and_large_mean() {
 }
 
 fn check_softmax(rows: usize, c: usize, scale: f32, seed: u64) {
+    crate::testing::each_row_reduction(|| check_softmax_one(rows, c, scale, seed));
+}
+
+fn check_softmax_one(rows: usize, c: usize, scale: f32, seed: u64) {
     let gpu = gpu();
     let x: Vec<f32> = random_vec(rows * c, seed).iter().map(|v| v * scale).collect();
     let out = softmax(gpu, &gpu.upload(&x, &[rows, c]).unwrap()).unwrap();
@@ -207,6 +215,10 @@ fn gpu_layernorm_backward(x: &[f32], g: &[f32], dy: &[f32], rows: usize, c: usiz
 }
 
 fn check_layernorm_backward(rows: usize, c: usize, seed: u64) {
+    crate::testing::each_row_reduction(|| check_layernorm_backward_one(rows, c, seed));
+}
+
+fn check_layernorm_backward_one(rows: usize, c: usize, seed: u64) {
     let x = random_vec(rows * c, seed);
     let g: Vec<f32> = random_vec(c, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect();
     let dy = random_vec(rows * c, seed + 2);
@@ -266,6 +278,10 @@ fn layernorm_backward_is_bit_identical_across_runs() {
 }
 
 fn check_softmax_backward(rows: usize, c: usize, scale: f32, seed: u64) {
+    crate::testing::each_row_reduction(|| check_softmax_backward_one(rows, c, scale, seed));
+}
+
+fn check_softmax_backward_one(rows: usize, c: usize, scale: f32, seed: u64) {
     let gpu = gpu();
     let logits: Vec<f64> = random_vec(rows * c, seed).iter().map(|&v| (v * scale) as f64).collect();
     let y: Vec<f32> = cpu::softmax(&logits, c).iter().map(|&v| v as f32).collect();
@@ -344,6 +360,10 @@ fn gpu_rmsnorm(x: &[f32], g: &[f32], dy: &[f32], rows: usize, c: usize) -> [Vec<
 }
 
 fn check_rmsnorm(rows: usize, c: usize, offset: f32, seed: u64) {
+    crate::testing::each_row_reduction(|| check_rmsnorm_one(rows, c, offset, seed));
+}
+
+fn check_rmsnorm_one(rows: usize, c: usize, offset: f32, seed: u64) {
     let x: Vec<f32> = random_vec(rows * c, seed).iter().map(|v| v + offset).collect();
     let g: Vec<f32> = random_vec(c, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect();
     let dy = random_vec(rows * c, seed + 2);
@@ -431,4 +451,22 @@ fn rmsnorm_is_bit_identical_across_runs_and_refuses_bad_inputs() {
     assert!(matches!(bwd(&x, &x, &g4, &g4), Error::Shape { what: "rstd", .. }));
     let x43 = gpu.upload(&random_vec(12, 2), &[4, 3]).unwrap();
     assert!(matches!(bwd(&x, &x43, &g4, &r3), Error::Shape { what: "x", .. }));
+}
+
+#[test]
+fn subgroup_reductions_run_where_subgroups_have_one_size() {
+    let gpu = gpu();
+    let info = gpu.info();
+    let fixed = gpu.has_subgroups() && info.subgroup_min_size == info.subgroup_max_size;
+    assert_eq!(
+        RowReduction::Subgroup.available(gpu),
+        fixed,
+        "subgroups {}..{}",
+        info.subgroup_min_size,
+        info.subgroup_max_size
+    );
+    let default = if fixed { RowReduction::Subgroup } else { RowReduction::Tree };
+    assert_eq!(RowReduction::chosen(gpu), default);
+    assert_eq!(RowReduction::Tree.with(|| RowReduction::chosen(gpu)), RowReduction::Tree);
+    assert_eq!(RowReduction::chosen(gpu), default, "with() restores the choice");
 }
