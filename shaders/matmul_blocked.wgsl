@@ -46,14 +46,7 @@ fn row_fma(a: f32, b: Frag, r: Row) -> Row {
     return o;
 }
 
-// THREAD_M (or THREAD_N) values starting at vec4 index i of a slab.
-fn frag_a(i: u32) -> Frag {
-    var f: Frag;
-    f.v0 = Sa[i];
-    if (THREAD_M > 4u) { f.v1 = Sa[i + 1u]; }
-    if (THREAD_M > 8u) { f.v2 = Sa[i + 2u]; f.v3 = Sa[i + 3u]; }
-    return f;
-}
+// THREAD_N values of B's slab row starting at vec4 index i (A's fragment: `frag_a`, in matmul_blocked_a*.wgsl).
 fn frag_b(i: u32) -> Frag {
     var f: Frag;
     f.v0 = Sb[i];
@@ -68,7 +61,7 @@ fn frag_b(i: u32) -> Frag {
 fn multiply_slab(tx: u32, ty: u32, acc_in: Acc) -> Acc {
     var acc = acc_in;
     for (var kk = 0u; kk < BLOCK_K; kk++) {
-        let a = frag_a((kk * BLOCK_M + ty * THREAD_M) / 4u);
+        let a = frag_a((kk * BLOCK_M + ty * THREAD_M) / 4u, tx);
         let b = frag_b((kk * BLOCK_N + tx * THREAD_N) / 4u);
         acc.r0 = row_fma(a.v0.x, b, acc.r0);
         acc.r1 = row_fma(a.v0.y, b, acc.r1);

@@ -30,10 +30,24 @@ pub static MATMUL_REGISTER: ShaderSource = ShaderSource {
     source: concat!(include_str!("../../shaders/matmul.wgsl"), include_str!("../../shaders/matmul_register.wgsl")),
     trusted: true,
 };
-/// The blocked (GPU) matmul: matmul.wgsl's Params, bindings and `store`, then matmul_blocked.wgsl.
+/// The blocked (GPU) matmul: matmul.wgsl's Params, bindings and `store`, then matmul_blocked.wgsl, then how it
+/// reads A's fragments: from workgroup memory (any adapter) or shared across the subgroup (the `-sg` candidates).
 pub static MATMUL_BLOCKED: ShaderSource = ShaderSource {
     name: "matmul_blocked.wgsl",
-    source: concat!(include_str!("../../shaders/matmul.wgsl"), include_str!("../../shaders/matmul_blocked.wgsl")),
+    source: concat!(
+        include_str!("../../shaders/matmul.wgsl"),
+        include_str!("../../shaders/matmul_blocked.wgsl"),
+        include_str!("../../shaders/matmul_blocked_a.wgsl")
+    ),
+    trusted: true,
+};
+pub static MATMUL_BLOCKED_SG: ShaderSource = ShaderSource {
+    name: "matmul_blocked_sg.wgsl",
+    source: concat!(
+        include_str!("../../shaders/matmul.wgsl"),
+        include_str!("../../shaders/matmul_blocked.wgsl"),
+        include_str!("../../shaders/matmul_blocked_a_subgroup.wgsl")
+    ),
     trusted: true,
 };
 shader!(ATTENTION, "attention.wgsl", true);
@@ -89,11 +103,12 @@ shader!(PROBE, "probe.wgsl");
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");
 
 /// Every module Kiln builds (the translation test walks them all; a new module belongs here).
-pub static ALL: [&ShaderSource; 19] = [
+pub static ALL: [&ShaderSource; 20] = [
     &ELEMENTWISE,
     &MATMUL,
     &MATMUL_REGISTER,
     &MATMUL_BLOCKED,
+    &MATMUL_BLOCKED_SG,
     &ATTENTION,
     &ATTENTION_REGISTER,
     &ATTENTION_CACHED,

@@ -61,7 +61,10 @@ fn override_sets(module: &str) -> Vec<Overrides> {
             items.dedup();
             items.into_iter().map(|i| vec![("ITEMS", i)]).collect()
         }
-        "matmul_blocked.wgsl" => BlockedConfig::CANDIDATES.iter().map(|c| c.overrides().to_vec()).collect(),
+        "matmul_blocked.wgsl" | "matmul_blocked_sg.wgsl" => {
+            let sg = module == "matmul_blocked_sg.wgsl";
+            BlockedConfig::CANDIDATES.iter().filter(|c| c.shared_a == sg).map(|c| c.overrides().to_vec()).collect()
+        }
         _ => vec![vec![]],
     }
 }

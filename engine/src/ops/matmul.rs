@@ -6,7 +6,7 @@
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
 use crate::ops::{fits_u32, nonempty};
-use crate::shaders::{ShaderSource, MATMUL, MATMUL_BLOCKED, MATMUL_REGISTER};
+use crate::shaders::{ShaderSource, MATMUL, MATMUL_BLOCKED, MATMUL_BLOCKED_SG, MATMUL_REGISTER};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// How to read the operands and combine with the output.
@@ -62,20 +62,29 @@ pub struct BlockedConfig {
     pub bk: u32,
     pub tm: u32,
     pub tn: u32,
+    /// A's fragments shared across the subgroup (`matmul_blocked_a_subgroup.wgsl`, names ending in `-sg`).
+    pub shared_a: bool,
 }
 
 const fn blocked(bm: u32, bn: u32, bk: u32, tm: u32, tn: u32) -> BlockedConfig {
-    BlockedConfig { bm, bn, bk, tm, tn }
+    BlockedConfig { bm, bn, bk, tm, tn, shared_a: false }
+}
+
+const fn blocked_sg(bm: u32, bn: u32, bk: u32, tm: u32, tn: u32) -> BlockedConfig {
+    BlockedConfig { bm, bn, bk, tm, tn, shared_a: true }
 }
 
 impl BlockedConfig {
     /// What the autotuner times: Boehm's 128×128 with 8×8 per invocation; 16×16 per invocation (256
     /// accumulators: too many registers for most GPUs, but the fewest workgroup-memory reads per FMA, which is
     /// what bounds a software GPU); halves for mid-sized and skinny products; and small tiles that keep many
-    /// workgroups busy when M·N is small.
-    pub const CANDIDATES: [BlockedConfig; 7] = [
+    /// workgroups busy when M·N is small; and the two big ones again with A's fragments shared across the subgroup
+    /// (one workgroup-memory read per invocation in place of THREAD_M / 4), where subgroups allow it.
+    pub const CANDIDATES: [BlockedConfig; 9] = [
         blocked(128, 128, 16, 8, 8),
         blocked(128, 128, 16, 16, 16),
+        blocked_sg(128, 128, 16, 16, 16),
+        blocked_sg(128, 128, 16, 8, 8),
         blocked(128, 64, 16, 8, 4),
         blocked(64, 128, 16, 4, 8),
         blocked(64, 64, 16, 4, 4),
@@ -84,6 +93,13 @@ impl BlockedConfig {
     ];
     /// Used where tuning is off (`KILN_AUTOTUNE=off`) or impossible.
     pub const DEFAULT: BlockedConfig = Self::CANDIDATES[0];
+
+    /// Whether a `-sg` candidate's subgroups each lie within one row of fragments: subgroups of one fixed size S
+    /// (as consecutive invocations) with THREAD_M / 4 <= S and S dividing BLOCK_N / THREAD_N.
+    pub fn subgroups_fit(&self, gpu: &Gpu) -> bool {
+        let (min, max) = (gpu.info().subgroup_min_size, gpu.info().subgroup_max_size);
+        gpu.has_subgroups() && min == max && min >= self.tm / 4 && (self.bn / self.tn).is_multiple_of(min)
+    }
 
     pub fn invocations(&self) -> u32 {
         (self.bm / self.tm) * (self.bn / self.tn)
@@ -121,7 +137,9 @@ impl std::fmt::Display for MatmulVariant {
         match self {
             MatmulVariant::Tiled => write!(f, "tiled"),
             MatmulVariant::Register => write!(f, "register"),
-            MatmulVariant::Blocked(c) => write!(f, "blocked-{}x{}x{}-{}x{}", c.bm, c.bn, c.bk, c.tm, c.tn),
+            MatmulVariant::Blocked(c) => {
+                write!(f, "blocked-{}x{}x{}-{}x{}{}", c.bm, c.bn, c.bk, c.tm, c.tn, if c.shared_a { "-sg" } else { "" })
+            }
         }
     }
 }
@@ -141,17 +159,21 @@ impl std::str::FromStr for MatmulVariant {
             )
             .find(|v| v.to_string() == s)
             .ok_or_else(|| {
-                format!("unknown matmul variant {s:?}: use tiled, register, blocked or blocked-BMxBNxBK-TMxTN")
+                format!("unknown matmul variant {s:?}: use tiled, register, blocked or blocked-BMxBNxBK-TMxTN[-sg]")
             })
     }
 }
 
 fn parse_blocked(s: &str) -> Option<BlockedConfig> {
     let rest = s.strip_prefix("blocked-")?;
+    let (rest, shared_a) = match rest.strip_suffix("-sg") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
     let (tile, thread) = rest.split_once('-')?;
     let nums: Vec<u32> = tile.split('x').chain(thread.split('x')).map(|x| x.parse().ok()).collect::<Option<_>>()?;
     let [bm, bn, bk, tm, tn] = nums[..] else { return None };
-    let c = blocked(bm, bn, bk, tm, tn);
+    let c = BlockedConfig { shared_a, ..blocked(bm, bn, bk, tm, tn) };
     c.valid().then_some(c)
 }
 
@@ -172,6 +194,7 @@ impl MatmulVariant {
             MatmulVariant::Register => gpu.has_subgroups() && gpu.info().subgroup_min_size >= 8,
             MatmulVariant::Blocked(c) => {
                 c.valid()
+                    && (!c.shared_a || c.subgroups_fit(gpu))
                     && c.invocations() <= lim.max_compute_invocations_per_workgroup
                     && c.invocations() <= lim.max_compute_workgroup_size_x
                     && BlockedConfig::WORKGROUP_BYTES <= lim.max_compute_workgroup_storage_size
@@ -201,7 +224,8 @@ impl MatmulVariant {
             }
             MatmulVariant::Blocked(c) => {
                 let entry = if vec4 { "matmul_blocked_v4" } else { "matmul_blocked" };
-                (&MATMUL_BLOCKED, entry, [n.div_ceil(c.bn), m.div_ceil(c.bm), batch], c.overrides().to_vec())
+                let shader = if c.shared_a { &MATMUL_BLOCKED_SG } else { &MATMUL_BLOCKED };
+                (shader, entry, [n.div_ceil(c.bn), m.div_ceil(c.bm), batch], c.overrides().to_vec())
             }
         }
     }
@@ -389,12 +413,22 @@ pub fn matmul_with(
                 op,
                 message: format!(
                     "{variant} does not fit {}: it needs {} invocations and {} B of workgroup memory (limits {} \
-                     and {} B), TM and TN of 4 or 8, BK a multiple of 4 and BK·BM, BK·BN at most 2048",
+                     and {} B), TM and TN of 4, 8 or 16, BK a multiple of 4 and BK·BM, BK·BN at most 2048{}",
                     gpu.adapter_name(),
                     c.invocations(),
                     BlockedConfig::WORKGROUP_BYTES,
                     gpu.limits().max_compute_invocations_per_workgroup,
-                    gpu.limits().max_compute_workgroup_storage_size
+                    gpu.limits().max_compute_workgroup_storage_size,
+                    if c.shared_a {
+                        format!(
+                            "; -sg also needs subgroups of one fixed size S with TM/4 <= S dividing BN/TN (this \
+                             adapter: {}..{} lanes)",
+                            gpu.info().subgroup_min_size,
+                            gpu.info().subgroup_max_size
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             },
             _ => Error::MissingFeature {

@@ -95,8 +95,13 @@ fn variant_names_round_trip() {
     assert_eq!("blocked".parse::<MatmulVariant>(), Ok(MatmulVariant::Blocked(BlockedConfig::DEFAULT)));
     // A valid configuration outside the candidate set parses; an invalid one is refused with the forms to use.
     let own = "blocked-32x64x8-4x8".parse::<MatmulVariant>().unwrap();
-    assert_eq!(own, MatmulVariant::Blocked(BlockedConfig { bm: 32, bn: 64, bk: 8, tm: 4, tn: 8 }));
-    for bad in ["blocked-64x64x6-4x4", "blocked-64x64x16-3x4", "blocked-256x256x16-8x8", "fast", "blocked-1x2"] {
+    assert_eq!(own, MatmulVariant::Blocked(BlockedConfig { bm: 32, bn: 64, bk: 8, tm: 4, tn: 8, shared_a: false }));
+    let sg = "blocked-32x64x8-4x8-sg".parse::<MatmulVariant>().unwrap();
+    assert_eq!(sg, MatmulVariant::Blocked(BlockedConfig { bm: 32, bn: 64, bk: 8, tm: 4, tn: 8, shared_a: true }));
+    assert_eq!(sg.to_string(), "blocked-32x64x8-4x8-sg");
+    for bad in
+        ["blocked-64x64x6-4x4", "blocked-64x64x16-3x4", "blocked-256x256x16-8x8", "fast", "blocked-1x2", "blocked-sg"]
+    {
         let e = bad.parse::<MatmulVariant>().unwrap_err();
         assert!(e.contains("blocked-BMxBNxBK-TMxTN"), "{bad}: {e}");
     }
