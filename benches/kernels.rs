@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln_engine::autograd::{mean_weights, Param, Tape, Var};
 use kiln_engine::ops::adamw::{adamw_step, AdamW};
-use kiln_engine::ops::attention::{attention_backward, attention_forward};
+use kiln_engine::ops::attention::{attention_backward, attention_forward, AttentionDesign};
 use kiln_engine::ops::elementwise::zeros;
 use kiln_engine::ops::matmul::{matmul_shape, matmul_with, MatmulSpec, MatmulVariant};
 use kiln_engine::testing::{gpu, random_vec};
@@ -94,7 +94,7 @@ fn bench_matmul(c: &mut Criterion) {
 }
 
 /// Causal attention forward at GPT-2 width (C = 768, 12 heads): 2·T²·C FLOPs per sequence (QKᵀ and PV over the
-/// lower triangle).
+/// lower triangle). Each design the adapter can run, in one process (tiled and register on 8-lane lavapipe).
 fn bench_attention(c: &mut Criterion) {
     let gpu = gpu();
     let mut group = c.benchmark_group(format!("attention_forward [{}]", gpu.adapter_name()));
@@ -103,13 +103,18 @@ fn bench_attention(c: &mut Criterion) {
     for t in [256, 1024] {
         group.throughput(Throughput::Elements(2 * (b * t * t * ch) as u64));
         let qkv = gpu.upload(&random_vec(b * t * 3 * ch, 3), &[b, t, 3 * ch]).unwrap();
-        group.bench_function(BenchmarkId::new("attention_forward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
-            bch.iter_custom(|iters| {
-                gpu_time(iters, || {
-                    attention_forward(gpu, &qkv, nh).unwrap();
+        for design in AttentionDesign::ALL.into_iter().filter(|d| d.available(gpu, ch / nh)) {
+            let id = BenchmarkId::new(format!("attention_forward_{design:?}"), format!("B{b}_T{t}_C{ch}_NH{nh}"));
+            group.bench_function(id, |bch| {
+                bch.iter_custom(|iters| {
+                    design.with(|| {
+                        gpu_time(iters, || {
+                            attention_forward(gpu, &qkv, nh).unwrap();
+                        })
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     group.finish();
 }
@@ -190,7 +195,7 @@ fn bench_matmul_backward(c: &mut Criterion) {
 }
 
 /// Flash attention backward (dQ, dK, dV from the recomputed probabilities): counted as 5·T²·C FLOPs per sequence
-/// (QKᵀ recomputed, dO·Vᵀ, Pᵀ·dO, dS·K, dSᵀ·Q over the causal half).
+/// (QKᵀ recomputed, dO·Vᵀ, Pᵀ·dO, dS·K, dSᵀ·Q over the causal half). Each design the adapter can run.
 fn bench_attention_backward(c: &mut Criterion) {
     let gpu = gpu();
     let mut group = c.benchmark_group(format!("attention_backward [{}]", gpu.adapter_name()));
@@ -201,13 +206,18 @@ fn bench_attention_backward(c: &mut Criterion) {
         let qkv = gpu.upload(&random_vec(b * t * 3 * ch, 7), &[b, t, 3 * ch]).unwrap();
         let dy = gpu.upload(&random_vec(b * t * ch, 8), &[b, t, ch]).unwrap();
         let (y, lse) = attention_forward(gpu, &qkv, nh).unwrap();
-        group.bench_function(BenchmarkId::new("attention_backward", format!("B{b}_T{t}_C{ch}_NH{nh}")), |bch| {
-            bch.iter_custom(|iters| {
-                gpu_time(iters, || {
-                    attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
+        for design in AttentionDesign::ALL.into_iter().filter(|d| d.available(gpu, ch / nh)) {
+            let id = BenchmarkId::new(format!("attention_backward_{design:?}"), format!("B{b}_T{t}_C{ch}_NH{nh}"));
+            group.bench_function(id, |bch| {
+                bch.iter_custom(|iters| {
+                    design.with(|| {
+                        gpu_time(iters, || {
+                            attention_backward(gpu, &qkv, &y, &lse, &dy, nh).unwrap();
+                        })
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     group.finish();
 }
