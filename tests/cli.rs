@@ -155,7 +155,7 @@ fn prepare_pretrain_sft_rl_study_end_to_end() {
         "4",
         "--ablate-beta",
     ]);
-    assert!(text.contains("general loss (bits/byte)") && text.contains("KL from base"), "{text}");
+    assert!(text.contains("general loss (bits/byte)") && text.contains("KL(base‖π) nats/tok"), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(study.join("study.json")).unwrap()).unwrap();
     let phases: Vec<&str> = json["runs"][0].as_array().unwrap().iter().map(|r| r["phase"].as_str().unwrap()).collect();
@@ -163,7 +163,7 @@ fn prepare_pretrain_sft_rl_study_end_to_end() {
         assert!(phases.contains(&p), "{p} missing: {phases:?}");
     }
     let base = &json["runs"][0][0];
-    assert_eq!(base["kl_base_text"].as_f64().unwrap(), 0.0, "the base model's KL from itself is exactly 0");
+    assert_eq!(base["kl_base_model_text_nats"].as_f64().unwrap(), 0.0, "the base model's KL from itself is exactly 0");
     assert!(base["bits_per_byte"].as_f64().unwrap() > 0.0);
     assert!(std::fs::metadata(study.join("study.png")).unwrap().len() > 1000);
     let _ = std::fs::remove_dir_all(&dir);

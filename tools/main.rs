@@ -182,7 +182,7 @@ enum Command {
         rl: RlConfig,
     },
     /// Pretrain → SFT → RL on the bundled corpus and tasks, scoring every checkpoint with one evaluation suite
-    /// (bits/byte on held-out text, greedy and pass@k accuracy, reward, exact KL from the base); writes a table,
+    /// (bits/byte on held-out text, greedy and pass@k accuracy, reward, exact KL(base ‖ model) in nats/token); writes a table,
     /// OUT/study.json and OUT/study.png.
     Study {
         #[arg(long, default_value = "runs/study")]

@@ -1,6 +1,6 @@
 //! `kiln study`: pretrain → SFT → RL on the bundled corpus and tasks, every checkpoint scored with one evaluation
 //! suite, so the user sees what each phase buys (task accuracy, reward) and costs (held-out general loss in bits
-//! per byte, exact KL from the base model). Writes a table to stdout, `study.json`, and `study.png` (task gain
+//! per byte, exact KL(base ‖ model) in nats/token). Writes a table to stdout, `study.json`, and `study.png` (task gain
 //! against general-loss increase per checkpoint: SFT and RL compared at matched accuracy, not matched steps).
 
 use std::collections::BTreeMap;
@@ -122,9 +122,18 @@ struct Scores {
     /// Mean greedy accuracy over the tasks.
     accuracy: f64,
     mean_reward: f64,
+    /// KL(base ‖ model) in nats/token on task prompts continued by the base model's own samples (the forgetting
+    /// predictor of RL's Razor).
+    #[serde(rename = "kl_base_model_task_nats")]
     kl_base_task: f64,
+    /// KL(base ‖ model) in nats/token on held-out text.
+    #[serde(rename = "kl_base_model_text_nats")]
     kl_base_text: f64,
+    /// KL(SFT ‖ model) in nats/token on task prompts continued by the SFT model's own samples (RL checkpoints).
+    #[serde(rename = "kl_sft_model_task_nats")]
     kl_sft_task: Option<f64>,
+    /// KL(SFT ‖ model) in nats/token on held-out text (RL checkpoints).
+    #[serde(rename = "kl_sft_model_text_nats")]
     kl_sft_text: Option<f64>,
 }
 
@@ -162,26 +171,7 @@ impl<'a> Suite<'a> {
         val: &'a [u32],
         plan: &'a Plan,
     ) -> Result<Suite<'a>> {
-        let ct = ChatTokens::from_tokenizer(tok)?;
-        let (mut task_rows, mut task_counted) = (Vec::new(), Vec::new());
-        for t in tasks {
-            let ex = t.examples(Split::Eval, plan.kl_rows, 77);
-            let prompts = chat_prompts(tok, ct, &ex, base.config.n_ctx)?;
-            let cfg = GenerateConfig {
-                max_new_tokens: MAX_NEW,
-                sampling: TEMPERATURE_1,
-                seed: 5,
-                stop_token: Some(ct.end),
-                vocab_limit: Some(tok.vocab_size()),
-            };
-            let outs = rollouts(gpu, base, &prompts, 1, &cfg, |_, _, _| {})?;
-            for (p, group) in prompts.iter().zip(outs) {
-                let row: Vec<u32> = p.iter().chain(&group[0].tokens).copied().collect();
-                // Position i predicts token i + 1: count the positions that predict the continuation.
-                task_counted.push((0..row.len()).map(|i| i + 1 >= p.len()).collect());
-                task_rows.push(row);
-            }
-        }
+        let (task_rows, task_counted) = sampled_rows(gpu, base, tok, tasks, plan)?;
         let t = base.config.n_ctx;
         let text_rows: Vec<Vec<u32>> =
             val.chunks(t + 1).filter(|c| c.len() == t + 1).take(plan.kl_rows).map(|c| c.to_vec()).collect();
@@ -218,7 +208,10 @@ impl<'a> Suite<'a> {
             tasks.insert(task.name(), TaskScores { greedy, pass_at: s.pass_at, mean_reward: s.mean_reward });
         }
         let n = tasks.len().max(1) as f64;
-        let kl = |q: &Model, rows: &[Vec<u32>], counted: &[Vec<bool>]| mean_kl(gpu, model, q, rows, counted, 8);
+        // KL(reference ‖ this model), nats/token, on the reference's own samples (RL's Razor's direction).
+        let kl = |reference: &Model, rows: &[Vec<u32>], counted: &[Vec<bool>]| {
+            mean_kl(gpu, reference, model, rows, counted, 8)
+        };
         Ok(Scores {
             label: label.into(),
             phase: phase.into(),
@@ -229,10 +222,52 @@ impl<'a> Suite<'a> {
             tasks,
             kl_base_task: kl(self.base, &self.task_rows, &self.task_counted)?,
             kl_base_text: kl(self.base, &self.text_rows, &self.text_counted)?,
-            kl_sft_task: sft.map(|s| kl(s, &self.task_rows, &self.task_counted)).transpose()?,
+            // From SFT on the SFT model's own samples, which is what an RL run started from it explores.
+            kl_sft_task: match sft {
+                Some(s) => {
+                    let (rows, counted) = sampled_rows(gpu, s, self.tok, self.tasks, self.plan)?;
+                    Some(kl(s, &rows, &counted)?)
+                }
+                None => None,
+            },
             kl_sft_text: sft.map(|s| kl(s, &self.text_rows, &self.text_counted)).transpose()?,
         })
     }
+}
+
+/// Token rows and, per row, which positions are counted.
+type KlRows = (Vec<Vec<u32>>, Vec<Vec<bool>>);
+
+/// Each task's KL prompts continued by `model`'s own samples (temperature 1), with the positions that predict the
+/// continuation counted: the rows on which KL(model ‖ π) is the sequence-level KL per token.
+fn sampled_rows(
+    gpu: &Gpu,
+    model: &Model,
+    tok: &Tokenizer,
+    tasks: &[Task],
+    plan: &Plan,
+) -> Result<KlRows> {
+    let ct = ChatTokens::from_tokenizer(tok)?;
+    let (mut task_rows, mut task_counted) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let ex = t.examples(Split::Eval, plan.kl_rows, 77);
+        let prompts = chat_prompts(tok, ct, &ex, model.config.n_ctx)?;
+        let cfg = GenerateConfig {
+            max_new_tokens: MAX_NEW,
+            sampling: TEMPERATURE_1,
+            seed: 5,
+            stop_token: Some(ct.end),
+            vocab_limit: Some(tok.vocab_size()),
+        };
+        let outs = rollouts(gpu, model, &prompts, 1, &cfg, |_, _, _| {})?;
+        for (p, group) in prompts.iter().zip(outs) {
+            let row: Vec<u32> = p.iter().chain(&group[0].tokens).copied().collect();
+            // Position i predicts token i + 1: count the positions that predict the continuation.
+            task_counted.push((0..row.len()).map(|i| i + 1 >= p.len()).collect());
+            task_rows.push(row);
+        }
+    }
+    Ok((task_rows, task_counted))
 }
 
 /// Steps at which a phase of `steps` takes its snapshots.
@@ -313,7 +348,7 @@ fn run_seed(gpu: &Gpu, opts: &StudyOpts, plan: &Plan, data: &Path, seed: u64) ->
         let s = suite.score(gpu, model, sft, label, phase, step)?;
         sp.finish_and_clear();
         println!(
-            "  {label:<14} bits/byte {:.4}  accuracy {:.3}  reward {:.3}  KL(base) task {:.4} text {:.4}  ({:.0} s)",
+            "  {label:<14} bits/byte {:.4}  accuracy {:.3}  reward {:.3}  KL(base‖π) task {:.4} text {:.4} nats/tok ({:.0} s)",
             s.bits_per_byte,
             s.accuracy,
             s.mean_reward,
@@ -421,10 +456,10 @@ fn table(runs: &[Vec<Scores>], tasks: &[Task]) -> String {
         metrics
             .push((format!("{name} mean reward"), Box::new(move |s: &Scores| s.tasks.get(&n).map(|x| x.mean_reward))));
     }
-    metrics.push(("KL from base, task prompts".into(), Box::new(|s: &Scores| Some(s.kl_base_task))));
-    metrics.push(("KL from base, general text".into(), Box::new(|s: &Scores| Some(s.kl_base_text))));
-    metrics.push(("KL from SFT, task prompts".into(), Box::new(|s: &Scores| s.kl_sft_task)));
-    metrics.push(("KL from SFT, general text".into(), Box::new(|s: &Scores| s.kl_sft_text)));
+    metrics.push(("KL(base‖π) nats/tok, task".into(), Box::new(|s: &Scores| Some(s.kl_base_task))));
+    metrics.push(("KL(base‖π) nats/tok, text".into(), Box::new(|s: &Scores| Some(s.kl_base_text))));
+    metrics.push(("KL(SFT‖π) nats/tok, task".into(), Box::new(|s: &Scores| s.kl_sft_task)));
+    metrics.push(("KL(SFT‖π) nats/tok, text".into(), Box::new(|s: &Scores| s.kl_sft_text)));
     let phases = ["base", "sft", "rl"];
     let mut out = format!("{:<32}", "metric");
     for p in phases {
@@ -600,7 +635,7 @@ mod tests {
         let bpb = text.lines().find(|l| l.starts_with("general loss")).unwrap();
         // SFT: mean 3.5, sample std 0.7071, change from base +1.5.
         assert!(bpb.contains("3.5000±0.7071 (+1.5000)"), "{bpb}");
-        let kl = text.lines().find(|l| l.starts_with("KL from SFT, task")).unwrap();
+        let kl = text.lines().find(|l| l.starts_with("KL(SFT‖π) nats/tok, task")).unwrap();
         assert!(kl.contains("0.5000±0.0000") && !kl.contains("NaN"), "{kl}");
         assert_eq!(mean_std(&[1.0]), (1.0, 0.0));
         assert_eq!(snapshot_steps(10, 3), vec![3, 6, 10]);

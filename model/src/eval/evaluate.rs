@@ -228,21 +228,25 @@ pub fn bits_per_byte(
     Ok(nats / std::f64::consts::LN_2 * tokens.len() as f64 / bytes.max(1) as f64)
 }
 
-/// Mean exact KL(P‖Q) per position, P = `model`, Q = `base`, over the full vocabulary: rows are token sequences
-/// (any lengths ≤ n_ctx + 1), and `counted[r][i]` says whether position i of row r (whose distribution predicts
-/// token i + 1) is counted. Rows run `batch` at a time, padded to the longest.
+/// Mean exact KL(reference ‖ policy) per position, in nats per token: Σ_v p_ref(v) (ln p_ref(v) − ln p_policy(v))
+/// over the full vocabulary, averaged over the counted positions. This is the direction the forgetting
+/// literature uses (RL's Razor, arXiv 2509.04259: E_{x∼task}[KL(π₀‖π)]), so `rows` should be continuations
+/// sampled from `reference` itself (π₀ for forgetting, π_SFT for an RL run started from SFT): on those, the
+/// per-token terms summed along a continuation are the sequence-level KL(reference ‖ policy).
+/// Rows are token sequences (any lengths ≤ n_ctx + 1), and `counted[r][i]` says whether position i of row r
+/// (whose distribution predicts token i + 1) is counted. Rows run `batch` at a time, padded to the longest.
 pub fn mean_kl(
     gpu: &Gpu,
-    model: &Model,
-    base: &Model,
+    reference: &Model,
+    policy: &Model,
     rows: &[Vec<u32>],
     counted: &[Vec<bool>],
     batch: usize,
 ) -> Result<f64> {
-    if model.config != base.config {
+    if reference.config != policy.config {
         return Err(ModelError::Config(format!(
             "KL needs two models of one shape: {:?} vs {:?}",
-            model.config, base.config
+            reference.config, policy.config
         )));
     }
     let (mut total, mut n) = (0.0f64, 0usize);
@@ -256,8 +260,9 @@ pub fn mean_kl(
             }
         }
         let mut tape = Tape::no_grad(gpu);
-        let p = model.logits(&mut tape, &inputs, b, t)?;
-        let q = base.logits(&mut tape, &inputs, b, t)?;
+        let p = reference.logits(&mut tape, &inputs, b, t)?;
+        let q = policy.logits(&mut tape, &inputs, b, t)?;
+        // kl_rows(P, Q) = KL(P‖Q): the reference's distribution first.
         let kl = gpu.read(&kl_rows(gpu, tape.value(p), tape.value(q))?)?;
         for (r, m) in mask.iter().enumerate() {
             for (i, &c) in m.iter().enumerate().take(t) {
@@ -286,6 +291,74 @@ mod tests {
         assert!((pass_at_k(4, 1, 2) - 0.5).abs() < 1e-12);
         assert!((pass_at_k(16, 3, 1) - 3.0 / 16.0).abs() < 1e-12, "pass@1 is the fraction correct");
         assert!(pass_at_k(4, 1, 5).is_nan(), "k > n cannot be estimated");
+    }
+
+    /// A tiny GPT whose token embedding (tied to the output) is scaled by `sharpen`: two seeds and two scales give
+    /// distributions of different sharpness, so KL(P‖Q) and KL(Q‖P) differ several-fold (1.07 against 5.86 nats
+    /// here). Much larger scales make both one-hot on the input token, and every KL vanishes.
+    fn peaky_model(gpu: &Gpu, seed: u64, sharpen: f32) -> Model {
+        let config = crate::arch::config::ModelConfig::preset("tiny", 64).unwrap();
+        let mut host = Model::new(gpu, &config, seed).unwrap().to_host(gpu).unwrap();
+        for t in host.iter_mut().filter(|t| t.name.contains("wte")) {
+            t.data.iter_mut().for_each(|v| *v *= sharpen);
+        }
+        Model::from_host(gpu, &config, host).unwrap()
+    }
+
+    /// KL(P‖Q) per position from the two models' logits, in f64 on the host.
+    fn host_kl(gpu: &Gpu, p: &Model, q: &Model, tokens: &[i32], b: usize, t: usize) -> Vec<f64> {
+        let mut tape = Tape::no_grad(gpu);
+        let (lp, lq) = (p.logits(&mut tape, tokens, b, t).unwrap(), q.logits(&mut tape, tokens, b, t).unwrap());
+        let (lp, lq) = (gpu.read(tape.value(lp)).unwrap(), gpu.read(tape.value(lq)).unwrap());
+        let v = p.config.vocab_size;
+        let log_softmax = |row: &[f32]| {
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let z = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+            row.iter().map(|&x| x as f64 - z).collect::<Vec<_>>()
+        };
+        lp.chunks(v)
+            .zip(lq.chunks(v))
+            .map(|(a, b)| {
+                let (la, lb) = (log_softmax(a), log_softmax(b));
+                la.iter().zip(&lb).map(|(x, y)| x.exp() * (x - y)).sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mean_kl_is_kl_of_reference_from_policy_over_counted_positions() {
+        let gpu = kiln_engine::testing::gpu();
+        let (reference, policy) = (peaky_model(gpu, 1, 6.0), peaky_model(gpu, 2, 2.0));
+        // Two rows of different lengths (the shorter one padded) with a few positions counted.
+        let rows: Vec<Vec<u32>> = vec![(0..9).map(|i| (i * 7 + 3) % 64).collect(), vec![5, 60, 2, 33, 17]];
+        let counted =
+            vec![vec![false, true, true, false, true, true, true, false, true], vec![true, false, true, true, true]];
+        let (b, t) = (2, 8);
+        let mut tokens = vec![0i32; b * t];
+        for (r, row) in rows.iter().enumerate() {
+            for (i, &id) in row.iter().take(t).enumerate() {
+                tokens[r * t + i] = id as i32;
+            }
+        }
+        let forward = host_kl(gpu, &reference, &policy, &tokens, b, t);
+        let reverse = host_kl(gpu, &policy, &reference, &tokens, b, t);
+        // Counted positions that predict a real next token (position i predicts token i + 1 of its row).
+        let picked: Vec<usize> = (0..b)
+            .flat_map(|r| (0..t).map(move |i| (r, i)))
+            .filter(|&(r, i)| i + 1 < rows[r].len() && counted[r][i])
+            .map(|(r, i)| r * t + i)
+            .collect();
+        let mean = |kl: &[f64]| picked.iter().map(|&at| kl[at]).sum::<f64>() / picked.len() as f64;
+        let (want, swapped) = (mean(&forward), mean(&reverse));
+        assert!((want - swapped).abs() > 0.1 * want, "the models are too alike to tell the directions apart");
+        for batch in [1, 2] {
+            let got = mean_kl(gpu, &reference, &policy, &rows, &counted, batch).unwrap();
+            // Same f32 logits on both sides: only kl_rows' f32 sums differ (~1e-6 nats per row at V = 64).
+            assert!((got - want).abs() < 1e-5 + 1e-5 * want, "batch {batch}: mean_kl {got}, KL(ref‖policy) {want}");
+            assert!((got - swapped).abs() > 0.05 * want, "batch {batch}: {got} is the reverse KL {swapped}");
+        }
+        let none = vec![vec![false; 9], vec![false; 5]];
+        assert!(mean_kl(gpu, &reference, &policy, &rows, &none, 2).is_err(), "no counted positions is an error");
     }
 
     #[test]
