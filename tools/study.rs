@@ -240,13 +240,7 @@ type KlRows = (Vec<Vec<u32>>, Vec<Vec<bool>>);
 
 /// Each task's KL prompts continued by `model`'s own samples (temperature 1), with the positions that predict the
 /// continuation counted: the rows on which KL(model ‖ π) is the sequence-level KL per token.
-fn sampled_rows(
-    gpu: &Gpu,
-    model: &Model,
-    tok: &Tokenizer,
-    tasks: &[Task],
-    plan: &Plan,
-) -> Result<KlRows> {
+fn sampled_rows(gpu: &Gpu, model: &Model, tok: &Tokenizer, tasks: &[Task], plan: &Plan) -> Result<KlRows> {
     let ct = ChatTokens::from_tokenizer(tok)?;
     let (mut task_rows, mut task_counted) = (Vec::new(), Vec::new());
     for t in tasks {

@@ -409,3 +409,23 @@ fn entropy_and_kl_leading_dims_and_bad_inputs() {
     assert!(matches!(token_entropy(gpu, &ints), Err(Error::DType { op: "token_entropy", .. })));
     assert!(matches!(kl_rows(gpu, &tx, &ints), Err(Error::DType { op: "kl_rows", what: "q_logits", .. })));
 }
+
+#[test]
+fn kl_rows_is_kl_of_its_first_argument_from_its_second() {
+    // P = softmax(0, ln 3) = (1/4, 3/4) and Q uniform: KL(P‖Q) = ¼ln½ + ¾ln(3/2) = 0.1308, KL(Q‖P) = ½ln2 + ½ln(2/3)
+    // = 0.1438, worked by hand. Swapping the arguments must give the other one, in the kernel and the reference.
+    let gpu = gpu();
+    let p = [0.0, 3.0f32.ln()];
+    let q = [0.7f32, 0.7];
+    let forward = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
+    let reverse = 0.5 * 2.0f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
+    assert!((forward - reverse).abs() > 0.01);
+    let (tp, tq) = (gpu.upload(&p, &[1, 2]).unwrap(), gpu.upload(&q, &[1, 2]).unwrap());
+    let pq = gpu.read(&kl_rows(gpu, &tp, &tq).unwrap()).unwrap()[0] as f64;
+    let qp = gpu.read(&kl_rows(gpu, &tq, &tp).unwrap()).unwrap()[0] as f64;
+    assert!((pq - forward).abs() < 1e-6, "kl_rows(P, Q) = {pq}, KL(P‖Q) = {forward}");
+    assert!((qp - reverse).abs() < 1e-6, "kl_rows(Q, P) = {qp}, KL(Q‖P) = {reverse}");
+    let (pd, qd) = (to_f64(&p), to_f64(&q));
+    // ln 3 rounded to f32 moves P by ~1e-8.
+    assert!((cpu::kl_rows(&pd, &qd, 2)[0] - forward).abs() < 1e-7, "the reference's direction");
+}
