@@ -66,6 +66,7 @@ struct Plan {
     snapshots: u64,
     eval_prompts: usize,
     samples: usize,
+    /// Held-out text for bits/byte, in windows of n_ctx tokens: 8 · text_batches of them (a fixed sample).
     text_batches: usize,
     kl_rows: usize,
 }
@@ -116,7 +117,11 @@ struct Scores {
     /// "base", "sft", "sft-mix", "rl", "rl-beta0".
     phase: String,
     step: u64,
+    /// Held-out loss over the first `text_tokens` + 1 tokens of the validation split, divided by the bytes of
+    /// exactly the `text_tokens` predicted (`text_bytes`).
     bits_per_byte: f64,
+    text_tokens: usize,
+    text_bytes: usize,
     /// task → greedy pass@1 (with Wilson interval), pass@k, mean sampled reward.
     tasks: BTreeMap<String, TaskScores>,
     /// Mean greedy accuracy over the tasks.
@@ -150,7 +155,6 @@ struct Suite<'a> {
     tok: &'a Tokenizer,
     tasks: &'a [Task],
     val: &'a [u32],
-    val_bytes: usize,
     plan: &'a Plan,
     /// Task prompts continued by the base model's own samples, with the continuation positions counted.
     task_rows: Vec<Vec<u32>>,
@@ -163,6 +167,13 @@ struct Suite<'a> {
 const MAX_NEW: usize = 16;
 
 impl<'a> Suite<'a> {
+    /// The fixed sample of the validation split that bits/byte is measured on: its first
+    /// `text_batches` · 8 · n_ctx + 1 tokens (all of it when shorter), the same for every checkpoint.
+    fn val_sample(&self) -> &'a [u32] {
+        let n = self.plan.text_batches * 8 * self.base.config.n_ctx + 1;
+        &self.val[..n.min(self.val.len())]
+    }
+
     fn new(
         gpu: &Gpu,
         base: &'a Model,
@@ -176,8 +187,7 @@ impl<'a> Suite<'a> {
         let text_rows: Vec<Vec<u32>> =
             val.chunks(t + 1).filter(|c| c.len() == t + 1).take(plan.kl_rows).map(|c| c.to_vec()).collect();
         let text_counted = text_rows.iter().map(|r| vec![true; r.len()]).collect();
-        let val_bytes = tok.decode(val)?.len();
-        Ok(Suite { base, tok, tasks, val, val_bytes, plan, task_rows, task_counted, text_rows, text_counted })
+        Ok(Suite { base, tok, tasks, val, plan, task_rows, task_counted, text_rows, text_counted })
     }
 
     fn score(
@@ -191,7 +201,7 @@ impl<'a> Suite<'a> {
     ) -> Result<Scores> {
         let p = self.plan;
         let t = model.config.n_ctx;
-        let bpb = bits_per_byte(gpu, model, self.val, self.val_bytes, 8, t, p.text_batches)?;
+        let text = bits_per_byte(gpu, model, self.tok, self.val_sample(), 8, t)?;
         let mut tasks = BTreeMap::new();
         let ks: Vec<usize> = [1, 4, 16].into_iter().filter(|&k| k <= p.samples).collect();
         for task in self.tasks {
@@ -216,7 +226,9 @@ impl<'a> Suite<'a> {
             label: label.into(),
             phase: phase.into(),
             step,
-            bits_per_byte: bpb,
+            bits_per_byte: text.bits_per_byte,
+            text_tokens: text.tokens,
+            text_bytes: text.bytes,
             accuracy: tasks.values().map(|s| s.greedy.value).sum::<f64>() / n,
             mean_reward: tasks.values().map(|s| s.mean_reward).sum::<f64>() / n,
             tasks,
@@ -609,6 +621,8 @@ mod tests {
             phase: phase.into(),
             step: 1,
             bits_per_byte: bpb,
+            text_tokens: 100,
+            text_bytes: 400,
             tasks: [("count".to_string(), task)].into_iter().collect(),
             accuracy: acc,
             mean_reward: acc,

@@ -15,7 +15,6 @@ use crate::data::tasks::{reward, Example};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{ModelError, Result};
 use crate::eval::generate::{rollouts, Completion, GenerateConfig};
-use crate::train::pretrain::eval_loss;
 use kiln_engine::Gpu;
 
 /// A proportion with its 95% confidence interval.
@@ -213,19 +212,36 @@ pub fn text_loss(gpu: &Gpu, model: &Model, tokens: &[u32], batch: usize, time: u
     Ok(TextLoss { nats, tokens: targets, windows: full + usize::from(!targets.is_multiple_of(time)) })
 }
 
-/// Held-out loss in bits per byte: nats per token over windows of `tokens` (the encoding of `bytes` bytes of
-/// text), converted with the text's own tokens-per-byte ratio, so models with different tokenizers compare.
+/// What [`bits_per_byte`] measured.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TextBits {
+    pub bits_per_byte: f64,
+    /// Mean next-token loss over the same targets, nats per token.
+    pub nats_per_token: f64,
+    /// Targets predicted: every token after the first.
+    pub tokens: usize,
+    /// UTF-8 bytes of exactly those targets.
+    pub bytes: usize,
+}
+
+/// Held-out loss in bits per byte over the whole of `tokens` (at least 2): every token after the first is
+/// predicted once ([`text_loss`]), and the total bits are divided by the bytes of exactly those tokens — the
+/// text's bytes less the first token's — so models with different tokenizers compare on the same text.
 pub fn bits_per_byte(
     gpu: &Gpu,
     model: &Model,
+    tok: &Tokenizer,
     tokens: &[u32],
-    bytes: usize,
     batch: usize,
     time: usize,
-    max_batches: usize,
-) -> Result<f64> {
-    let nats = eval_loss(gpu, model, tokens, batch, time, max_batches)? as f64;
-    Ok(nats / std::f64::consts::LN_2 * tokens.len() as f64 / bytes.max(1) as f64)
+) -> Result<TextBits> {
+    let loss = text_loss(gpu, model, tokens, batch, time)?;
+    let bytes = tok.decode(tokens)?.len().saturating_sub(tok.decode(&tokens[..1])?.len());
+    if bytes == 0 {
+        return Err(ModelError::Data("bits per byte: the predicted tokens decode to no bytes".into()));
+    }
+    let bits = loss.nats * loss.tokens as f64 / std::f64::consts::LN_2;
+    Ok(TextBits { bits_per_byte: bits / bytes as f64, nats_per_token: loss.nats, tokens: loss.tokens, bytes })
 }
 
 /// Mean exact KL(reference ‖ policy) per position, in nats per token: Σ_v p_ref(v) (ln p_ref(v) − ln p_policy(v))
@@ -359,6 +375,38 @@ mod tests {
         }
         let none = vec![vec![false; 9], vec![false; 5]];
         assert!(mean_kl(gpu, &reference, &policy, &rows, &none, 2).is_err(), "no counted positions is an error");
+    }
+
+    #[test]
+    fn bits_per_byte_counts_every_target_and_exactly_its_bytes() {
+        // A model with every weight zero predicts the uniform distribution: ln V nats per token, exactly.
+        let gpu = kiln_engine::testing::gpu();
+        let text = "the cat sat on the mat. the dog sat on the log. ".repeat(6);
+        let tok = Tokenizer::train(&text, 300, &[]).unwrap();
+        let config = crate::arch::config::ModelConfig::preset("tiny", tok.vocab_size()).unwrap();
+        let zero: Vec<_> = Model::new(gpu, &config, 1)
+            .unwrap()
+            .to_host(gpu)
+            .unwrap()
+            .into_iter()
+            .map(|mut t| {
+                t.data.iter_mut().for_each(|v| *v = 0.0);
+                t
+            })
+            .collect();
+        let model = Model::from_host(gpu, &config, zero).unwrap();
+        let tokens = tok.encode(&text).unwrap();
+        let first = tok.decode(&tokens[..1]).unwrap();
+        assert!(text.starts_with(&first) && !first.is_empty());
+        // Windows of 16 with batch 3: several batches and a short last window, all of them counted.
+        let got = bits_per_byte(gpu, &model, &tok, &tokens, 3, 16).unwrap();
+        let (n, bytes) = (tokens.len() - 1, text.len() - first.len());
+        let ln_v = (tok.vocab_size() as f64).ln();
+        assert_eq!((got.tokens, got.bytes), (n, bytes));
+        assert!((got.nats_per_token - ln_v).abs() < 1e-5, "{got:?}, ln V = {ln_v}");
+        let want = n as f64 * ln_v / std::f64::consts::LN_2 / bytes as f64;
+        assert!((got.bits_per_byte - want).abs() < 1e-5 * want, "{got:?}, want {want}");
+        assert!(bits_per_byte(gpu, &model, &tok, &tokens[..1], 3, 16).is_err(), "one token predicts nothing");
     }
 
     #[test]
