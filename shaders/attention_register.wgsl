@@ -63,6 +63,23 @@ fn dots8(mine: vec4<f32>, v: vec4<f32>, acc: Dots) -> Dots {
     return r;
 }
 
+// Which of keys kb..kb+7 a query sees: (kb + j − st) <= span with span = row − st, wrapping below st as in
+// attention.wgsl (a key before the segment start becomes a huge value).
+struct Seen {
+    lo: vec4<bool>,
+    hi: vec4<bool>,
+}
+
+fn seen8(kb: u32, st: u32, span: u32) -> Seen {
+    let kbs = vec4<u32>(kb - st) + LANE;
+    return Seen(kbs <= vec4<u32>(span), kbs + 4u <= vec4<u32>(span));
+}
+
+// The subgroup's first key block when SEGMENTED: the smallest segment start of its valid rows.
+fn first_block(valid: bool, st: u32) -> u32 {
+    return subgroupMin(select(p.t, st, valid)) & ~7u;
+}
+
 // The eight lanes' values of a scalar, as (lanes 0..3, lanes 4..7).
 fn gather8(x: f32) -> Dots {
     return Dots(
@@ -95,7 +112,7 @@ fn attention_forward_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
     var first = 0u;
     if (SEGMENTED) {
         st = start_fwd(bi, rowc);
-        first = subgroupMin(select(p.t, st, valid)) & ~7u;
+        first = first_block(valid, st);
     }
     let span = row - st;
     let last = min(q0 + 8u, p.t);
@@ -106,15 +123,12 @@ fn attention_forward_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loc
         for (var d = 0u; d < HS4; d++) {
             s = dots8(q[d], qkv4[ka + d], s);
         }
-        // Key kb + j is seen iff (kb + j - st) <= row - st (wrapping below st, as in attention.wgsl).
-        let kbs = vec4<u32>(kb - st) + LANE;
-        let ok_lo = kbs <= vec4<u32>(span);
-        let ok_hi = kbs + 4u <= vec4<u32>(span);
-        let mb = max(m, max(max4(select(vec4<f32>(NEG), s.lo, ok_lo)), max4(select(vec4<f32>(NEG), s.hi, ok_hi))));
+        let ok = seen8(kb, st, span);
+        let mb = max(m, max(max4(select(vec4<f32>(NEG), s.lo, ok.lo)), max4(select(vec4<f32>(NEG), s.hi, ok.hi))));
         // NEG - NEG = 0 while a lane has seen no key: alpha = 1 on l = 0 and acc = 0.
         let alpha = exp(m - mb);
-        let p_lo = select(vec4<f32>(0.0), exp(s.lo - mb), ok_lo);
-        let p_hi = select(vec4<f32>(0.0), exp(s.hi - mb), ok_hi);
+        let p_lo = select(vec4<f32>(0.0), exp(s.lo - mb), ok.lo);
+        let p_hi = select(vec4<f32>(0.0), exp(s.hi - mb), ok.hi);
         l = l * alpha + sum4(p_lo) + sum4(p_hi);
         let va = ka + vcol / 4u;
         for (var d = 0u; d < HS4; d++) {
@@ -161,7 +175,7 @@ fn attention_backward_dq_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin
     var first = 0u;
     if (SEGMENTED) {
         st = start_bwd(bi, rowc);
-        first = subgroupMin(select(p.t, st, valid)) & ~7u;
+        first = first_block(valid, st);
     }
     let span = row - st;
     let last = min(q0 + 8u, p.t);
@@ -176,10 +190,10 @@ fn attention_backward_dq_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin
             s = dots8(q[d], kc[d], s);
             e = dots8(g[d], qkv4[va + d], e);
         }
-        let kbs = vec4<u32>(kb - st) + LANE;
+        let ok = seen8(kb, st, span);
         // s - lse <= 0 up to rounding for the keys this row sees; a masked key's exp may overflow, select drops it.
-        let p_lo = select(vec4<f32>(0.0), exp(s.lo - li), kbs <= vec4<u32>(span));
-        let p_hi = select(vec4<f32>(0.0), exp(s.hi - li), kbs + 4u <= vec4<u32>(span));
+        let p_lo = select(vec4<f32>(0.0), exp(s.lo - li), ok.lo);
+        let p_hi = select(vec4<f32>(0.0), exp(s.hi - li), ok.hi);
         let ds_lo = p_lo * (e.lo - di);
         let ds_hi = p_hi * (e.hi - di);
         for (var d = 0u; d < HS4; d++) {

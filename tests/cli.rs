@@ -366,8 +366,9 @@ fn profile_reports_every_kernel_of_a_step() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let kernels = v["kernels"].as_array().unwrap();
     let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
+    // Entry points of either attention design (`attention_forward` or `attention_forward_register`, …).
     for want in ["attention_forward", "attention_backward_dq", "layernorm", "cross_entropy", "adamw", "embedding"] {
-        assert!(names.contains(&want), "{want} missing from {names:?}");
+        assert!(names.iter().any(|n| n.starts_with(want)), "{want} missing from {names:?}");
     }
     let share: f64 = kernels.iter().map(|k| k["share"].as_f64().unwrap()).sum();
     assert!((share - 1.0).abs() < 1e-6, "shares add up to {share}");
