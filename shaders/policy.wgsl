@@ -44,7 +44,7 @@ fn k3(d: f32) -> f32 {
 // Per token: the weight dObjective/dloss, and this workgroup's sums of (objective, k3, clipped) into partials
 // [block, 3]. Masked tokens (scale 0) are skipped by a branch, not multiplied by 0, so whatever their other inputs
 // hold (NaN, 1e30) they give exactly 0 everywhere. A workgroup covers WG consecutive tokens.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn policy_loss(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let block = row_index(wg, nwg);
     // The folded grid may hold a few workgroups past the last block (uniform: barriers below stay legal).
@@ -98,7 +98,7 @@ fn policy_loss(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 
 // totals[c] = Σ_block partials_in[block, c], one workgroup: each thread adds a strided column slice in order, then
 // the tree.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn policy_totals(@builtin(local_invocation_index) lid: u32) {
     for (var c = 0u; c < 3u; c++) {
         var s = 0.0;
@@ -110,7 +110,7 @@ fn policy_totals(@builtin(local_invocation_index) lid: u32) {
 
 // H = -Σ p log p = log S - Σ e·z / S with z = x - max, e = exp(z), S = Σ e: every term is bounded (e·z >= -1/e), so
 // large logits cannot cancel. Logits of -inf (e = 0) add 0, the limit of p log p.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn token_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.n) { return; }
@@ -134,7 +134,7 @@ fn token_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
 // KL(P‖Q) = Σ p (log p - log q) = Σ e_x (zx - zy) / Sx - log Sx + log Sy, with zx = x - max x, zy = y - max y,
 // e_x = exp(zx) and S the sums of exponentials: each row's own max keeps every exp in (0, 1]. Identical rows give
 // exactly 0. A token P gives no mass (x = -inf) adds 0; one Q gives none while P does makes the KL infinite.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kl_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = row_index(wg, nwg);
     if (row >= p.n) { return; }

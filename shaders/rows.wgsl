@@ -1,8 +1,8 @@
 // Shared by the row kernels (norm.wgsl, loss.wgsl, policy.wgsl), prepended to each at load time
 // (engine/src/shaders.rs): one workgroup of WG threads per row, rows folded over the x/y grid, and fixed-order tree
 // reductions in workgroup memory (no atomics, so results are bit-reproducible). rows_subgroup.wgsl provides the
-// same functions with subgroup operations, for adapters with fixed-size subgroups (norm and loss only: policy's
-// token blocks are WG = 256 wide on the host side too).
+// same functions with subgroup operations, for adapters with fixed-size subgroups (the host sizes policy's token
+// blocks by the module's WG).
 
 const WG: u32 = 256u;
 // WGSL has no infinity literal; the largest finite f32 is a safe identity for max over finite inputs.

@@ -91,6 +91,11 @@ pub static POLICY: ShaderSource = ShaderSource {
     source: concat!(include_str!("../../shaders/rows.wgsl"), include_str!("../../shaders/policy.wgsl")),
     trusted: false,
 };
+pub static POLICY_SUBGROUP: ShaderSource = ShaderSource {
+    name: "policy_subgroup.wgsl",
+    source: concat!(include_str!("../../shaders/rows_subgroup.wgsl"), include_str!("../../shaders/policy.wgsl")),
+    trusted: false,
+};
 shader!(EMBEDDING, "embedding.wgsl");
 shader!(CLASSIFIER, "classifier.wgsl");
 shader!(REDUCE, "reduce.wgsl");
@@ -103,7 +108,7 @@ shader!(PROBE, "probe.wgsl");
 shader!(ATTENTION_CACHED, "attention_cached.wgsl");
 
 /// Every module Kiln builds (the translation test walks them all; a new module belongs here).
-pub static ALL: [&ShaderSource; 20] = [
+pub static ALL: [&ShaderSource; 21] = [
     &ELEMENTWISE,
     &MATMUL,
     &MATMUL_REGISTER,
@@ -117,6 +122,7 @@ pub static ALL: [&ShaderSource; 20] = [
     &LOSS,
     &LOSS_SUBGROUP,
     &POLICY,
+    &POLICY_SUBGROUP,
     &EMBEDDING,
     &CLASSIFIER,
     &REDUCE,

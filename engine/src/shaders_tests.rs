@@ -49,7 +49,7 @@ fn override_sets(module: &str) -> Vec<Overrides> {
             sets
         }
         // WG = the adapter's fixed subgroup size (`norm::RowReduction`).
-        "norm_subgroup.wgsl" | "loss_subgroup.wgsl" => {
+        "norm_subgroup.wgsl" | "loss_subgroup.wgsl" | "policy_subgroup.wgsl" => {
             crate::ops::norm::SUBGROUP_WG.iter().map(|(_, set)| set.to_vec()).collect()
         }
         "attention_cached.wgsl" => {

@@ -98,6 +98,11 @@ impl RowReduction {
         r
     }
 
+    /// Threads per workgroup of the module [`RowReduction::module`] picks (its WG).
+    pub(crate) fn threads(module_overrides: &[(&'static str, f64)]) -> u32 {
+        module_overrides.iter().find(|(n, _)| *n == "WG").map_or(256, |(_, v)| *v as u32)
+    }
+
     /// (module, override constants) for a row kernel family given its tree and subgroup modules.
     pub(crate) fn module(
         gpu: &Gpu,

@@ -13,9 +13,10 @@
 
 use crate::gpu::expect_dtype;
 use crate::launch::Launch;
+use crate::ops::norm::RowReduction;
 use crate::ops::norm::{row_grid, rows_cols};
-use crate::ops::{fits_u32, grid_1d, nonempty, same_shape, WG_1D};
-use crate::shaders::POLICY;
+use crate::ops::{fits_u32, grid_1d, nonempty, same_shape};
+use crate::shaders::{POLICY, POLICY_SUBGROUP};
 use crate::{DType, Error, Gpu, Result, Tensor};
 
 /// Settings of the clipped policy-gradient objective.
@@ -99,7 +100,10 @@ pub fn policy_loss(
     if !(cfg.beta.is_finite() && cfg.beta >= 0.0) {
         return Err(Error::Invalid { op, message: format!("beta must be finite and >= 0, got {}", cfg.beta) });
     }
-    let blocks = n.div_ceil(WG_1D as usize);
+    // A workgroup covers WG tokens: 256 with the tree reductions, the subgroup size with subgroup ones.
+    let (shader, overrides) = RowReduction::module(gpu, &POLICY, &POLICY_SUBGROUP);
+    let wg = RowReduction::threads(overrides);
+    let blocks = n.div_ceil(wg as usize);
     let weights = gpu.alloc(&[n], DType::F32)?;
     let partials = gpu.alloc(&[blocks, 3], DType::F32)?;
     let totals = gpu.alloc(&[3], DType::F32)?;
@@ -114,19 +118,19 @@ pub fn policy_loss(
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &POLICY,
+        shader,
         entry: "policy_loss",
-        overrides: &[],
+        overrides,
         args: &[losses, old_logp, ref_logp, adv, scale, &weights, &partials],
         params: bytemuck::bytes_of(&params),
-        groups: grid_1d(n, WG_1D),
+        groups: grid_1d(n, wg),
     })?;
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &POLICY,
+        shader,
         entry: "policy_totals",
-        overrides: &[],
+        overrides,
         args: &[&partials, &totals],
         params: bytemuck::bytes_of(&params),
         groups: [1, 1, 1],
@@ -154,12 +158,13 @@ fn row_kernel(gpu: &Gpu, op: &'static str, logits: &[&Tensor], rows: usize, v: u
     let params = Params { n: rows as u32, v: v as u32, parts: 0, clip: 0, eps: 0.0, beta: 0.0 };
     let mut args = logits.to_vec();
     args.push(&out);
+    let (shader, overrides) = RowReduction::module(gpu, &POLICY, &POLICY_SUBGROUP);
     gpu.dispatch(&Launch {
         op,
         flops: 0,
-        shader: &POLICY,
+        shader,
         entry: op,
-        overrides: &[],
+        overrides,
         args: &args,
         params: bytemuck::bytes_of(&params),
         groups: row_grid(rows),

@@ -93,6 +93,10 @@ fn magnitudes(b: &Batch) -> Vec<(f64, f64)> {
 }
 
 fn check_policy(n: usize, cfg: PolicyLossConfig, seed: u64) {
+    crate::testing::each_row_reduction(|| check_policy_one(n, cfg, seed));
+}
+
+fn check_policy_one(n: usize, cfg: PolicyLossConfig, seed: u64) {
     let b = random_batch(n, cfg.clip_eps.unwrap_or(0.2), seed);
     let (w, totals) = b.run(cfg);
     let (want_w, want_t) = b.reference(cfg);
@@ -308,6 +312,10 @@ fn policy_loss_bad_inputs_are_typed_errors() {
 /// Entropy and KL of `rows` × `v` logits in ±`scale` against the references; q is p plus `q_noise` times fresh
 /// noise, or independent logits of the same spread when `q_noise` is None.
 fn check_rows(rows: usize, v: usize, scale: f32, q_noise: Option<f32>, seed: u64) {
+    crate::testing::each_row_reduction(|| check_rows_one(rows, v, scale, q_noise, seed));
+}
+
+fn check_rows_one(rows: usize, v: usize, scale: f32, q_noise: Option<f32>, seed: u64) {
     let gpu = gpu();
     let x: Vec<f32> = random_vec(rows * v, seed).iter().map(|a| a * scale).collect();
     let y: Vec<f32> = match q_noise {
