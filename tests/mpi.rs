@@ -229,9 +229,11 @@ fn a_killed_rank_ends_the_job_quickly_and_the_last_checkpoint_survives() {
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("rank 1 of 2 (pid ") {
-                let pid: u32 = rest.split(')').next().unwrap().parse().unwrap();
-                let _ = tx.send(pid);
+            // Anywhere in the line: mpirun may put another rank's output before it.
+            if let Some((_, rest)) = line.split_once("rank 1 of 2 (pid ") {
+                if let Some(Ok(pid)) = rest.split(')').next().map(str::parse::<u32>) {
+                    let _ = tx.send(pid);
+                }
             }
             all += &line;
             all.push('\n');

@@ -517,7 +517,10 @@ fn rank_gpu(world: &dist::World) -> Result<Gpu> {
     }
     let gpu = Gpu::for_local_rank(world.local_rank)
         .with_context(|| format!("opening the GPU of rank {} (local rank {})", world.rank, world.local_rank))?;
-    eprintln!("rank {} of {} (pid {}): {}", world.rank, world.size, std::process::id(), gpu.adapter_name());
+    // One write of the whole line: eprintln! may split it into several writes, and mpirun forwards every rank's
+    // stderr into one stream, where pieces of two ranks' lines can interleave.
+    let line = format!("rank {} of {} (pid {}): {}\n", world.rank, world.size, std::process::id(), gpu.adapter_name());
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     Ok(gpu)
 }
 
