@@ -132,7 +132,7 @@ fn prepare_pretrain_sft_rl_study_end_to_end() {
     assert!(std::fs::read_to_string(rl.join("metrics.jsonl")).unwrap().lines().last().unwrap().contains("\"step\":3"));
 
     let study = dir.join("study");
-    let text = ok(&[
+    let args = [
         "study",
         "--out",
         &s(&study),
@@ -153,19 +153,37 @@ fn prepare_pretrain_sft_rl_study_end_to_end() {
         "3",
         "--samples",
         "4",
-        "--ablate-beta",
-    ]);
-    assert!(text.contains("general loss (bits/byte)") && text.contains("KL(base‖π) nats/tok"), "{text}");
+        "--set",
+        "rl.0.beta=[0.04, 0.0]",
+        "--set",
+        "transfer.enabled=true",
+    ];
+    let text = ok(&args);
+    assert!(text.contains("Δ bits/byte") && text.contains("KL(base‖π) nats/tok"), "{text}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(study.join("study.json")).unwrap()).unwrap();
-    let phases: Vec<&str> = json["runs"][0].as_array().unwrap().iter().map(|r| r["phase"].as_str().unwrap()).collect();
-    for p in ["base", "sft", "rl", "rl-beta0"] {
-        assert!(phases.contains(&p), "{p} missing: {phases:?}");
+    let runs: Vec<&str> =
+        json["seeds"][0]["runs"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for r in
+        ["sft", "rl[beta=0.04]", "rl[beta=0]", "branch-sft", "branch-rl", "transfer[addition:1]", "transfer[count]"]
+    {
+        assert!(runs.contains(&r), "{r} missing: {runs:?}");
     }
-    let base = &json["runs"][0][0];
+    let base = &json["seeds"][0]["base"];
     assert_eq!(base["kl_base_model_text_nats"].as_f64().unwrap(), 0.0, "the base model's KL from itself is exactly 0");
     assert!(base["bits_per_byte"].as_f64().unwrap() > 0.0);
-    assert!(std::fs::metadata(study.join("study.png")).unwrap().len() > 1000);
+    assert_eq!(json["plan"]["pretrain"]["steps"].as_u64(), Some(2), "the record holds the plan as run");
+    let md = std::fs::read_to_string(study.join("study.md")).unwrap();
+    assert!(md.contains("## Transfer matrix") && md.contains("## What the numbers support"), "{md}");
+    assert!(std::fs::metadata(study.join("frontier_bpb.png")).unwrap().len() > 1000);
+    // Run again: every run is already finished, so nothing trains, and the report is the same.
+    let again = ok(&args);
+    assert!(again.contains("finished earlier") && !again.contains("pretrain:"), "{again}");
+    assert_eq!(std::fs::read_to_string(study.join("study.md")).unwrap(), md);
+    // Another plan into the same directory is refused; --report redraws without training.
+    let (success, other) = kiln(&[&args[..], &["--set", "eval.samples=2"]].concat());
+    assert!(!success && other.contains("different plan"), "{other}");
+    assert!(ok(&["study", "--report", &s(&study)]).contains("redrawn"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -259,7 +277,7 @@ fn llama_tiny_runs_every_command() {
         "--samples",
         "2",
     ]);
-    assert!(text.contains("general loss (bits/byte)"), "{text}");
+    assert!(text.contains("Δ bits/byte"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -181,47 +181,52 @@ enum Command {
         #[command(flatten)]
         rl: RlConfig,
     },
-    /// Pretrain → SFT → RL on the bundled corpus and tasks, scoring every checkpoint with one evaluation suite
-    /// (bits/byte on held-out text, greedy and pass@k accuracy, reward, exact KL(base ‖ model) in nats/token); writes a table,
-    /// OUT/study.json and OUT/study.png.
+    /// What post-training buys and costs: SFT and RL sweeps, a branch point (SFT, RL, on-policy SFT), a transfer
+    /// matrix, every checkpoint scored (chance-corrected accuracy, pass@k, entropy, bits/byte, KL(base ‖ π) in
+    /// nats/token) with paired bootstrap intervals; writes OUT/study.md, OUT/study.json and figures. A killed study
+    /// resumes at its first unfinished run.
     Study {
         #[arg(long, default_value = "runs/study")]
         out: PathBuf,
-        /// A few minutes on a software GPU instead of well under an hour.
+        /// Redraw DIR/study.md and the figures from DIR/study.json, without training.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["plan", "quick"])]
+        report: Option<PathBuf>,
+        /// A study plan (TOML) merged over the built-in one; `kiln study --print-plan` shows every field.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Print the plan that would run (TOML) and exit.
+        #[arg(long)]
+        print_plan: bool,
+        /// Override one plan field: `--set sft.0.lr=[1e-4,3e-4]`, `--set eval.samples=64`, `--set branch.enabled=false`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// The built-in plan that finishes in a few minutes on a software GPU.
         #[arg(long)]
         quick: bool,
-        /// The model family: gpt2 (the `tiny` preset) or llama (`llama-tiny`).
-        #[arg(long, default_value = "gpt2")]
-        arch: String,
-        /// Repeat the whole pipeline with seeds 1..=N and report mean ± std.
-        #[arg(long, default_value_t = 1)]
-        seeds: u64,
-        /// Tasks (default: addition:2, reverse:3, count).
+        /// The model family of a pretrained base: gpt2 (the `tiny` preset) or llama (`llama-tiny`).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Start from this checkpoint instead of pretraining a base.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Seeds 1..=N (the plan's `seeds`).
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Tasks to post-train on (the plan's `tasks`).
         #[arg(long = "task")]
         tasks: Vec<String>,
-        /// KL weight of the main RL run.
-        #[arg(long, default_value_t = 0.04)]
-        beta: f32,
-        /// Ablation: also run RL with β = 0.
-        #[arg(long)]
-        ablate_beta: bool,
-        /// Ablation: also run SFT with this fraction of pretraining text mixed in.
-        #[arg(long)]
-        ablate_mix: Option<f64>,
         /// Prepared data (`kiln prepare` output) instead of the bundled corpus prepared into OUT/data.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Override the pretraining steps of the chosen size.
+        /// Shorthands for `--set`: pretraining steps, the steps of every SFT and RL run, prompts and samples.
         #[arg(long)]
         pretrain_steps: Option<u64>,
         #[arg(long)]
         sft_steps: Option<u64>,
         #[arg(long)]
         rl_steps: Option<u64>,
-        /// Eval-split prompts per task.
         #[arg(long)]
         eval_prompts: Option<usize>,
-        /// Samples per prompt for pass@k (k = 1, 4, 16 up to this).
         #[arg(long)]
         samples: Option<usize>,
     },
@@ -457,13 +462,15 @@ fn run(world: &dist::World) -> Result<()> {
         }
         Command::Study {
             out,
+            report,
+            plan,
+            print_plan,
+            mut sets,
             quick,
             arch,
+            base,
             seeds,
             tasks,
-            beta,
-            ablate_beta,
-            ablate_mix,
             data,
             pretrain_steps,
             sft_steps,
@@ -471,20 +478,46 @@ fn run(world: &dist::World) -> Result<()> {
             eval_prompts,
             samples,
         } => {
-            let specs =
-                if tasks.is_empty() { vec!["addition:2".into(), "reverse:3".into(), "count".into()] } else { tasks };
-            let tasks = specs.iter().map(|t| kiln_model::data::tasks::Task::parse(t)).collect::<Result<Vec<_>, _>>()?;
-            if seeds == 0 {
-                anyhow::bail!("--seeds must be at least 1");
+            if let Some(dir) = report {
+                return study::report_cmd(&dir);
             }
-            let sizes = study::Sizes { pretrain_steps, sft_steps, rl_steps, eval_prompts, samples };
-            let arch = match arch.as_str() {
-                "gpt2" => kiln_model::Family::Gpt2,
-                "llama" => kiln_model::Family::Llama,
-                other => anyhow::bail!("unknown --arch {other:?}: use gpt2 or llama"),
-            };
-            let opts = study::StudyOpts { out, arch, quick, seeds, tasks, ablate_beta, ablate_mix, beta, data, sizes };
-            study::study_cmd(&open_gpu()?, &opts)
+            let text =
+                plan.as_ref().map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())));
+            let text = text.transpose()?;
+            let name = plan.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            // Shorthands first, so an explicit --set of the same field wins.
+            let mut pre: Vec<String> = Vec::new();
+            let quote = |s: &str| format!("{s:?}");
+            pre.extend(arch.map(|a| format!("arch={}", quote(&a))));
+            pre.extend(base.map(|b| format!("base={}", quote(&b.display().to_string()))));
+            pre.extend(seeds.map(|n| format!("seeds={n}")));
+            if !tasks.is_empty() {
+                let list: Vec<String> = tasks.iter().map(|t| quote(t)).collect();
+                pre.push(format!("tasks=[{}]", list.join(",")));
+            }
+            pre.extend(pretrain_steps.map(|n| format!("pretrain.steps={n}")));
+            pre.extend(eval_prompts.map(|n| format!("eval.prompts={n}")));
+            pre.extend(samples.map(|n| format!("eval.samples={n}")));
+            let loaded = study::plan::Plan::load(quick, text.as_deref().map(|t| (name.as_str(), t)), &pre)?;
+            // Step shorthands reach every run of the plan as it stands.
+            for i in 0..loaded.sft.len() {
+                pre.extend(sft_steps.map(|n| format!("sft.{i}.steps={n}")));
+            }
+            for i in 0..loaded.rl.len() {
+                pre.extend(rl_steps.map(|n| format!("rl.{i}.steps={n}")));
+            }
+            if let Some(n) = sft_steps {
+                pre.push(format!("branch.at={}", (n / 2).max(1)));
+                pre.push(format!("branch.sft_steps={n}"));
+            }
+            pre.extend(rl_steps.map(|n| format!("branch.rl_steps={n}")));
+            pre.append(&mut sets);
+            let plan = study::plan::Plan::load(quick, text.as_deref().map(|t| (name.as_str(), t)), &pre)?;
+            if print_plan {
+                print!("{}", plan.to_toml()?);
+                return Ok(());
+            }
+            study::study_cmd(&open_gpu()?, &study::StudyOpts { out, plan, data })
         }
         Command::Plot { metrics, out } => plot::plot_cmd(&metrics, &out),
         Command::Inspect { checkpoint, tokens, out } => commands::inspect_cmd(&open_gpu()?, &checkpoint, &tokens, &out),

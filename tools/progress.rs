@@ -3,7 +3,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_model::train::driver::Progress;
 
-/// A bar labelled with the stage's name; `suspend` prints around it without tearing it.
+/// A bar labelled with the stage's name.
 pub struct Bar {
     bar: ProgressBar,
     /// Remove the bar when the stage ends (the study prints its own summary lines).
@@ -25,10 +25,6 @@ impl Bar {
     /// A bar that disappears when its stage finishes.
     pub fn transient(label: &str) -> Bar {
         Bar { clear: true, ..Bar::new(label) }
-    }
-
-    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.bar.suspend(f)
     }
 }
 

@@ -24,8 +24,10 @@ pub enum Task {
     Addition { digits: u32 },
     /// "reverse: a b c" → "c b a": a list of 2..=words words.
     Reverse { words: usize },
-    /// "count r in river" → "2": occurrences of a letter in a word (the letter may be absent).
-    CountLetter,
+    /// "count r in river" → "2": occurrences of a letter in `words` words (the letter may be absent).
+    CountLetter { words: usize },
+    /// "last: a b c" → "c": the last of 2..=words words (the study's held-out family: evaluated, never trained).
+    LastWord { words: usize },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +57,7 @@ pub fn split_of(prompt: &str) -> Split {
 }
 
 impl Task {
-    /// Parse "addition", "addition:5", "reverse", "reverse:4", "count".
+    /// Parse "addition", "addition:5", "reverse", "reverse:4", "count", "count:2", "last", "last:3".
     pub fn parse(spec: &str) -> Result<Task> {
         let (name, arg) = spec.split_once(':').map_or((spec, None), |(n, a)| (n, Some(a)));
         let num = |default: u64| -> Result<u64> {
@@ -66,10 +68,11 @@ impl Task {
         match name {
             "addition" => Ok(Task::Addition { digits: num(3)?.clamp(1, 9) as u32 }),
             "reverse" => Ok(Task::Reverse { words: num(4)?.clamp(2, 12) as usize }),
-            "count" => Ok(Task::CountLetter),
-            _ => {
-                Err(ModelError::Data(format!("unknown task {spec:?}: use addition[:digits], reverse[:words] or count")))
-            }
+            "count" => Ok(Task::CountLetter { words: num(1)?.clamp(1, 6) as usize }),
+            "last" => Ok(Task::LastWord { words: num(4)?.clamp(2, 12) as usize }),
+            _ => Err(ModelError::Data(format!(
+                "unknown task {spec:?}: use addition[:digits], reverse[:words], count[:words] or last[:words]"
+            ))),
         }
     }
 
@@ -77,7 +80,20 @@ impl Task {
         match self {
             Task::Addition { digits } => format!("addition:{digits}"),
             Task::Reverse { words } => format!("reverse:{words}"),
-            Task::CountLetter => "count".into(),
+            Task::CountLetter { words: 1 } => "count".into(),
+            Task::CountLetter { words } => format!("count:{words}"),
+            Task::LastWord { words } => format!("last:{words}"),
+        }
+    }
+
+    /// The same skill at a length never trained on: two more digits, three more words, one more word to count in.
+    /// Evaluating it tells a skill that generalises from one fitted to the trained lengths.
+    pub fn shifted(&self) -> Task {
+        match *self {
+            Task::Addition { digits } => Task::Addition { digits: (digits + 2).min(9) },
+            Task::Reverse { words } => Task::Reverse { words: (words + 3).min(12) },
+            Task::CountLetter { words } => Task::CountLetter { words: (words + 1).min(6) },
+            Task::LastWord { words } => Task::LastWord { words: (words + 3).min(12) },
         }
     }
 
@@ -94,16 +110,22 @@ impl Task {
                 let rev: Vec<&str> = list.iter().rev().copied().collect();
                 Example { prompt: format!("reverse: {}", list.join(" ")), answer: rev.join(" ") }
             }
-            Task::CountLetter => {
-                let word = WORDS[rng.random_range(0..WORDS.len())];
-                // Half the time a letter of the word, so the answers are not mostly zero.
+            Task::CountLetter { words } => {
+                let text = (0..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect::<Vec<_>>().join(" ");
+                // Half the time a letter of the text, so the answers are not mostly zero.
                 let letter = if rng.random_bool(0.5) {
-                    word.as_bytes()[rng.random_range(0..word.len())] as char
+                    let letters: Vec<char> = text.chars().filter(|c| *c != ' ').collect();
+                    letters[rng.random_range(0..letters.len())]
                 } else {
                     (b'a' + rng.random_range(0..26u8)) as char
                 };
-                let count = word.chars().filter(|&c| c == letter).count();
-                Example { prompt: format!("count {letter} in {word}"), answer: count.to_string() }
+                let count = text.chars().filter(|&c| c == letter).count();
+                Example { prompt: format!("count {letter} in {text}"), answer: count.to_string() }
+            }
+            Task::LastWord { words } => {
+                let n = rng.random_range(2..=words);
+                let list: Vec<&str> = (0..n).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+                Example { prompt: format!("last: {}", list.join(" ")), answer: list[n - 1].to_string() }
             }
         }
     }
@@ -117,6 +139,29 @@ impl Task {
             let e = self.draw(&mut rng);
             if split_of(&e.prompt) == split {
                 out.push(e);
+            }
+        }
+        out
+    }
+
+    /// The fixed evaluation set: `max` distinct eval-split prompts, the same on every call, or every distinct
+    /// eval-split prompt where the task has fewer. Repeats would weight some prompts twice and shrink the
+    /// intervals for nothing.
+    pub fn eval_set(&self, max: usize) -> Vec<Example> {
+        let mut rng = ChaCha8Rng::seed_from_u64(0x65_76_61_6c ^ fnv1a(&self.name()));
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        // A draw repeats a seen prompt ever more often as the space runs out: stop when 64 draws in a row add
+        // nothing after the space has had ample chances to show every prompt (coupon collector).
+        let (mut misses, mut draws) = (0usize, 0usize);
+        while out.len() < max && !(misses >= 64 && draws > 50 * (out.len() + 1) + 20_000) {
+            let e = self.draw(&mut rng);
+            draws += 1;
+            if split_of(&e.prompt) == Split::Eval && seen.insert(e.prompt.clone()) {
+                out.push(e);
+                misses = 0;
+            } else {
+                misses += 1;
             }
         }
         out
@@ -170,7 +215,13 @@ mod tests {
     use super::*;
     use crate::test_util::Scratch;
 
-    const ALL: [Task; 3] = [Task::Addition { digits: 3 }, Task::Reverse { words: 4 }, Task::CountLetter];
+    const ALL: [Task; 5] = [
+        Task::Addition { digits: 3 },
+        Task::Reverse { words: 4 },
+        Task::CountLetter { words: 1 },
+        Task::CountLetter { words: 2 },
+        Task::LastWord { words: 3 },
+    ];
 
     #[test]
     fn answers_are_right_and_rewards_exact() {
@@ -185,10 +236,17 @@ mod tests {
             let rev: Vec<&str> = e.answer.split(' ').rev().collect();
             assert_eq!(words, rev);
         }
-        for e in Task::CountLetter.examples(Split::Train, 100, 3) {
-            let parts: Vec<&str> = e.prompt.split(' ').collect(); // count L in WORD
-            let letter = parts[1].chars().next().unwrap();
-            assert_eq!(parts[3].chars().filter(|&c| c == letter).count().to_string(), e.answer);
+        for words in [1, 3] {
+            for e in (Task::CountLetter { words }).examples(Split::Train, 100, 3) {
+                let parts: Vec<&str> = e.prompt.split(' ').collect(); // count L in WORD...
+                let letter = parts[1].chars().next().unwrap();
+                assert_eq!(parts.len(), 3 + words);
+                let n: usize = parts[3..].iter().map(|w| w.chars().filter(|&c| c == letter).count()).sum();
+                assert_eq!(n.to_string(), e.answer);
+            }
+        }
+        for e in (Task::LastWord { words: 4 }).examples(Split::Eval, 50, 4) {
+            assert_eq!(e.prompt.rsplit(' ').next().unwrap(), e.answer);
         }
         assert_eq!(reward("", "5"), 0.0);
     }
@@ -209,9 +267,37 @@ mod tests {
     fn task_specs_parse_and_bad_ones_are_named() {
         assert_eq!(Task::parse("addition:5").unwrap(), Task::Addition { digits: 5 });
         assert_eq!(Task::parse("reverse").unwrap(), Task::Reverse { words: 4 });
-        assert_eq!(Task::parse("count").unwrap(), Task::CountLetter);
+        assert_eq!(Task::parse("count").unwrap(), Task::CountLetter { words: 1 });
+        assert_eq!(Task::parse("count:2").unwrap().name(), "count:2");
+        assert_eq!(Task::parse("last").unwrap(), Task::LastWord { words: 4 });
+        for t in ALL {
+            assert_eq!(Task::parse(&t.name()).unwrap(), t, "a task's name parses back to it");
+        }
+        assert_eq!(Task::parse("addition:3").unwrap().shifted(), Task::Addition { digits: 5 });
         assert!(Task::parse("sorting").unwrap_err().to_string().contains("sorting"));
         assert!(Task::parse("addition:x").is_err());
+    }
+
+    #[test]
+    fn eval_sets_are_fixed_distinct_eval_prompts_and_enumerate_small_tasks() {
+        for task in ALL {
+            let set = task.eval_set(500);
+            assert_eq!(set, task.eval_set(500), "{task:?}: the same set every time");
+            let distinct: std::collections::HashSet<_> = set.iter().map(|e| &e.prompt).collect();
+            assert_eq!(distinct.len(), set.len(), "{task:?} repeats a prompt");
+            assert!(set.iter().all(|e| split_of(&e.prompt) == Split::Eval));
+        }
+        // count (one word) has 32 words × 26 letters = 832 prompts: the set is every eval one among them.
+        let count = Task::CountLetter { words: 1 };
+        let mut every = 0;
+        for w in WORDS {
+            for l in 'a'..='z' {
+                every += usize::from(split_of(&format!("count {l} in {w}")) == Split::Eval);
+            }
+        }
+        assert_eq!(count.eval_set(500).len(), every);
+        assert!(every > 40 && every < 500, "{every}");
+        assert_eq!((Task::Addition { digits: 3 }).eval_set(500).len(), 500);
     }
 
     #[test]

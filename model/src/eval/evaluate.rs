@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use kiln_engine::autograd::Tape;
 use kiln_engine::ops::elementwise;
-use kiln_engine::ops::policy::kl_rows;
+use kiln_engine::ops::policy::{kl_rows, token_entropy};
 use kiln_engine::ops::sampling::SamplingParams;
 
 use crate::arch::Model;
@@ -251,10 +251,10 @@ pub fn bits_per_byte(
 /// per-token terms summed along a continuation are the sequence-level KL(reference ‖ policy).
 /// Rows are token sequences (any lengths ≤ n_ctx + 1), and `counted[r][i]` says whether position i of row r
 /// (whose distribution predicts token i + 1) is counted. Rows run `batch` at a time, padded to the longest.
-pub fn mean_kl(
-    gpu: &Gpu,
-    reference: &Model,
-    policy: &Model,
+pub fn mean_kl<'a>(
+    gpu: &'a Gpu,
+    reference: &'a Model,
+    policy: &'a Model,
     rows: &[Vec<u32>],
     counted: &[Vec<bool>],
     batch: usize,
@@ -265,7 +265,49 @@ pub fn mean_kl(
             reference.config, policy.config
         )));
     }
-    let (mut total, mut n) = (0.0f64, 0usize);
+    let kl = per_position(gpu, rows, counted, batch, |tape, inputs, b, t| {
+        let p = reference.logits(tape, inputs, b, t)?;
+        let q = policy.logits(tape, inputs, b, t)?;
+        // kl_rows(P, Q) = KL(P‖Q): the reference's distribution first.
+        Ok(gpu.read(&kl_rows(gpu, tape.value(p), tape.value(q))?)?)
+    })?;
+    mean_of(&kl, "KL")
+}
+
+/// Mean entropy (nats) of `model`'s next-token distribution over the counted positions of `rows` (as in
+/// [`mean_kl`]): on the model's own samples, how spread its policy still is.
+pub fn mean_entropy<'a>(
+    gpu: &'a Gpu,
+    model: &'a Model,
+    rows: &[Vec<u32>],
+    counted: &[Vec<bool>],
+    batch: usize,
+) -> Result<f64> {
+    let h = per_position(gpu, rows, counted, batch, |tape, inputs, b, t| {
+        let l = model.logits(tape, inputs, b, t)?;
+        Ok(gpu.read(&token_entropy(gpu, tape.value(l))?)?)
+    })?;
+    mean_of(&h, "entropy")
+}
+
+fn mean_of(values: &[Vec<f64>], what: &str) -> Result<f64> {
+    let n: usize = values.iter().map(Vec::len).sum();
+    if n == 0 {
+        return Err(ModelError::Data(format!("{what}: no positions were selected")));
+    }
+    Ok(values.iter().flatten().sum::<f64>() / n as f64)
+}
+
+/// A per-position quantity on the counted positions of `rows`, row by row: rows run `batch` at a time, padded to
+/// the longest, and `f(tape, inputs, b, t)` returns the quantity at each of the b·t positions.
+fn per_position<'a>(
+    gpu: &'a Gpu,
+    rows: &[Vec<u32>],
+    counted: &[Vec<bool>],
+    batch: usize,
+    mut f: impl FnMut(&mut Tape<'a>, &[i32], usize, usize) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<f64>>> {
+    let mut out = Vec::with_capacity(rows.len());
     for (chunk, mask) in rows.chunks(batch.max(1)).zip(counted.chunks(batch.max(1))) {
         let t = chunk.iter().map(|r| r.len().saturating_sub(1)).max().unwrap_or(0).max(1);
         let b = chunk.len();
@@ -276,23 +318,141 @@ pub fn mean_kl(
             }
         }
         let mut tape = Tape::no_grad(gpu);
-        let p = reference.logits(&mut tape, &inputs, b, t)?;
-        let q = policy.logits(&mut tape, &inputs, b, t)?;
-        // kl_rows(P, Q) = KL(P‖Q): the reference's distribution first.
-        let kl = gpu.read(&kl_rows(gpu, tape.value(p), tape.value(q))?)?;
+        let values = f(&mut tape, &inputs, b, t)?;
         for (r, m) in mask.iter().enumerate() {
-            for (i, &c) in m.iter().enumerate().take(t) {
-                if c && i + 1 < chunk[r].len() {
-                    total += kl[r * t + i] as f64;
-                    n += 1;
-                }
-            }
+            let row = m.iter().enumerate().take(t).filter(|&(i, &c)| c && i + 1 < chunk[r].len());
+            out.push(row.map(|(i, _)| values[r * t + i] as f64).collect());
         }
     }
-    if n == 0 {
-        return Err(ModelError::Data("KL: no positions were selected".into()));
+    Ok(out)
+}
+
+/// The plain-text few-shot prompt of `prompt` with `shots` solved examples before it, one per line as
+/// "prompt => answer": no chat markers, so a base model that never saw the chat format can still show the skill.
+pub fn few_shot_text(shots: &[Example], prompt: &str) -> String {
+    let mut text: String = shots.iter().map(|s| format!("{} => {}\n", s.prompt, s.answer)).collect();
+    text += &format!("{prompt} =>");
+    text
+}
+
+/// Greedy correctness (1/0) per example of `model` prompted few-shot ([`few_shot_text`]) instead of in the chat
+/// format: the baseline that tells learning the format apart from learning the skill. The continuation's first
+/// line is scored with the task reward.
+pub fn few_shot_greedy(
+    gpu: &Gpu,
+    model: &Model,
+    tok: &Tokenizer,
+    examples: &[Example],
+    shots: &[Example],
+    max_new_tokens: usize,
+) -> Result<Vec<f64>> {
+    let n_ctx = model.config.n_ctx;
+    let prompts = examples
+        .iter()
+        .map(|e| {
+            let ids = tok.encode(&few_shot_text(shots, &e.prompt))?;
+            if ids.len() + max_new_tokens > n_ctx {
+                return Err(ModelError::Data(format!(
+                    "the few-shot prompt of {:?} with {} shots is {} tokens, too long for n_ctx = {n_ctx} with {max_new_tokens} new tokens; use fewer shots",
+                    e.prompt,
+                    shots.len(),
+                    ids.len()
+                )));
+            }
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = GenerateConfig {
+        max_new_tokens,
+        sampling: SamplingParams::GREEDY,
+        seed: 0,
+        stop_token: None,
+        vocab_limit: Some(tok.vocab_size()),
+    };
+    let outs = rollouts(gpu, model, &prompts, 1, &cfg, |_, _, _| {})?;
+    examples
+        .iter()
+        .zip(&outs)
+        .map(|(e, group)| Ok(f64::from(reward(&tok.decode(&group[0].tokens)?, &e.answer))))
+        .collect()
+}
+
+/// One task's evaluation set scored prompt by prompt: what paired statistics across checkpoints need.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct PromptScores {
+    /// 1 where the greedy completion is correct, else 0, per prompt.
+    pub greedy: Vec<f64>,
+    /// Correct completions per prompt among `samples` drawn at temperature 1 (the first prompts only, as many as
+    /// were sampled).
+    pub correct: Vec<usize>,
+    pub samples: usize,
+    /// Mean per-token entropy (nats) of the model along its own sampled completions (None where none was sampled).
+    pub entropy: Option<f64>,
+}
+
+impl PromptScores {
+    pub fn accuracy(&self) -> f64 {
+        self.greedy.iter().sum::<f64>() / self.greedy.len().max(1) as f64
     }
-    Ok(total / n as f64)
+
+    /// Unbiased pass@k per prompt (NaN for k > samples).
+    pub fn pass_at(&self, k: usize) -> Vec<f64> {
+        self.correct.iter().map(|&c| pass_at_k(self.samples, c, k)).collect()
+    }
+
+    /// Mean sampled reward (rewards are exact-match 0/1, so the fraction of correct samples) per prompt.
+    pub fn reward(&self) -> Vec<f64> {
+        self.correct.iter().map(|&c| c as f64 / self.samples.max(1) as f64).collect()
+    }
+}
+
+/// Score `examples` prompt by prompt: greedy correctness of every one, and for the first `sampled` of them (none:
+/// greedy only) `samples` completions at temperature 1 (seeded by `seed`, each sample its own stream) counted correct, with the
+/// model's entropy along those completions.
+#[allow(clippy::too_many_arguments)]
+pub fn score_prompts(
+    gpu: &Gpu,
+    model: &Model,
+    tok: &Tokenizer,
+    examples: &[Example],
+    sampled: usize,
+    samples: usize,
+    max_new_tokens: usize,
+    seed: u64,
+) -> Result<PromptScores> {
+    let greedy_cfg = GenerateConfig {
+        max_new_tokens,
+        sampling: SamplingParams::GREEDY,
+        seed: 0,
+        stop_token: None,
+        vocab_limit: None,
+    };
+    let (g, _) = sample_rewards(gpu, model, tok, examples, 1, greedy_cfg)?;
+    let cfg = GenerateConfig { max_new_tokens, sampling: TEMPERATURE_1, seed, stop_token: None, vocab_limit: None };
+    let examples = &examples[..sampled.min(examples.len())];
+    let (rewards, outs) = if examples.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        sample_rewards(gpu, model, tok, examples, samples, cfg)?
+    };
+    let ct = ChatTokens::from_tokenizer(tok)?;
+    let prompts = chat_prompts(tok, ct, examples, model.config.n_ctx)?;
+    let (mut rows, mut counted) = (Vec::new(), Vec::new());
+    for (p, group) in prompts.iter().zip(&outs) {
+        for c in group.iter().filter(|c| !c.tokens.is_empty()) {
+            let row: Vec<u32> = p.iter().chain(&c.tokens).copied().collect();
+            // Position i predicts token i + 1: the positions that predicted the completion.
+            counted.push((0..row.len()).map(|i| i + 1 >= p.len()).collect());
+            rows.push(row);
+        }
+    }
+    let entropy = if rows.is_empty() { None } else { Some(mean_entropy(gpu, model, &rows, &counted, 16)?) };
+    Ok(PromptScores {
+        greedy: g.iter().map(|r| f64::from(u8::from(r[0] >= 1.0))).collect(),
+        correct: rewards.iter().map(|r| r.iter().filter(|&&x| x >= 1.0).count()).collect(),
+        samples,
+        entropy,
+    })
 }
 
 #[cfg(test)]
@@ -375,6 +535,34 @@ mod tests {
         }
         let none = vec![vec![false; 9], vec![false; 5]];
         assert!(mean_kl(gpu, &reference, &policy, &rows, &none, 2).is_err(), "no counted positions is an error");
+    }
+
+    #[test]
+    fn mean_entropy_is_the_models_entropy_over_counted_positions() {
+        let gpu = kiln_engine::testing::gpu();
+        let model = peaky_model(gpu, 3, 3.0);
+        let rows: Vec<Vec<u32>> = vec![vec![1, 9, 30, 4, 4, 61], vec![7, 2, 40]];
+        let counted = vec![vec![true, false, true, true, true, true], vec![false, true, true]];
+        let (b, t, v) = (2, 5, 64);
+        let mut tokens = vec![0i32; b * t];
+        for (r, row) in rows.iter().enumerate() {
+            for (i, &id) in row.iter().take(t).enumerate() {
+                tokens[r * t + i] = id as i32;
+            }
+        }
+        let mut tape = Tape::no_grad(gpu);
+        let l = model.logits(&mut tape, &tokens, b, t).unwrap();
+        let logits = gpu.read(tape.value(l)).unwrap();
+        let entropy = |row: &[f32]| {
+            let m = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));
+            let z = row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+            -row.iter().map(|&x| (x as f64 - z).exp() * (x as f64 - z)).sum::<f64>()
+        };
+        let picked = [(0, 0), (0, 2), (0, 3), (0, 4), (1, 1)];
+        let want = picked.iter().map(|&(r, i)| entropy(&logits[(r * t + i) * v..][..v])).sum::<f64>() / 5.0;
+        let got = mean_entropy(gpu, &model, &rows, &counted, 2).unwrap();
+        assert!((got - want).abs() < 1e-4 * want.max(1.0), "mean_entropy {got}, host {want}");
+        assert!(want > 0.1 && want < (64f64).ln(), "{want}: neither one-hot nor uniform, so the test can fail");
     }
 
     #[test]

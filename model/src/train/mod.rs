@@ -3,6 +3,7 @@
 pub mod collective;
 pub mod data_parallel;
 pub mod driver;
+pub mod onpolicy;
 pub mod optim;
 pub mod pretrain;
 pub mod rl;

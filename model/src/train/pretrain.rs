@@ -221,6 +221,12 @@ impl<'g> Trainer<'g> {
     /// grad_accum of them, so the data stream, its checkpointed position and the losses are those of a single
     /// process with ranks × grad_accum accumulation steps. `zero` shards the AdamW moments over the ranks.
     /// Gradients travel in buckets of `bucket_bytes` ([`crate::train::data_parallel::BUCKET_BYTES`] is a good default).
+    /// Replace the data stream mid-run: on-policy fine-tuning refreshes its samples from the current model while
+    /// the optimizer state and the learning-rate schedule carry on.
+    pub fn set_source(&mut self, source: Box<dyn BatchSource>) {
+        self.source = source;
+    }
+
     pub fn data_parallel(&mut self, comm: Arc<dyn Collective>, zero: bool, bucket_bytes: usize) -> Result<()> {
         self.dp = Some(GradSync::attach(self.gpu, comm, &self.model, &mut self.opt, zero, bucket_bytes)?);
         Ok(())

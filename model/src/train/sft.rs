@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::chat::{encode_example, pack, ChatTokens, PackedRow};
+use crate::data::chat::{encode_example, pack, ChatSequence, ChatTokens, PackedRow};
 use crate::data::tasks::Example;
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{BatchSampler, SamplerState};
@@ -57,14 +57,26 @@ impl SftSource {
         mix: Option<(Arc<Vec<u32>>, f64)>,
     ) -> Result<SftSource> {
         let ct = ChatTokens::from_tokenizer(tok)?;
-        if examples.is_empty() {
+        let seqs =
+            examples.iter().map(|e| encode_example(tok, ct, &e.prompt, &e.answer)).collect::<Result<Vec<_>>>()?;
+        SftSource::from_sequences(seqs, ct.end, batch, time, seed, mix)
+    }
+
+    /// The same from sequences already in tokens (`trained` marks what the loss sees), padded with `pad`: on-policy
+    /// fine-tuning trains on the exact tokens the model sampled, not a re-tokenization of their text.
+    pub fn from_sequences(
+        mut seqs: Vec<ChatSequence>,
+        pad: u32,
+        batch: usize,
+        time: usize,
+        seed: u64,
+        mix: Option<(Arc<Vec<u32>>, f64)>,
+    ) -> Result<SftSource> {
+        if seqs.is_empty() {
             return Err(ModelError::Data("fine-tuning needs at least one example".into()));
         }
-        let mut shuffled: Vec<&Example> = examples.iter().collect();
-        shuffled.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5f7));
-        let seqs =
-            shuffled.iter().map(|e| encode_example(tok, ct, &e.prompt, &e.answer)).collect::<Result<Vec<_>>>()?;
-        let rows = pack(&seqs, time, ct.end)?;
+        seqs.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5f7));
+        let rows = pack(&seqs, time, pad)?;
         let mix = match mix {
             None => None,
             Some((_, 0.0)) => None,

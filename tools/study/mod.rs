@@ -1,0 +1,205 @@
+//! `kiln study`: what post-training buys and costs, measured. A plan (built in, or TOML with `--plan`/`--set`)
+//! lists the runs: SFT sweeps from a base model, RL sweeps from SFT models, a common branch point continued by
+//! SFT, RL and on-policy SFT, and single-task runs for a transfer matrix. Every checkpoint of every run and seed is
+//! scored by one suite (task accuracy per prompt, pass@k, entropy, bits/byte on held-out text, KL(base ‖ π) and
+//! KL(start ‖ π) in nats/token), recorded in `study.json`, and reported in `study.md` with figures beside it.
+
+pub mod figures;
+pub mod plan;
+pub mod record;
+pub mod report;
+pub mod run;
+pub mod suite;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use kiln_engine::Gpu;
+use kiln_model::data::chat::ChatTokens;
+use kiln_model::data::read_shard;
+use kiln_model::data::tokenizer::Tokenizer;
+
+use crate::commands::{prepare_cmd, TokenizerSource};
+use plan::Plan;
+use record::{Study, SCHEMA};
+use run::SeedContext;
+
+pub struct StudyOpts {
+    pub out: PathBuf,
+    pub plan: Plan,
+    /// Prepared data (`kiln prepare` output) instead of preparing the bundled corpus into OUT/data.
+    pub data: Option<PathBuf>,
+}
+
+/// The source tree's `git describe`, when the binary runs where it was built.
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// OUT/plan.toml holds the plan a study started with: resuming with another plan would mix two studies' runs.
+fn pin_plan(out: &Path, plan: &Plan) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join("plan.toml");
+    let text = plan.to_toml()?;
+    if path.exists() {
+        let old = std::fs::read_to_string(&path)?;
+        if old != text {
+            anyhow::bail!(
+                "{} holds a study with a different plan ({}); resume it with the same plan and flags, or use another --out",
+                out.display(),
+                path.display()
+            );
+        }
+        println!("resuming the study in {} (finished runs are kept)", out.display());
+        return Ok(());
+    }
+    kiln_model::atomic::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Prepared data for the study: `--data`, or the bundled corpus prepared into OUT/data (with the `--base`
+/// checkpoint's tokenizer when there is one).
+fn data_dir(opts: &StudyOpts) -> Result<PathBuf> {
+    let data = opts.data.clone().unwrap_or_else(|| opts.out.join("data"));
+    let prepared = ["train.bin", "val.bin", "tokenizer.json"].iter().all(|f| data.join(f).exists());
+    if opts.data.is_some() && !prepared {
+        anyhow::bail!("{} lacks train.bin, val.bin or tokenizer.json: run `kiln prepare --out` there", data.display());
+    }
+    if !prepared {
+        match &opts.plan.base {
+            Some(base) => {
+                let ckpt = kiln_model::checkpoint::load_checkpoint(base)
+                    .with_context(|| format!("loading --base {}", base.display()))?;
+                let json = ckpt.tokenizer_json.with_context(|| {
+                    format!("--base {} has no tokenizer.json: the study needs the model's tokenizer", base.display())
+                })?;
+                std::fs::create_dir_all(&data)?;
+                let tok_path = data.join("base-tokenizer.json");
+                std::fs::write(&tok_path, json)?;
+                prepare_cmd(&[], &data, TokenizerSource::Json(&tok_path), 0.1)?;
+            }
+            None => {
+                prepare_cmd(&[], &data, TokenizerSource::Train(2048), 0.1)?;
+            }
+        }
+    }
+    Ok(data)
+}
+
+pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
+    let plan = &opts.plan;
+    let sft: Vec<_> = plan.sft.iter().flat_map(|r| r.points()).collect();
+    let rl: Vec<_> = plan.rl.iter().map(|r| r.points(plan)).collect::<Result<Vec<_>>>()?.concat();
+    let per_seed = sft.len()
+        + rl.len()
+        + if plan.branch.enabled { 3 } else { 0 }
+        + if plan.transfer.enabled && plan.tasks.len() > 1 { plan.tasks.len() } else { 0 };
+    println!(
+        "Kiln study on {}: {} seed(s) × ({} SFT, {} RL{}{}) runs; tasks {}",
+        gpu.report(),
+        plan.seeds,
+        sft.len(),
+        rl.len(),
+        if plan.branch.enabled { ", 3 branch arms" } else { "" },
+        if plan.transfer.enabled { ", transfer" } else { "" },
+        plan.tasks.join(", ")
+    );
+    pin_plan(&opts.out, plan)?;
+    let data = data_dir(opts)?;
+    let tok_json = std::fs::read_to_string(data.join("tokenizer.json"))?;
+    let tok = Tokenizer::from_file(&data.join("tokenizer.json"))?;
+    // Fail before pretraining, not after, when the tokenizer cannot hold the chat format.
+    ChatTokens::from_tokenizer(&tok)?;
+    let train = Arc::new(read_shard(&data.join("train.bin"))?.tokens);
+    let val = read_shard(&data.join("val.bin"))?.tokens;
+    let tasks = suite::task_infos(&suite::eval_tasks(plan)?);
+    let done = std::cell::Cell::new(0);
+    let mut seeds = Vec::new();
+    for seed in 1..=plan.seeds {
+        println!("seed {seed}:");
+        let ctx = SeedContext {
+            gpu,
+            plan,
+            tok: &tok,
+            tok_json: &tok_json,
+            train: train.clone(),
+            seed,
+            dir: opts.out.join(format!("seed{seed}")),
+            done: std::cell::Cell::new(done.get()),
+            total: per_seed * plan.seeds as usize,
+        };
+        let record = (|| -> Result<_> {
+            let (base, tokens) = ctx.base()?;
+            let sp =
+                crate::progress::spinner("building the evaluation suite (base samples for the KL positions)".into());
+            let suite = suite::Suite::new(gpu, &base, &tok, plan, &val)?;
+            sp.finish_and_clear();
+            let mut rec = ctx.base_record(&suite, &base, tokens)?;
+            let base_scores = rec.base.clone();
+            for p in &sft {
+                rec.runs.push(ctx.sft(&suite, (&base, &base_scores), p, &plan.tasks, record::Method::Sft)?);
+            }
+            for p in &rl {
+                rec.runs.push(ctx.rl_point(&suite, p)?);
+            }
+            rec.runs.extend(ctx.branch(&suite)?);
+            rec.runs.extend(ctx.transfer(&suite, (&base, &base_scores))?);
+            Ok(rec)
+        })()
+        .with_context(|| format!("study seed {seed}"))?;
+        done.set(ctx.done.get());
+        seeds.push(record);
+    }
+    let study = Study {
+        schema: SCHEMA,
+        commit: commit(),
+        adapter: gpu.adapter_name().to_string(),
+        plan: plan.clone(),
+        tasks,
+        seeds,
+    };
+    let json_path = opts.out.join("study.json");
+    kiln_model::atomic::write_atomic(&json_path, serde_json::to_string_pretty(&study)?.as_bytes())
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let summary = report::write_report(&study, &opts.out)?;
+    println!("\n{summary}");
+    println!(
+        "study: {}, {} and figures in {}",
+        json_path.display(),
+        opts.out.join("study.md").display(),
+        opts.out.display()
+    );
+    Ok(())
+}
+
+/// `kiln study --report DIR`: redraw study.md and the figures from DIR/study.json, without training.
+pub fn report_cmd(dir: &Path) -> Result<()> {
+    let path = dir.join("study.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let study: Study =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a study record", path.display()))?;
+    if study.schema != SCHEMA {
+        anyhow::bail!("{} has schema {}, this kiln reads schema {SCHEMA}", path.display(), study.schema);
+    }
+    let summary = report::write_report(&study, dir)?;
+    println!("{summary}");
+    println!("study: {} redrawn", dir.join("study.md").display());
+    Ok(())
+}
+
+#[cfg(test)]
+pub mod tests {
+    /// A fresh scratch directory for a test.
+    pub fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-study-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
