@@ -125,7 +125,7 @@ impl Default for SftRun {
 #[serde(deny_unknown_fields, default)]
 pub struct RlRun {
     pub name: String,
-    /// The SFT run it starts from (its final checkpoint); empty: the first SFT run.
+    /// The SFT run or sweep point it starts from (its final checkpoint); empty: the first SFT run's first point.
     pub from: String,
     pub lr: Sweep<f32>,
     pub beta: Sweep<f32>,
@@ -161,7 +161,8 @@ impl Default for RlRun {
 #[serde(deny_unknown_fields, default)]
 pub struct BranchPlan {
     pub enabled: bool,
-    /// The SFT run branched from (empty: the first), and the step of it where the branches start.
+    /// The SFT run or sweep point branched from (empty: the first), and the step of it from which the branch point
+    /// is taken (the first snapshot from there on with a rewarded sample).
     pub from: String,
     pub at: u64,
     /// SFT steps of the reference-answer and on-policy arms; RL steps of the RL arm.
@@ -256,6 +257,8 @@ impl Plan {
                 transfer: TransferPlan { enabled: false, ..TransferPlan::default() },
             };
         }
+        // The default: three seeds within the hour on a software GPU (2 cores), every part of the study present.
+        let main_sft = "sft[lr=0.001,mix=0.25]".to_string();
         Plan {
             arch: "gpt2".into(),
             seeds: 3,
@@ -263,25 +266,44 @@ impl Plan {
             held_out: vec!["last:3".into()],
             shifted: true,
             base: None,
-            pretrain: PretrainPlan { steps: 800, lr: 3e-3, min_lr: 3e-4, batch: 8, seq_len: 128 },
+            pretrain: PretrainPlan { steps: 600, lr: 3e-3, min_lr: 3e-4, batch: 8, seq_len: 128 },
             eval: EvalPlan {
                 prompts: 500,
-                sampled_prompts: 64,
+                sampled_prompts: 48,
                 samples: 16,
                 max_new_tokens: 16,
                 kl_prompts: 32,
-                text_windows: 64,
+                text_windows: 48,
                 few_shot: 3,
                 bootstrap: 1000,
             },
             sft: vec![SftRun {
-                lr: Sweep::Many(vec![1e-4, 3e-4]),
+                lr: Sweep::Many(vec![3e-4, 1e-3]),
                 mix: Sweep::Many(vec![0.0, 0.25]),
+                steps: Sweep::One(200),
+                snapshots: 2,
                 ..SftRun::default()
             }],
-            rl: vec![RlRun { beta: Sweep::Many(vec![0.04, 0.0]), ..RlRun::default() }],
-            branch: BranchPlan::default(),
-            transfer: TransferPlan::default(),
+            rl: vec![RlRun {
+                from: main_sft.clone(),
+                lr: Sweep::One(3e-4),
+                beta: Sweep::Many(vec![0.04, 0.0]),
+                steps: Sweep::One(30),
+                snapshots: 2,
+                ..RlRun::default()
+            }],
+            branch: BranchPlan {
+                from: main_sft,
+                at: 100,
+                sft_steps: 100,
+                rl_steps: 30,
+                sft_lr: 1e-3,
+                rl_lr: 3e-4,
+                prompts: 128,
+                snapshots: 2,
+                ..BranchPlan::default()
+            },
+            transfer: TransferPlan { enabled: true, steps: 150 },
         }
     }
 
@@ -357,8 +379,7 @@ impl Plan {
         }
         if self.branch.enabled {
             let b = &self.branch;
-            let parent = self.sft_parent(&b.from).context("branch")?;
-            let steps = parent.steps.values()[0];
+            let steps = self.sft_parent(&b.from).context("branch")?.1.steps;
             if b.at == 0 || b.at >= steps {
                 bail!("branch: at = {} must lie inside the SFT run it branches from (1..{steps})", b.at);
             }
@@ -375,15 +396,24 @@ impl Plan {
         Ok(())
     }
 
-    /// The SFT run `from` names (empty: the first one).
-    pub fn sft_parent(&self, from: &str) -> Result<&SftRun> {
+    /// The SFT point `from` names: a point of a sweep by its full name ("sft[lr=0.001,mix=0.25]"), a run by its
+    /// name (its first point), or, empty, the first run's first point; with the run it belongs to.
+    pub fn sft_parent(&self, from: &str) -> Result<(&SftRun, SftPoint)> {
+        let first = |r: &SftRun| r.points().into_iter().next().expect("a checked run has a point");
         if from.is_empty() {
-            return self.sft.first().context("no SFT run to start from");
+            let r = self.sft.first().context("no SFT run to start from")?;
+            return Ok((r, first(r)));
         }
-        self.sft.iter().find(|r| r.name == from).with_context(|| {
-            let names: Vec<&str> = self.sft.iter().map(|r| r.name.as_str()).collect();
-            format!("from = {from:?} names no SFT run (there are {names:?})")
-        })
+        if let Some(r) = self.sft.iter().find(|r| r.name == from) {
+            return Ok((r, first(r)));
+        }
+        for r in &self.sft {
+            if let Some(p) = r.points().into_iter().find(|p| p.name == from) {
+                return Ok((r, p));
+            }
+        }
+        let names: Vec<String> = self.sft.iter().flat_map(|r| r.points()).map(|p| p.name).collect();
+        bail!("from = {from:?} names no SFT run or sweep point (there are {names:?})")
     }
 }
 
@@ -403,7 +433,7 @@ pub struct SftPoint {
 pub struct RlPoint {
     pub name: String,
     pub run: String,
-    /// The SFT point it starts from (the first of its parent's sweep).
+    /// The SFT point it starts from.
     pub from: String,
     pub lr: f32,
     pub beta: f32,
@@ -444,7 +474,7 @@ impl SftRun {
 
 impl RlRun {
     pub fn points(&self, plan: &Plan) -> Result<Vec<RlPoint>> {
-        let from = plan.sft_parent(&self.from)?.points()[0].name.clone();
+        let from = plan.sft_parent(&self.from)?.1.name;
         let mut out = Vec::new();
         for lr in self.lr.values() {
             for beta in self.beta.values() {
@@ -562,7 +592,7 @@ mod tests {
         assert_eq!(sft[1].steps, SftRun::default().steps.values()[0], "unset fields of a listed run take the defaults");
         let rl = p.rl[0].points(&p).unwrap();
         assert_eq!(rl.iter().map(|r| r.beta).collect::<Vec<_>>(), vec![0.1, 0.0]);
-        assert_eq!(rl[0].from, "a[lr=0.0001,mix=0]", "RL starts from its parent's first sweep point");
+        assert_eq!(rl[0].from, "a[lr=0.0001,mix=0]", "RL named by run starts from its first sweep point");
         assert_eq!(rl[1].name, "rl[beta=0]");
     }
 
@@ -578,6 +608,8 @@ mod tests {
         assert!(e.contains("lr = [] is empty"), "{e}");
         let e = err("[[rl]]\nfrom = \"nope\"\n", &[]);
         assert!(e.contains("nope") && e.contains("names no SFT run"), "{e}");
+        let p = Plan::load(false, None, &["rl.0.from=\"sft[lr=0.001,mix=0.25]\"".into()]).unwrap();
+        assert_eq!(p.rl[0].points(&p).unwrap()[0].from, "sft[lr=0.001,mix=0.25]", "a sweep point by name");
         let e = err("", &["eval.bogus=1"]);
         assert!(e.contains("bogus"), "{e}");
         let e = err("", &["sft.3.lr=1"]);

@@ -384,9 +384,9 @@ fn few_shot_section(md: &mut String, study: &Study) -> Result<()> {
 pub type Matrix = (Vec<String>, Vec<String>, Vec<Vec<Estimate>>);
 
 pub fn transfer_matrix(study: &Study) -> Option<Matrix> {
-    let first_sft = run_names(study)
-        .into_iter()
-        .find(|n| across_seeds(study, n).first().is_some_and(|r| r.1.method == Method::Sft))?;
+    // "All tasks": the SFT point RL starts from, whose recipe the single-task runs share.
+    let main = study.plan.rl.first().map_or("", |r| r.from.as_str());
+    let first_sft = study.plan.sft_parent(main).ok()?.1.name;
     let mut rows: Vec<String> = run_names(study)
         .into_iter()
         .filter(|n| across_seeds(study, n).first().is_some_and(|r| r.1.method == Method::Transfer))
@@ -418,8 +418,8 @@ fn transfer_section(md: &mut String, study: &Study) -> Result<()> {
     let Some((rows, cols, cells)) = transfer_matrix(study) else { return Ok(()) };
     writeln!(
         md,
-        "## Transfer matrix\n\nSFT on each task alone (and on all, the first SFT run), final checkpoint; each cell is \
-         the chance-corrected accuracy gain over the base on that column's task.\n"
+        "## Transfer matrix\n\nSFT on each task alone (and on all: the SFT run RL starts from, same recipe), final \
+         checkpoint; each cell is the chance-corrected accuracy gain over the base on that column's task.\n"
     )?;
     write!(md, "| trained on ↓ / evaluated on → |")?;
     for c in &cols {

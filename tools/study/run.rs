@@ -308,7 +308,7 @@ impl SeedContext<'_> {
         if !self.plan.branch.enabled {
             return Ok(None);
         }
-        Ok(Some(self.plan.sft_parent(&self.plan.branch.from)?.points()[0].name.clone()))
+        Ok(Some(self.plan.sft_parent(&self.plan.branch.from)?.1.name))
     }
 
     fn rl_config(&self, point: &RlPoint, prompts: usize, epochs: usize, warmup: u64) -> RlConfig {
@@ -392,10 +392,10 @@ impl SeedContext<'_> {
         let start_dir = self.dir.join(run_dir_name(&from)).join("branch-point");
         // The step the branch point was actually taken at (the first rewarded snapshot from `at` on).
         let start = format!("{from}@{}", self.start_scores(&start_dir)?.step);
-        let sft_run = self.plan.sft_parent(&b.from)?;
+        let (sft_run, parent) = self.plan.sft_parent(&b.from)?;
         // The SFT arms keep the parent's recipe (its pretraining mix), changing only what the branch compares.
         let mix = {
-            let m = sft_run.points()[0].mix;
+            let m = parent.mix;
             move || (m > 0.0).then(|| (self.train.clone(), m))
         };
         let mut out = Vec::new();
@@ -414,7 +414,7 @@ impl SeedContext<'_> {
             let meta = RunMeta {
                 name,
                 method: Method::BranchSft,
-                settings: serde_json::json!({ "lr": b.sft_lr, "steps": b.sft_steps, "mix": sft_run.points()[0].mix }),
+                settings: serde_json::json!({ "lr": b.sft_lr, "steps": b.sft_steps, "mix": parent.mix }),
                 start: start.clone(),
                 tasks: self.trained(),
             };
@@ -476,7 +476,7 @@ impl SeedContext<'_> {
             let start_scores = self.start_scores(&start_dir)?;
             let mut tr = Trainer::with_source(self.gpu, self.load(&start_dir)?, cfg.clone(), Box::new(source))?;
             let meta_settings = |rates: &[f64]| {
-                serde_json::json!({ "lr": b.sft_lr, "steps": b.sft_steps, "mix": sft_run.points()[0].mix,
+                serde_json::json!({ "lr": b.sft_lr, "steps": b.sft_steps, "mix": parent.mix,
                                     "samples": b.samples, "prompts": b.prompts, "acceptance_per_round": rates })
             };
             let meta = RunMeta {
@@ -522,7 +522,9 @@ impl SeedContext<'_> {
         if !self.plan.transfer.enabled || self.plan.tasks.len() < 2 {
             return Ok(Vec::new());
         }
-        let mut p = self.plan.sft[0].points()[0].clone();
+        // The recipe of the SFT point RL starts from (the study's main SFT), on one task at a time.
+        let from = self.plan.rl.first().map_or("", |r| r.from.as_str());
+        let mut p = self.plan.sft_parent(from)?.1;
         if self.plan.transfer.steps > 0 {
             p.steps = self.plan.transfer.steps;
         }
