@@ -40,6 +40,9 @@ impl<T: Clone> Sweep<T> {
 pub struct Plan {
     /// Model family of a pretrained base: "gpt2" (the `tiny` preset) or "llama" (`llama-tiny`).
     pub arch: String,
+    /// The pretrained base's preset instead of the family's tiny one ("small" on a GPU); empty: by `arch`.
+    #[serde(default)]
+    pub preset: String,
     /// Seeds 1..=seeds: every run repeats per seed.
     pub seeds: u64,
     /// Tasks post-trained on and evaluated.
@@ -99,6 +102,9 @@ pub struct SftRun {
     pub batch: usize,
     pub seq_len: usize,
     pub warmup: u64,
+    /// The cosine schedule ends at lr × this.
+    pub min_lr_fraction: f32,
+    pub weight_decay: f32,
     /// Checkpoints evaluated, evenly spaced, the last at the end.
     pub snapshots: u64,
     /// Training examples drawn per task.
@@ -115,6 +121,8 @@ impl Default for SftRun {
             batch: 16,
             seq_len: 64,
             warmup: 10,
+            min_lr_fraction: 0.1,
+            weight_decay: 0.1,
             snapshots: 3,
             examples: 4000,
         }
@@ -134,6 +142,11 @@ pub struct RlRun {
     pub prompts_per_step: usize,
     pub epochs: usize,
     pub warmup: u64,
+    pub min_lr_fraction: f32,
+    /// PPO-style ratio clip ε.
+    pub clip_eps: f32,
+    /// GRPO divides advantages by the group's reward std; false: Dr. GRPO-style mean-centring only.
+    pub scale_by_std: bool,
     pub snapshots: u64,
     pub examples: usize,
 }
@@ -150,6 +163,9 @@ impl Default for RlRun {
             prompts_per_step: 16,
             epochs: 2,
             warmup: 5,
+            min_lr_fraction: 0.1,
+            clip_eps: 0.2,
+            scale_by_std: true,
             snapshots: 3,
             examples: 2000,
         }
@@ -220,6 +236,7 @@ impl Plan {
         if quick {
             return Plan {
                 arch: "gpt2".into(),
+                preset: String::new(),
                 seeds: 1,
                 tasks,
                 held_out: vec!["last:3".into()],
@@ -261,6 +278,7 @@ impl Plan {
         let main_sft = "sft[lr=0.001,mix=0.25]".to_string();
         Plan {
             arch: "gpt2".into(),
+            preset: String::new(),
             seeds: 3,
             tasks,
             held_out: vec!["last:3".into()],
@@ -346,6 +364,9 @@ impl Plan {
         }
         if !["gpt2", "llama"].contains(&self.arch.as_str()) {
             bail!("arch {:?}: use gpt2 or llama", self.arch);
+        }
+        if !self.preset.is_empty() {
+            kiln_model::ModelConfig::preset(&self.preset, 512).with_context(|| format!("preset {:?}", self.preset))?;
         }
         let mut names = BTreeSet::new();
         for r in &self.sft {
@@ -594,6 +615,16 @@ mod tests {
         assert_eq!(rl.iter().map(|r| r.beta).collect::<Vec<_>>(), vec![0.1, 0.0]);
         assert_eq!(rl[0].from, "a[lr=0.0001,mix=0]", "RL named by run starts from its first sweep point");
         assert_eq!(rl[1].name, "rl[beta=0]");
+    }
+
+    #[test]
+    fn the_gpu_plan_example_loads_and_expands() {
+        let text = include_str!("../../examples/study-full.toml");
+        let p = Plan::load(false, Some(("examples/study-full.toml", text)), &[]).unwrap();
+        assert_eq!((p.preset.as_str(), p.eval.samples), ("small", 64));
+        assert_eq!(p.sft[0].points().len(), 12);
+        assert_eq!(p.rl[0].points(&p).unwrap().len(), 12);
+        assert_eq!(p.sft_parent(&p.branch.from).unwrap().1.mix, 0.25);
     }
 
     #[test]

@@ -66,7 +66,11 @@ fn read_json<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> Result<Option<
 
 impl SeedContext<'_> {
     fn config(&self) -> Result<ModelConfig> {
-        let preset = if self.plan.arch == "llama" { "llama-tiny" } else { "tiny" };
+        let preset = match (self.plan.preset.as_str(), self.plan.arch.as_str()) {
+            ("", "llama") => "llama-tiny",
+            ("", _) => "tiny",
+            (p, _) => p,
+        };
         Ok(ModelConfig::preset(preset, self.tok.vocab_size())?)
     }
 
@@ -236,13 +240,20 @@ impl SeedContext<'_> {
         Ok(s)
     }
 
-    fn sft_config(&self, lr: f32, steps: u64, batch: usize, seq_len: usize, warmup: u64) -> TrainConfig {
+    /// The optimizer and shapes of `run` at learning rate `lr` for `steps`.
+    fn sft_config(&self, run: &super::plan::SftRun, lr: f32, steps: u64) -> TrainConfig {
         TrainConfig {
             steps,
-            batch,
-            seq_len,
+            batch: run.batch,
+            seq_len: run.seq_len,
             seed: self.seed,
-            optim: OptimConfig { lr, min_lr: lr / 10.0, warmup, ..OptimConfig::default() },
+            optim: OptimConfig {
+                lr,
+                min_lr: lr * run.min_lr_fraction,
+                warmup: run.warmup,
+                weight_decay: run.weight_decay,
+                ..OptimConfig::default()
+            },
             ..TrainConfig::default()
         }
     }
@@ -262,7 +273,7 @@ impl SeedContext<'_> {
             return Ok(r);
         }
         let run = self.plan.sft.iter().find(|r| r.name == point.run).context("the point's run is in the plan")?;
-        let cfg = self.sft_config(point.lr, point.steps, run.batch, run.seq_len, run.warmup);
+        let cfg = self.sft_config(run, point.lr, point.steps);
         let examples = self.examples(tasks, run.examples, 1)?;
         let mix = (point.mix > 0.0).then(|| (self.train.clone(), point.mix));
         let source = SftSource::new(self.tok, &examples, cfg.batch, cfg.seq_len, self.seed, mix)?;
@@ -311,19 +322,22 @@ impl SeedContext<'_> {
         Ok(Some(self.plan.sft_parent(&self.plan.branch.from)?.1.name))
     }
 
-    fn rl_config(&self, point: &RlPoint, prompts: usize, epochs: usize, warmup: u64) -> RlConfig {
+    /// The RL settings of `run` (its shapes and optimizer) at `point`'s swept values.
+    fn rl_config(&self, point: &RlPoint, run: &super::plan::RlRun) -> RlConfig {
         RlConfig {
             steps: point.steps,
-            prompts_per_step: prompts,
+            prompts_per_step: run.prompts_per_step,
             group_size: point.group_size,
             max_new_tokens: self.plan.eval.max_new_tokens,
             beta: point.beta,
-            epochs,
+            epochs: run.epochs,
+            clip_eps: run.clip_eps,
+            scale_by_std: run.scale_by_std,
             seed: self.seed,
             optim: OptimConfig {
                 lr: point.lr,
-                min_lr: point.lr / 10.0,
-                warmup,
+                min_lr: point.lr * run.min_lr_fraction,
+                warmup: run.warmup,
                 weight_decay: 0.0,
                 ..OptimConfig::default()
             },
@@ -379,7 +393,7 @@ impl SeedContext<'_> {
 
     pub fn rl_point(&self, suite: &Suite, point: &RlPoint) -> Result<RunRecord> {
         let run = self.plan.rl.iter().find(|r| r.name == point.run).context("the point's run is in the plan")?;
-        let cfg = self.rl_config(point, run.prompts_per_step, run.epochs, run.warmup);
+        let cfg = self.rl_config(point, run);
         let start_dir = self.dir.join(run_dir_name(&point.from)).join("checkpoint");
         self.rl(suite, point, &start_dir, &point.from, Method::Rl, cfg, run.snapshots, run.examples)
     }
@@ -405,7 +419,7 @@ impl SeedContext<'_> {
         if let Some(r) = self.finished(&name)? {
             out.push(r);
         } else {
-            let cfg = self.sft_config(b.sft_lr, b.sft_steps, sft_run.batch, sft_run.seq_len, sft_run.warmup);
+            let cfg = self.sft_config(sft_run, b.sft_lr, b.sft_steps);
             let examples = self.examples(&self.trained(), sft_run.examples, 1)?;
             let source = SftSource::new(self.tok, &examples, cfg.batch, cfg.seq_len, self.seed, mix())?;
             let mut tr = Trainer::with_source(self.gpu, self.load(&start_dir)?, cfg, Box::new(source))?;
@@ -432,25 +446,17 @@ impl SeedContext<'_> {
             group_size: b.group_size,
             steps: b.rl_steps,
         };
-        let rl_defaults = super::plan::RlRun::default();
-        let cfg = self.rl_config(&point, rl_defaults.prompts_per_step, rl_defaults.epochs, rl_defaults.warmup);
-        out.push(self.rl(
-            suite,
-            &point,
-            &start_dir,
-            &start,
-            Method::BranchRl,
-            cfg,
-            b.snapshots,
-            rl_defaults.examples,
-        )?);
+        // The RL arm takes the first RL run's recipe (the defaults without one) at the branch's lr, β and group.
+        let rl_run = self.plan.rl.first().cloned().unwrap_or_default();
+        let cfg = self.rl_config(&point, &rl_run);
+        out.push(self.rl(suite, &point, &start_dir, &start, Method::BranchRl, cfg, b.snapshots, rl_run.examples)?);
 
         // (c) On-policy SFT: the accepted samples of the current model, refreshed at every snapshot interval.
         let name = "branch-onpolicy".to_string();
         if let Some(r) = self.finished(&name)? {
             out.push(r);
         } else {
-            let cfg = self.sft_config(b.sft_lr, b.sft_steps, sft_run.batch, sft_run.seq_len, sft_run.warmup);
+            let cfg = self.sft_config(sft_run, b.sft_lr, b.sft_steps);
             let prompts = self.examples(&self.trained(), b.prompts, 3)?;
             let end = ChatTokens::from_tokenizer(self.tok)?.end;
             let anchor = self.load(&start_dir)?;
