@@ -22,7 +22,7 @@ use kiln_model::data::tokenizer::Tokenizer;
 
 use crate::commands::{prepare_cmd, TokenizerSource};
 use plan::Plan;
-use record::{Study, SCHEMA};
+use record::{SeedRecord, Study, SCHEMA};
 use run::SeedContext;
 
 pub struct StudyOpts {
@@ -119,29 +119,37 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
     let train = Arc::new(read_shard(&data.join("train.bin"))?.tokens);
     let val = read_shard(&data.join("val.bin"))?.tokens;
     let tasks = suite::task_infos(&suite::eval_tasks(plan)?);
-    let done = std::cell::Cell::new(0);
     let mut seeds = Vec::new();
+    // One base model for every seed: the seeds resample post-training (data order, sampling, initial steps), and
+    // pairing each run with the same base on the same prompts is what the bootstrap relies on.
+    let mut base_ctx = SeedContext {
+        gpu,
+        plan,
+        tok: &tok,
+        tok_json: &tok_json,
+        train: train.clone(),
+        seed: 1,
+        dir: opts.out.clone(),
+        done: std::cell::Cell::new(0),
+        total: per_seed * plan.seeds as usize,
+    };
+    println!("base model:");
+    let (base, tokens) = base_ctx.base()?;
+    let sp = crate::progress::spinner("building the evaluation suite (base samples for the KL positions)".into());
+    let suite = suite::Suite::new(gpu, &base, &tok, plan, &val)?;
+    sp.finish_and_clear();
+    let base_rec = base_ctx.base_record(&suite, &base, tokens)?;
+    let base_scores = base_rec.base.clone();
     for seed in 1..=plan.seeds {
         println!("seed {seed}:");
         let ctx = SeedContext {
-            gpu,
-            plan,
-            tok: &tok,
-            tok_json: &tok_json,
-            train: train.clone(),
             seed,
             dir: opts.out.join(format!("seed{seed}")),
-            done: std::cell::Cell::new(done.get()),
-            total: per_seed * plan.seeds as usize,
+            done: std::cell::Cell::new(base_ctx.done.get()),
+            ..base_ctx
         };
         let record = (|| -> Result<_> {
-            let (base, tokens) = ctx.base()?;
-            let sp =
-                crate::progress::spinner("building the evaluation suite (base samples for the KL positions)".into());
-            let suite = suite::Suite::new(gpu, &base, &tok, plan, &val)?;
-            sp.finish_and_clear();
-            let mut rec = ctx.base_record(&suite, &base, tokens)?;
-            let base_scores = rec.base.clone();
+            let mut rec = SeedRecord { seed, runs: Vec::new(), ..base_rec.clone() };
             for p in &sft {
                 rec.runs.push(ctx.sft(&suite, (&base, &base_scores), p, &plan.tasks, record::Method::Sft)?);
             }
@@ -153,7 +161,7 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
             Ok(rec)
         })()
         .with_context(|| format!("study seed {seed}"))?;
-        done.set(ctx.done.get());
+        base_ctx = SeedContext { done: std::cell::Cell::new(ctx.done.get()), ..ctx };
         seeds.push(record);
     }
     let study = Study {

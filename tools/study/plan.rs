@@ -287,7 +287,7 @@ impl Plan {
             pretrain: PretrainPlan { steps: 600, lr: 3e-3, min_lr: 3e-4, batch: 8, seq_len: 128 },
             eval: EvalPlan {
                 prompts: 500,
-                sampled_prompts: 48,
+                sampled_prompts: 32,
                 samples: 16,
                 max_new_tokens: 16,
                 kl_prompts: 32,
@@ -306,7 +306,7 @@ impl Plan {
                 from: main_sft.clone(),
                 lr: Sweep::One(3e-4),
                 beta: Sweep::Many(vec![0.04, 0.0]),
-                steps: Sweep::One(30),
+                steps: Sweep::One(24),
                 snapshots: 2,
                 ..RlRun::default()
             }],
@@ -314,14 +314,14 @@ impl Plan {
                 from: main_sft,
                 at: 100,
                 sft_steps: 100,
-                rl_steps: 30,
+                rl_steps: 24,
                 sft_lr: 1e-3,
                 rl_lr: 3e-4,
                 prompts: 128,
                 snapshots: 2,
                 ..BranchPlan::default()
             },
-            transfer: TransferPlan { enabled: true, steps: 150 },
+            transfer: TransferPlan { enabled: true, steps: 100 },
         }
     }
 

@@ -89,8 +89,8 @@ impl SeedContext<'_> {
         Ok(Model::from_host(self.gpu, &ckpt.config, ckpt.model)?)
     }
 
-    /// The base model: loaded from OUT/seedN/base when an earlier run of this study wrote it, else pretrained
-    /// (or copied from `--base`), and its evaluation.
+    /// The base model (in OUT/base, shared by every seed): loaded when an earlier run of this study wrote it,
+    /// else pretrained with seed 1 (or copied from `--base`).
     pub fn base(&self) -> Result<(Model, u64)> {
         let dir = self.dir.join("base");
         if dir.join("model.safetensors").exists() {
@@ -124,7 +124,7 @@ impl SeedContext<'_> {
         Ok((tr.model, tr.tokens_seen))
     }
 
-    /// The base model's record (scores and few-shot baseline), cached in OUT/seedN/base/record.json.
+    /// The base model's record (scores and few-shot baseline), cached in OUT/base/record.json.
     pub fn base_record(&self, suite: &Suite, base: &Model, base_tokens: u64) -> Result<SeedRecord> {
         let path = self.dir.join("base").join("record.json");
         if let Some(r) = read_json::<SeedRecord>(&path)? {
