@@ -1,7 +1,33 @@
-//! The command line's progress display: one indicatif bar per training stage, fed by the training driver.
+//! The command line's progress display: one indicatif bar per training stage, fed by the training driver, all
+//! drawn by one `MultiProgress` so a long job (the study) can keep an overall bar below its runs' bars.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::OnceLock;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kiln_model::train::driver::Progress;
+
+/// Every bar of the process, drawn together.
+fn multi() -> &'static MultiProgress {
+    static MULTI: OnceLock<MultiProgress> = OnceLock::new();
+    MULTI.get_or_init(MultiProgress::new)
+}
+
+/// Print a line above the bars without tearing them.
+pub fn say(line: &str) {
+    multi().suspend(|| println!("{line}"));
+}
+
+/// A bar over a whole job's `total` parts (the study's runs), kept until the job ends.
+pub fn overall(label: &str, total: u64) -> ProgressBar {
+    let bar = multi().add(ProgressBar::new(total));
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{label:<10} {{bar:30}} {{pos}}/{{len}} runs [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
 
 /// A bar labelled with the stage's name.
 pub struct Bar {
@@ -12,7 +38,7 @@ pub struct Bar {
 
 impl Bar {
     pub fn new(label: &str) -> Bar {
-        let bar = ProgressBar::new(0);
+        let bar = multi().add(ProgressBar::new(0));
         bar.set_style(
             ProgressStyle::with_template(&format!(
                 "{label:<10} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
@@ -50,7 +76,7 @@ impl Progress for Bar {
 
 /// A spinner for work without steps (building an evaluation suite, scoring a checkpoint).
 pub fn spinner(msg: String) -> ProgressBar {
-    let bar = ProgressBar::new_spinner();
+    let bar = multi().add(ProgressBar::new_spinner());
     bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
     bar.set_message(msg);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));

@@ -57,7 +57,7 @@ fn pin_plan(out: &Path, plan: &Plan) -> Result<()> {
                 path.display()
             );
         }
-        println!("resuming the study in {} (finished runs are kept)", out.display());
+        crate::progress::say(&format!("resuming the study in {} (finished runs are kept)", out.display()));
         return Ok(());
     }
     kiln_model::atomic::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
@@ -132,16 +132,17 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
         dir: opts.out.clone(),
         done: std::cell::Cell::new(0),
         total: per_seed * plan.seeds as usize,
+        overall: crate::progress::overall("study", (per_seed * plan.seeds as usize) as u64),
     };
-    println!("base model:");
-    let (base, tokens) = base_ctx.base()?;
+    crate::progress::say("base model:");
+    let (base, tokens) = base_ctx.base(&val)?;
     let sp = crate::progress::spinner("building the evaluation suite (base samples for the KL positions)".into());
     let suite = suite::Suite::new(gpu, &base, &tok, plan, &val)?;
     sp.finish_and_clear();
     let base_rec = base_ctx.base_record(&suite, &base, tokens)?;
     let base_scores = base_rec.base.clone();
     for seed in 1..=plan.seeds {
-        println!("seed {seed}:");
+        crate::progress::say(&format!("seed {seed}:"));
         let ctx = SeedContext {
             seed,
             dir: opts.out.join(format!("seed{seed}")),
@@ -164,6 +165,7 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
         base_ctx = SeedContext { done: std::cell::Cell::new(ctx.done.get()), ..ctx };
         seeds.push(record);
     }
+    base_ctx.overall.finish_and_clear();
     let study = Study {
         schema: SCHEMA,
         commit: commit(),

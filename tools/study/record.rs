@@ -53,6 +53,9 @@ pub struct SeedRecord {
     pub seed: u64,
     /// Tokens the base model was pretrained on (0 for a `--base` checkpoint: unknown here).
     pub base_tokens: u64,
+    /// (step, held-out loss in nats/token on a fixed validation sample) along pretraining (empty for `--base`).
+    #[serde(default)]
+    pub pretrain_curve: Vec<(u64, f64)>,
     /// Greedy correctness per prompt of the base model prompted few-shot in plain text, per task.
     pub few_shot: BTreeMap<String, Vec<f64>>,
     pub base: Scores,

@@ -248,19 +248,22 @@ pub fn write_report(study: &Study, dir: &Path) -> Result<String> {
         tasks_of(study, Role::HeldOut).join(", "),
         if p.shifted { "evaluated" } else { "not evaluated" }
     )?;
-    let base_tokens: Vec<String> = study.seeds.iter().map(|s| s.base_tokens.to_string()).collect();
+    let base_tokens = study.seeds.first().map_or(0, |s| s.base_tokens);
     writeln!(
         md,
-        "Base model: {} (pretraining tokens per seed: {}). Gains are chance-corrected greedy accuracy (0 = always \
+        "Base model: {} ({} pretraining tokens; one base for every seed: seeds resample post-training). Gains are chance-corrected greedy accuracy (0 = always \
          the majority answer, 1 = perfect), mean over trained tasks, minus the base model's on the same prompts, \
          with 95% paired bootstrap intervals over prompts and seeds ({} resamples). Costs: Δ bits/byte on a fixed \
          sample of held-out text ({} tokens; t intervals over seeds) and KL(base‖π) in nats/token on task prompts \
          continued by the base model's own samples.\n",
         p.base.as_ref().map_or("pretrained here".to_string(), |b| format!("`{}`", b.display())),
-        base_tokens.join(", "),
+        if base_tokens > 0 { base_tokens.to_string() } else { "unknown".to_string() },
         p.eval.bootstrap,
         study.seeds.first().map_or(0, |s| s.base.text_tokens),
     )?;
+    if let Some(line) = flattening(study) {
+        writeln!(md, "{line}\n")?;
+    }
     writeln!(md, "## Tasks\n\n| task | role | prompts | majority answer | chance |\n|---|---|---|---|---|")?;
     for (name, t) in &study.tasks {
         writeln!(md, "| {name} | {:?} | {} | `{}` | {:.3} |", t.role, t.prompts, t.majority_answer, t.chance)?;
@@ -322,6 +325,24 @@ pub fn write_report(study: &Study, dir: &Path) -> Result<String> {
     let path = dir.join("study.md");
     kiln_model::atomic::write_atomic(&path, md.as_bytes())?;
     Ok(table)
+}
+
+/// Whether the base's held-out loss had flattened: its fall over the last 30% of pretraining, against 2% of its
+/// value (the ten measurements along pretraining).
+pub fn flattening(study: &Study) -> Option<String> {
+    let curve = &study.seeds.first()?.pretrain_curve;
+    let (&(last_step, last), total) = (curve.last()?, curve.last()?.0 as f64);
+    let &(from_step, from) = curve.iter().find(|(s, _)| *s as f64 >= 0.7 * total)?;
+    let change = last - from;
+    let verdict = if -change < 0.02 * last {
+        "it had flattened (less than 2% in the last 30% of pretraining)"
+    } else {
+        "it was still falling: a longer-trained base (`pretrain.steps`, or `--base`) would be a fairer one to study"
+    };
+    Some(format!(
+        "Held-out loss of the base during pretraining: {from:.3} nats/token at step {from_step}, {last:.3} at step \
+         {last_step} ({change:+.3}); {verdict}."
+    ))
 }
 
 fn per_task_table(md: &mut String, study: &Study, finals: &[&Summary]) -> Result<()> {
@@ -694,6 +715,7 @@ mod tests {
         let seed = |s: u64| SeedRecord {
             seed: s,
             base_tokens: 1000,
+            pretrain_curve: vec![(5, 3.0), (8, 2.5), (10, 2.49)],
             few_shot: [("count".to_string(), vec![0.0; 10])].into_iter().collect(),
             base: point(0, 0, 2.0, 0.0),
             runs: vec![
@@ -740,6 +762,7 @@ mod tests {
         }
         assert!(md.contains("some intervals are disjoint"), "two identical seeds give zero-width intervals:\n{md}");
         assert!(md.contains("KL(base‖π)") && md.contains("nats/tok"));
+        assert!(md.contains("2.500 nats/token at step 8, 2.490 at step 10") && md.contains("had flattened"), "{md}");
         for png in ["frontier_bpb.png", "frontier_kl.png", "kl_fit.png", "rl_curves.png"] {
             assert_eq!(&std::fs::read(dir.join(png)).unwrap()[..4], b"\x89PNG", "{png}");
         }

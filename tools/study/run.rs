@@ -13,7 +13,8 @@ use kiln_model::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
 use kiln_model::data::chat::ChatTokens;
 use kiln_model::data::tasks::{reward, Split, Task};
 use kiln_model::data::tokenizer::Tokenizer;
-use kiln_model::train::driver::{drive, RunDir, Schedule, Stage};
+use kiln_model::eval::evaluate::text_loss;
+use kiln_model::train::driver::{drive, Evaluation, RunDir, Schedule, Stage};
 use kiln_model::train::onpolicy::{accepted_source, rejection_sample};
 use kiln_model::train::optim::OptimConfig;
 use kiln_model::train::pretrain::{TrainConfig, Trainer};
@@ -25,7 +26,7 @@ use serde::Serialize;
 use super::plan::{Plan, RlPoint, SftPoint};
 use super::record::{Method, RunRecord, Scores, SeedRecord};
 use super::suite::Suite;
-use crate::progress::{spinner, Bar};
+use crate::progress::{say, spinner, Bar};
 
 /// What every run of a seed shares.
 pub struct SeedContext<'a> {
@@ -39,6 +40,7 @@ pub struct SeedContext<'a> {
     /// Runs finished so far over the whole study, and how many there are (the overall progress).
     pub done: std::cell::Cell<usize>,
     pub total: usize,
+    pub overall: indicatif::ProgressBar,
 }
 
 /// The study scores its own snapshots: the driver never evaluates, and checkpoints only at a run's last step.
@@ -91,7 +93,7 @@ impl SeedContext<'_> {
 
     /// The base model (in OUT/base, shared by every seed): loaded when an earlier run of this study wrote it,
     /// else pretrained with seed 1 (or copied from `--base`).
-    pub fn base(&self) -> Result<(Model, u64)> {
+    pub fn base(&self, val: &[u32]) -> Result<(Model, u64)> {
         let dir = self.dir.join("base");
         if dir.join("model.safetensors").exists() {
             let ckpt = load_checkpoint(&dir)?;
@@ -115,12 +117,30 @@ impl SeedContext<'_> {
             ..TrainConfig::default()
         };
         let model = Model::new(self.gpu, &self.config()?, self.seed)?;
+        let n_ctx = model.config.n_ctx;
         let mut tr = Trainer::new(self.gpu, model, cfg, self.train.clone())?;
         let start = std::time::Instant::now();
-        drive(&mut tr, u64::MAX, SCHEDULE, None, None, &mut Bar::transient("pretrain"))?;
-        println!("  pretrain: {} steps, {} tokens in {:.0} s", p.steps, tr.tokens_seen, start.elapsed().as_secs_f64());
+        // Held-out loss ten times along the way, so the report can say whether it had flattened.
+        let every = (p.steps / 10).max(1);
+        let sample = &val[..val.len().min(16 * (n_ctx + 1))];
+        let mut curve: Vec<(u64, f64)> = Vec::new();
+        let mut evaluate = |m: &Model| -> kiln_model::Result<Evaluation> {
+            let step = ((curve.len() as u64 + 1) * every).min(p.steps);
+            let nats = text_loss(self.gpu, m, sample, 8, n_ctx)?.nats;
+            curve.push((step, nats));
+            Ok(Evaluation::default())
+        };
+        let schedule = Schedule { eval_every: every, ..SCHEDULE };
+        drive(&mut tr, u64::MAX, schedule, Some(&mut evaluate), None, &mut Bar::transient("pretrain"))?;
+        say(&format!(
+            "  pretrain: {} steps, {} tokens in {:.0} s",
+            p.steps,
+            tr.tokens_seen,
+            start.elapsed().as_secs_f64()
+        ));
         // With the training state, so the record knows the tokens it saw.
         save_checkpoint(&dir, &tr.checkpoint(Some(self.tok_json.to_string()))?)?;
+        write_json(&dir.join("pretrain_curve.json"), &curve)?;
         Ok((tr.model, tr.tokens_seen))
     }
 
@@ -135,7 +155,8 @@ impl SeedContext<'_> {
         let few_shot = suite.few_shot(base)?;
         sp.finish_and_clear();
         print_scores("base", &scores, &self.trained());
-        let r = SeedRecord { seed: self.seed, base_tokens, few_shot, base: scores, runs: Vec::new() };
+        let pretrain_curve = read_json(&self.dir.join("base").join("pretrain_curve.json"))?.unwrap_or_default();
+        let r = SeedRecord { seed: self.seed, base_tokens, pretrain_curve, few_shot, base: scores, runs: Vec::new() };
         write_json(&path, &r)?;
         Ok(r)
     }
@@ -163,7 +184,8 @@ impl SeedContext<'_> {
 
     fn tick(&self, name: &str, what: &str) {
         self.done.set(self.done.get() + 1);
-        println!("  [{}/{}] seed {} {name}: {what}", self.done.get(), self.total, self.seed);
+        self.overall.inc(1);
+        say(&format!("  [{}/{}] seed {} {name}: {what}", self.done.get(), self.total, self.seed));
     }
 
     /// Train `stage` to its end, stopping at `stops` (sorted) to score the model and then call `after_stop`; the
@@ -306,7 +328,7 @@ impl SeedContext<'_> {
                 save_checkpoint(&branch_dir, &self.weights(&tr.model)?)?;
                 write_json(&branch_dir.join("point.json"), scores)?;
                 if at != b {
-                    println!("  branch point at step {at} (step {b} had no rewarded sample)");
+                    say(&format!("  branch point at step {at} (step {b} had no rewarded sample)"));
                 }
                 branched = true;
             }
@@ -471,10 +493,10 @@ impl SeedContext<'_> {
             )?;
             let mut rates = vec![first.rate()];
             if first.accepted == 0 {
-                println!(
+                say(&format!(
                     "  seed {} branch-onpolicy: not run: the branch point's model solved none of {} samples (branch later: branch.at)",
                     self.seed, first.drawn
-                );
+                ));
                 self.tick("branch-onpolicy", "skipped");
                 return Ok(out);
             }
@@ -558,11 +580,11 @@ pub fn run_dir_name(name: &str) -> String {
 
 pub fn print_scores(label: &str, s: &Scores, trained: &[String]) {
     let tasks: Vec<&str> = trained.iter().map(String::as_str).collect();
-    println!(
+    say(&format!(
         "  {label:<24} bits/byte {:.4}  accuracy {:.3}  KL(base‖π) task {:.4} text {:.4} nats/tok",
         s.bits_per_byte,
         s.accuracy(&tasks),
         s.kl_base_model_task_nats,
         s.kl_base_model_text_nats,
-    );
+    ));
 }
