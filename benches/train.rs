@@ -157,7 +157,7 @@ fn tokenizer(vocab: usize) -> &'static Tokenizer {
 }
 
 fn addition() -> Task {
-    Task::Addition { digits: 3 }
+    Task::addition(3)
 }
 
 /// Pseudo-random prompts of `len` tokens below `vocab` (what the tokens are does not change the work).

@@ -19,7 +19,7 @@ use kiln_model::train::rl::{RlConfig, RlTrainer};
 use kiln_model::train::sft::SftSource;
 use kiln_model::ModelConfig;
 
-const TASK: Task = Task::Addition { digits: 1 };
+const TASK: Task = Task::addition(1);
 
 /// A byte-level tokenizer with the chat tokens and only a few merges, so digits stay single tokens.
 fn tokenizer() -> &'static Tokenizer {

@@ -212,7 +212,7 @@ fn rl_curves(study: &Study, path: &Path) -> Result<bool> {
     let e = err(path);
     let fields = [
         ("mean_reward", "reward"),
-        ("kl", "KL(ref‖π) estimate"),
+        ("kl", "KL(π‖ref), k3 estimate"),
         ("entropy", "entropy nats/tok"),
         ("equal_reward_groups", "equal-reward groups"),
         ("clip_fraction", "clip fraction"),

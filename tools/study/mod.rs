@@ -63,6 +63,43 @@ fn pin_plan(out: &Path, plan: &Plan) -> Result<()> {
     kiln_model::atomic::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
+/// OUT/suite.json holds a fingerprint of every evaluation set and the commit that made them: a resumed study
+/// pairs new checkpoints with records scored earlier prompt by prompt, so the prompts must be the same ones.
+fn pin_suite(out: &Path, tasks: &[suite::EvalTask]) -> Result<()> {
+    let fnv = |s: &str| s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let sets: std::collections::BTreeMap<String, String> = tasks
+        .iter()
+        .map(|t| {
+            let text: String = t.examples.iter().map(|e| format!("{}\u{1f}{}\u{1e}", e.prompt, e.answer)).collect();
+            (t.name.clone(), format!("{:016x}", fnv(&text)))
+        })
+        .collect();
+    let now = serde_json::json!({ "commit": commit(), "eval_sets": sets });
+    let path = out.join("suite.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let before: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if before["eval_sets"] != now["eval_sets"] {
+            anyhow::bail!(
+                "{}: the evaluation sets differ from those its finished runs were scored on (recorded by commit {}): \
+                 results could not be paired prompt by prompt; use another --out",
+                out.display(),
+                before["commit"]
+            );
+        }
+        if before["commit"] != now["commit"] {
+            crate::progress::say(&format!(
+                "note: the finished runs in {} were made by commit {}, this is {}",
+                out.display(),
+                before["commit"],
+                now["commit"]
+            ));
+        }
+        return Ok(());
+    }
+    kiln_model::atomic::write_atomic(&path, serde_json::to_string_pretty(&now)?.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Prepared data for the study: `--data`, or the bundled corpus prepared into OUT/data (with the `--base`
 /// checkpoint's tokenizer when there is one).
 fn data_dir(opts: &StudyOpts) -> Result<PathBuf> {
@@ -111,6 +148,7 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
         plan.tasks.join(", ")
     );
     pin_plan(&opts.out, plan)?;
+    pin_suite(&opts.out, &suite::eval_tasks(plan)?)?;
     let data = data_dir(opts)?;
     let tok_json = std::fs::read_to_string(data.join("tokenizer.json"))?;
     let tok = Tokenizer::from_file(&data.join("tokenizer.json"))?;

@@ -339,7 +339,13 @@ impl Plan {
         let origin = file.map_or("the built-in plan".to_string(), |(n, _)| format!("study plan {n}"));
         // Through text, so a type error quotes the offending line of the merged plan (with its key).
         let merged = toml::to_string(&doc).context("writing the merged plan")?;
-        let plan: Plan = toml::from_str(&merged).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let mut plan: Plan = toml::from_str(&merged).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        // Tasks by their canonical names ("addition" is "addition:3"), the names scores are recorded under.
+        let canonical = |list: &[String]| -> Result<Vec<String>> {
+            list.iter().map(|t| Ok(kiln_model::data::tasks::Task::parse(t)?.name())).collect()
+        };
+        plan.tasks = canonical(&plan.tasks).with_context(|| origin.clone())?;
+        plan.held_out = canonical(&plan.held_out).with_context(|| origin.clone())?;
         plan.check().with_context(|| origin.clone())?;
         Ok(plan)
     }
@@ -413,6 +419,25 @@ impl Plan {
         let distinct: BTreeSet<&String> = all_runs.iter().collect();
         if distinct.len() != all_runs.len() {
             bail!("run names must be distinct: {all_runs:?}");
+        }
+        if let Some(r) =
+            all_runs.iter().find(|n| n.starts_with("branch-") || n.starts_with("transfer[") || n.as_str() == "base")
+        {
+            bail!("run name {r:?} is reserved (base, branch-*, transfer[..] are the study's own runs)");
+        }
+        // Every run's directory is its name with unusual characters replaced: two names must not share one.
+        let mut points: Vec<String> = self.sft.iter().flat_map(|r| r.points()).map(|p| p.name).collect();
+        for r in &self.rl {
+            points.extend(r.points(self)?.into_iter().map(|p| p.name));
+        }
+        let mut dirs = std::collections::BTreeMap::new();
+        for p in &points {
+            if let Some(other) = dirs.insert(super::run::run_dir_name(p), p) {
+                bail!(
+                    "runs {other:?} and {p:?} would share the directory {:?}: rename one",
+                    super::run::run_dir_name(p)
+                );
+            }
         }
         Ok(())
     }
@@ -656,5 +681,10 @@ mod tests {
         let e = err("tasks = []\n", &[]);
         assert!(e.contains("tasks is empty"), "{e}");
         assert!(err("sft = []\n", &[]).contains("no runs"));
+        assert!(err("[[rl]]\nname = \"branch-rl\"\n", &[]).contains("reserved"));
+        let e = err("[[sft]]\nname = \"a[x]\"\n[[rl]]\nname = \"a_x_\"\n", &[]);
+        assert!(e.contains("share the directory"), "{e}");
+        let p = Plan::load(true, None, &["tasks=[\"addition\", \"count:1\"]".into()]).unwrap();
+        assert_eq!(p.tasks, vec!["addition:3", "count"], "tasks are kept by their canonical names");
     }
 }

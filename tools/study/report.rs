@@ -200,9 +200,10 @@ pub fn front(sums: &[Summary], method: Method, kl: bool, seed: Option<usize>) ->
 }
 
 /// The cost each method pays for the same gain: per seed, interpolated along that seed's front, at gains spread
-/// over the range every method's (seed-mean) front reaches. Returns (gain, per method: t interval over seeds, or
-/// None where some seed's front never reaches the gain).
-pub fn matched_gain(sums: &[Summary], methods: &[Method], kl: bool, seeds: usize) -> Vec<(f64, Vec<Option<Estimate>>)> {
+/// over the range every method's (seed-mean) front reaches. Returns (gain, per method: the per-seed costs, or None
+/// where some seed's front never reaches the gain). Costs of two methods in one seed pair up: they share the base,
+/// the data and the seed.
+pub fn matched_gain(sums: &[Summary], methods: &[Method], kl: bool, seeds: usize) -> Vec<(f64, Vec<Option<Vec<f64>>>)> {
     let fronts: Vec<Vec<Point>> = methods.iter().map(|&m| front(sums, m, kl, None)).collect();
     if fronts.iter().any(|f| f.len() < 2) {
         return Vec::new();
@@ -219,9 +220,7 @@ pub fn matched_gain(sums: &[Summary], methods: &[Method], kl: bool, seeds: usize
             let costs = methods
                 .iter()
                 .map(|&m| {
-                    let per: Vec<Option<f64>> =
-                        (0..seeds).map(|i| cost_at_gain(&front(sums, m, kl, Some(i)), g)).collect();
-                    per.iter().all(Option::is_some).then(|| t_interval(&per.into_iter().flatten().collect::<Vec<_>>()))
+                    (0..seeds).map(|i| cost_at_gain(&front(sums, m, kl, Some(i)), g)).collect::<Option<Vec<f64>>>()
                 })
                 .collect();
             (g, costs)
@@ -439,8 +438,12 @@ fn transfer_section(md: &mut String, study: &Study) -> Result<()> {
     let Some((rows, cols, cells)) = transfer_matrix(study) else { return Ok(()) };
     writeln!(
         md,
-        "## Transfer matrix\n\nSFT on each task alone (and on all: the SFT run RL starts from, same recipe), final \
-         checkpoint; each cell is the chance-corrected accuracy gain over the base on that column's task.\n"
+        "## Transfer matrix\n\nSFT on each task alone (and on all: the SFT run RL starts from, same recipe; steps: {}), \
+         final checkpoint; each cell is the chance-corrected accuracy gain over the base on that column's task.\n",
+        rows.iter()
+            .map(|r| format!("{r} {}", study.seeds.first().and_then(|s| s.runs.iter().find(|x| &x.name == r)).and_then(|x| x.points.last()).map_or(0, |p| p.step)))
+            .collect::<Vec<_>>()
+            .join(", ")
     )?;
     write!(md, "| trained on ↓ / evaluated on → |")?;
     for c in &cols {
@@ -481,7 +484,7 @@ fn frontier_section(md: &mut String, sums: &[Summary], seeds: usize) -> Result<(
             for (g, costs) in rows {
                 write!(md, "| {g:.3} |")?;
                 for c in costs {
-                    write!(md, " {} |", c.map_or("—".into(), |e| fmt_est(&e, 4)))?;
+                    write!(md, " {} |", c.map_or("—".into(), |per| fmt_est(&t_interval(&per), 4)))?;
                 }
                 writeln!(md)?;
             }
@@ -496,7 +499,13 @@ pub fn kl_fits(
     sums: &[Summary],
 ) -> Vec<(String, Option<kiln_model::eval::stats::Fit>, Option<kiln_model::eval::stats::Fit>)> {
     let mut groups: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for s in sums {
+    // Each run's step 0 is its starting model, already a point elsewhere (the base, an SFT end, the branch point):
+    // counted once, as the base (0, 0) per seed in the pooled fit.
+    let seeds = sums.iter().map(|s| s.per_seed.len()).max().unwrap_or(0);
+    let pooled = groups.entry("pooled".to_string()).or_default();
+    pooled.0.extend(std::iter::repeat_n(0.0, seeds));
+    pooled.1.extend(std::iter::repeat_n(0.0, seeds));
+    for s in sums.iter().filter(|s| s.step > 0) {
         for &(dbpb, _, kl) in &s.per_seed {
             for key in [s.method.name().to_string(), "pooled".to_string()] {
                 let g = groups.entry(key).or_default();
@@ -569,10 +578,11 @@ fn pass_at_k_section(md: &mut String, study: &Study) -> Result<()> {
 pub fn statements(study: &Study, sums: &[Summary], finals: &[&Summary]) -> Vec<String> {
     let mut out = Vec::new();
     let seeds = study.seeds.len();
+    let over = if seeds < 2 { "interval over prompts only, one seed" } else { "interval excludes 0" };
     for f in finals {
         let gain = match sign(&f.gain) {
-            Some(1.0) => format!("raised trained-task accuracy by {} (interval excludes 0)", fmt_est(&f.gain, 3)),
-            Some(-1.0) => format!("lowered trained-task accuracy by {} (interval excludes 0)", fmt_est(&f.gain, 3)),
+            Some(1.0) => format!("raised trained-task accuracy by {} ({over})", fmt_est(&f.gain, 3)),
+            Some(-1.0) => format!("lowered trained-task accuracy by {} ({over})", fmt_est(&f.gain, 3)),
             _ => format!(
                 "changed trained-task accuracy by {}, which the intervals do not tell from no change",
                 fmt_est(&f.gain, 3)
@@ -605,27 +615,46 @@ pub fn statements(study: &Study, sums: &[Summary], finals: &[&Summary]) -> Vec<S
         let Some((g, costs)) = rows.iter().rev().find(|(_, c)| c.iter().all(Option::is_some)) else {
             if group.iter().all(|m| sums.iter().any(|s| s.method == *m)) {
                 out.push(format!(
-                    "{what}: their fronts share no range of gain, so they cannot be compared at matched gain."
+                    "{what}: their fronts share no range of gain reached in every seed, so they cannot be compared at matched gain."
                 ));
             }
             continue;
         };
-        let costs: Vec<Estimate> = costs.iter().flatten().copied().collect();
-        let disjoint = (0..costs.len()).any(|i| (0..costs.len()).any(|j| costs[i].hi < costs[j].lo));
+        let costs: Vec<&Vec<f64>> = costs.iter().flatten().collect();
         let listed: Vec<String> =
-            group.iter().zip(&costs).map(|(m, c)| format!("{} {}", m.name(), fmt_est(c, 4))).collect();
+            group.iter().zip(&costs).map(|(m, c)| format!("{} {}", m.name(), fmt_est(&t_interval(c), 4))).collect();
+        let mut line = format!("At matched gain {g:.3}, Δ bits/byte: {}.", listed.join(", "));
         if seeds < 2 {
-            out.push(format!(
-                "At matched gain {g:.3}, Δ bits/byte: {}; with one seed there are no intervals, so no ordering is supported.",
-                listed.join(", ")
-            ));
-        } else if disjoint {
-            out.push(format!("At matched gain {g:.3}, Δ bits/byte: {}; some intervals are disjoint, so those methods differ in what they cost.", listed.join(", ")));
+            line += " With one seed there are no intervals, so no ordering is supported.";
         } else {
-            out.push(format!(
-                "At matched gain {g:.3}, Δ bits/byte: {}; the intervals overlap: {what} are indistinguishable in forgetting at this gain.",
-                listed.join(", ")
-            ));
+            // Pairwise, within seeds: the t interval of the per-seed difference in cost.
+            for i in 0..group.len() {
+                for j in i + 1..group.len() {
+                    let d: Vec<f64> = costs[i].iter().zip(costs[j]).map(|(a, b)| a - b).collect();
+                    let e = t_interval(&d);
+                    let (a, b) = (group[i].name(), group[j].name());
+                    line += &match sign(&e) {
+                        Some(1.0) => {
+                            format!(" {a} forgets more than {b} ({} bits/byte, paired over seeds).", fmt_est(&e, 4))
+                        }
+                        Some(-1.0) => {
+                            format!(" {a} forgets less than {b} ({} bits/byte, paired over seeds).", fmt_est(&e, 4))
+                        }
+                        _ => format!(
+                            " {a} and {b} are not distinguished ({} bits/byte, paired over seeds).",
+                            fmt_est(&e, 4)
+                        ),
+                    };
+                }
+            }
+        }
+        out.push(line);
+    }
+    // Runs missing from some seeds (an on-policy arm whose branch point solved nothing there).
+    for name in run_names(study) {
+        let n = across_seeds(study, &name).len();
+        if n < seeds {
+            out.push(format!("{name} ran in {n} of {seeds} seeds; its intervals and fronts cover those seeds only."));
         }
     }
     if let Some((rows, cols, cells)) = transfer_matrix(study) {
@@ -745,7 +774,11 @@ mod tests {
         let rows = matched_gain(&sums, &[Method::Sft, Method::Rl], false, 2);
         let (g, costs) = &rows[1];
         assert!((g - 1.0).abs() < 1e-12, "the middle of the common range [0, 2]: {g}");
-        assert!((costs[0].unwrap().value - 0.2).abs() < 1e-12 && (costs[1].unwrap().value - 0.05).abs() < 1e-12);
+        let (sft, rl) = (costs[0].as_ref().unwrap(), costs[1].as_ref().unwrap());
+        assert!(
+            sft.iter().all(|c| (c - 0.2).abs() < 1e-12) && rl.iter().all(|c| (c - 0.05).abs() < 1e-12),
+            "{costs:?}"
+        );
 
         let dir = crate::study::tests::scratch("report");
         let text = write_report(&study, &dir).unwrap();
@@ -760,7 +793,7 @@ mod tests {
                 assert!(md.contains(section), "{section} missing:\n{md}");
             }
         }
-        assert!(md.contains("some intervals are disjoint"), "two identical seeds give zero-width intervals:\n{md}");
+        assert!(md.contains("sft forgets more than rl (+0.5000"), "paired over two identical seeds:\n{md}");
         assert!(md.contains("KL(base‖π)") && md.contains("nats/tok"));
         assert!(md.contains("2.500 nats/token at step 8, 2.490 at step 10") && md.contains("had flattened"), "{md}");
         for png in ["frontier_bpb.png", "frontier_kl.png", "kl_fit.png", "rl_curves.png"] {

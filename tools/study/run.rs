@@ -442,8 +442,9 @@ impl SeedContext<'_> {
             out.push(r);
         } else {
             let cfg = self.sft_config(sft_run, b.sft_lr, b.sft_steps);
-            let examples = self.examples(&self.trained(), sft_run.examples, 1)?;
-            let source = SftSource::new(self.tok, &examples, cfg.batch, cfg.seq_len, self.seed, mix())?;
+            // Fresh draws in a fresh order: the parent already trained on its own stream up to the branch point.
+            let examples = self.examples(&self.trained(), sft_run.examples, 4)?;
+            let source = SftSource::new(self.tok, &examples, cfg.batch, cfg.seq_len, self.seed + 1000, mix())?;
             let mut tr = Trainer::with_source(self.gpu, self.load(&start_dir)?, cfg, Box::new(source))?;
             let anchor = self.load(&start_dir)?;
             let start_scores = self.start_scores(&start_dir)?;
@@ -587,4 +588,15 @@ pub fn print_scores(label: &str, s: &Scores, trained: &[String]) {
         s.kl_base_model_task_nats,
         s.kl_base_model_text_nats,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn snapshots_are_evenly_spaced_distinct_and_end_at_the_last_step() {
+        assert_eq!(super::snapshot_steps(10, 3), vec![3, 6, 10]);
+        assert_eq!(super::snapshot_steps(2, 4), vec![1, 2], "fewer steps than snapshots: each step once");
+        assert_eq!(super::snapshot_steps(7, 1), vec![7]);
+        assert_eq!(super::run_dir_name("sft[lr=0.001,mix=0.25]"), "sft_lr=0.001,mix=0.25_");
+    }
 }

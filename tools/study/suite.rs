@@ -43,7 +43,10 @@ pub fn eval_tasks(plan: &Plan) -> Result<Vec<EvalTask>> {
     }
     if plan.shifted {
         for &t in &trained {
-            add(t.shifted(), Role::Shifted);
+            match t.shifted() {
+                Some(s) => add(s, Role::Shifted),
+                None => crate::progress::say(&format!("  {}: already at its longest, no shifted variant", t.name())),
+            }
         }
     }
     for t in &plan.held_out {

@@ -17,17 +17,18 @@ const WORDS: &[&str] = &[
     "fire", "gold", "iron", "salt", "wolf", "tree", "sea",
 ];
 
-/// A task family. Each generates prompts whose answer is checked by exact match.
+/// A task family. Each generates prompts whose answer is checked by exact match. `min` bounds a length from below
+/// (the length-shifted variants the study evaluates have every prompt longer than any trained one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Task {
-    /// "12+345=" → "357": two numbers of 1..=digits digits.
-    Addition { digits: u32 },
-    /// "reverse: a b c" → "c b a": a list of 2..=words words.
-    Reverse { words: usize },
+    /// "12+345=" → "357": two numbers of min..=digits digits (min 1 includes 0).
+    Addition { min: u32, digits: u32 },
+    /// "reverse: a b c" → "c b a": a list of min..=words words (min at least 2).
+    Reverse { min: usize, words: usize },
     /// "count r in river" → "2": occurrences of a letter in `words` words (the letter may be absent).
     CountLetter { words: usize },
-    /// "last: a b c" → "c": the last of 2..=words words (the study's held-out family: evaluated, never trained).
-    LastWord { words: usize },
+    /// "last: a b c" → "c": the last of min..=words words (the study's held-out family: evaluated, never trained).
+    LastWord { min: usize, words: usize },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,55 +58,89 @@ pub fn split_of(prompt: &str) -> Split {
 }
 
 impl Task {
-    /// Parse "addition", "addition:5", "reverse", "reverse:4", "count", "count:2", "last", "last:3".
+    pub const fn addition(digits: u32) -> Task {
+        Task::Addition { min: 1, digits }
+    }
+
+    pub const fn reverse(words: usize) -> Task {
+        Task::Reverse { min: 2, words }
+    }
+
+    /// Parse "addition", "addition:5", "addition:3-4", "reverse", "reverse:4", "reverse:4-6", "count", "count:2",
+    /// "last", "last:3", "last:4-6" (a range gives the shortest and longest length).
     pub fn parse(spec: &str) -> Result<Task> {
         let (name, arg) = spec.split_once(':').map_or((spec, None), |(n, a)| (n, Some(a)));
-        let num = |default: u64| -> Result<u64> {
-            arg.map_or(Ok(default), |a| {
-                a.parse().map_err(|_| ModelError::Data(format!("task {spec:?}: {a:?} is not a number")))
-            })
+        let number = |a: &str| -> Result<u64> {
+            a.parse().map_err(|_| ModelError::Data(format!("task {spec:?}: {a:?} is not a number")))
+        };
+        // (shortest, longest), the shortest defaulting to `lo`.
+        let range = |lo: u64, default: u64, hi: u64| -> Result<(u64, u64)> {
+            let (a, b) = match arg {
+                None => (lo, default),
+                Some(a) => match a.split_once('-') {
+                    Some((x, y)) => (number(x)?, number(y)?),
+                    None => (lo, number(a)?),
+                },
+            };
+            let (a, b) = (a.clamp(lo, hi), b.clamp(lo, hi));
+            if a > b {
+                return Err(ModelError::Data(format!("task {spec:?}: the range {a}-{b} is empty")));
+            }
+            Ok((a, b))
         };
         match name {
-            "addition" => Ok(Task::Addition { digits: num(3)?.clamp(1, 9) as u32 }),
-            "reverse" => Ok(Task::Reverse { words: num(4)?.clamp(2, 12) as usize }),
-            "count" => Ok(Task::CountLetter { words: num(1)?.clamp(1, 6) as usize }),
-            "last" => Ok(Task::LastWord { words: num(4)?.clamp(2, 12) as usize }),
+            "addition" => range(1, 3, 9).map(|(a, b)| Task::Addition { min: a as u32, digits: b as u32 }),
+            "reverse" => range(2, 4, 12).map(|(a, b)| Task::Reverse { min: a as usize, words: b as usize }),
+            "count" => Ok(Task::CountLetter { words: number(arg.unwrap_or("1"))?.clamp(1, 6) as usize }),
+            "last" => range(2, 4, 12).map(|(a, b)| Task::LastWord { min: a as usize, words: b as usize }),
             _ => Err(ModelError::Data(format!(
-                "unknown task {spec:?}: use addition[:digits], reverse[:words], count[:words] or last[:words]"
+                "unknown task {spec:?}: use addition[:digits], reverse[:words], count[:words] or last[:words] \
+                 (digits and words may be a range, e.g. reverse:4-6)"
             ))),
         }
     }
 
     pub fn name(&self) -> String {
-        match self {
-            Task::Addition { digits } => format!("addition:{digits}"),
-            Task::Reverse { words } => format!("reverse:{words}"),
+        let range = |name: &str, min: usize, lo: usize, max: usize| {
+            if min == lo {
+                format!("{name}:{max}")
+            } else {
+                format!("{name}:{min}-{max}")
+            }
+        };
+        match *self {
+            Task::Addition { min, digits } => range("addition", min as usize, 1, digits as usize),
+            Task::Reverse { min, words } => range("reverse", min, 2, words),
             Task::CountLetter { words: 1 } => "count".into(),
             Task::CountLetter { words } => format!("count:{words}"),
-            Task::LastWord { words } => format!("last:{words}"),
+            Task::LastWord { min, words } => range("last", min, 2, words),
         }
     }
 
-    /// The same skill at a length never trained on: two more digits, three more words, one more word to count in.
-    /// Evaluating it tells a skill that generalises from one fitted to the trained lengths.
-    pub fn shifted(&self) -> Task {
-        match *self {
-            Task::Addition { digits } => Task::Addition { digits: (digits + 2).min(9) },
-            Task::Reverse { words } => Task::Reverse { words: (words + 3).min(12) },
-            Task::CountLetter { words } => Task::CountLetter { words: (words + 1).min(6) },
-            Task::LastWord { words } => Task::LastWord { words: (words + 3).min(12) },
-        }
+    /// The same skill at lengths never trained on: every prompt longer than the longest trained one (one or two
+    /// more digits, one to three more words, one more word to count in). Evaluating it tells a skill that
+    /// generalises from one fitted to the trained lengths. `None` where the task is already at its longest.
+    pub fn shifted(&self) -> Option<Task> {
+        let t = match *self {
+            Task::Addition { digits, .. } if digits + 2 <= 9 => Task::Addition { min: digits + 1, digits: digits + 2 },
+            Task::Reverse { words, .. } if words + 3 <= 12 => Task::Reverse { min: words + 1, words: words + 3 },
+            Task::CountLetter { words } if words < 6 => Task::CountLetter { words: words + 1 },
+            Task::LastWord { words, .. } if words + 3 <= 12 => Task::LastWord { min: words + 1, words: words + 3 },
+            _ => return None,
+        };
+        Some(t)
     }
 
     fn draw(&self, rng: &mut ChaCha8Rng) -> Example {
         match *self {
-            Task::Addition { digits } => {
+            Task::Addition { min, digits } => {
+                let lo = if min <= 1 { 0 } else { 10u64.pow(min - 1) };
                 let max = 10u64.pow(digits);
-                let (a, b) = (rng.random_range(0..max), rng.random_range(0..max));
+                let (a, b) = (rng.random_range(lo..max), rng.random_range(lo..max));
                 Example { prompt: format!("{a}+{b}="), answer: (a + b).to_string() }
             }
-            Task::Reverse { words } => {
-                let n = rng.random_range(2..=words);
+            Task::Reverse { min, words } => {
+                let n = rng.random_range(min..=words);
                 let list: Vec<&str> = (0..n).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
                 let rev: Vec<&str> = list.iter().rev().copied().collect();
                 Example { prompt: format!("reverse: {}", list.join(" ")), answer: rev.join(" ") }
@@ -122,8 +157,8 @@ impl Task {
                 let count = text.chars().filter(|&c| c == letter).count();
                 Example { prompt: format!("count {letter} in {text}"), answer: count.to_string() }
             }
-            Task::LastWord { words } => {
-                let n = rng.random_range(2..=words);
+            Task::LastWord { min, words } => {
+                let n = rng.random_range(min..=words);
                 let list: Vec<&str> = (0..n).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
                 Example { prompt: format!("last: {}", list.join(" ")), answer: list[n - 1].to_string() }
             }
@@ -215,23 +250,25 @@ mod tests {
     use super::*;
     use crate::test_util::Scratch;
 
-    const ALL: [Task; 5] = [
-        Task::Addition { digits: 3 },
-        Task::Reverse { words: 4 },
+    const ALL: [Task; 7] = [
+        Task::addition(3),
+        Task::reverse(4),
+        Task::Addition { min: 4, digits: 5 },
+        Task::Reverse { min: 5, words: 7 },
         Task::CountLetter { words: 1 },
         Task::CountLetter { words: 2 },
-        Task::LastWord { words: 3 },
+        Task::LastWord { min: 2, words: 3 },
     ];
 
     #[test]
     fn answers_are_right_and_rewards_exact() {
-        for e in (Task::Addition { digits: 4 }).examples(Split::Train, 200, 1) {
+        for e in Task::addition(4).examples(Split::Train, 200, 1) {
             let (a, b) = e.prompt.trim_end_matches('=').split_once('+').unwrap();
             assert_eq!(a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap(), e.answer.parse::<u64>().unwrap());
             assert_eq!(reward(&format!(" {}\nmore text", e.answer), &e.answer), 1.0);
             assert_eq!(reward(&format!("{}0", e.answer), &e.answer), 0.0);
         }
-        for e in (Task::Reverse { words: 5 }).examples(Split::Eval, 50, 2) {
+        for e in Task::reverse(5).examples(Split::Eval, 50, 2) {
             let words: Vec<&str> = e.prompt.trim_start_matches("reverse: ").split(' ').collect();
             let rev: Vec<&str> = e.answer.split(' ').rev().collect();
             assert_eq!(words, rev);
@@ -245,7 +282,7 @@ mod tests {
                 assert_eq!(n.to_string(), e.answer);
             }
         }
-        for e in (Task::LastWord { words: 4 }).examples(Split::Eval, 50, 4) {
+        for e in (Task::LastWord { min: 2, words: 4 }).examples(Split::Eval, 50, 4) {
             assert_eq!(e.prompt.rsplit(' ').next().unwrap(), e.answer);
         }
         assert_eq!(reward("", "5"), 0.0);
@@ -265,15 +302,32 @@ mod tests {
 
     #[test]
     fn task_specs_parse_and_bad_ones_are_named() {
-        assert_eq!(Task::parse("addition:5").unwrap(), Task::Addition { digits: 5 });
-        assert_eq!(Task::parse("reverse").unwrap(), Task::Reverse { words: 4 });
+        assert_eq!(Task::parse("addition:5").unwrap(), Task::addition(5));
+        assert_eq!(Task::parse("reverse").unwrap(), Task::reverse(4));
+        assert_eq!(Task::parse("reverse:4-6").unwrap(), Task::Reverse { min: 4, words: 6 });
+        assert!(Task::parse("reverse:6-4").unwrap_err().to_string().contains("empty"));
         assert_eq!(Task::parse("count").unwrap(), Task::CountLetter { words: 1 });
         assert_eq!(Task::parse("count:2").unwrap().name(), "count:2");
-        assert_eq!(Task::parse("last").unwrap(), Task::LastWord { words: 4 });
+        assert_eq!(Task::parse("last").unwrap(), Task::LastWord { min: 2, words: 4 });
         for t in ALL {
             assert_eq!(Task::parse(&t.name()).unwrap(), t, "a task's name parses back to it");
         }
-        assert_eq!(Task::parse("addition:3").unwrap().shifted(), Task::Addition { digits: 5 });
+        assert_eq!(Task::parse("addition:3").unwrap().shifted(), Some(Task::Addition { min: 4, digits: 5 }));
+        assert_eq!(Task::parse("count:6").unwrap().shifted(), None, "already at its longest");
+        // Every prompt of a shifted variant is longer than any trained one: operands in digits, lists in words.
+        let sizes = |e: &Example| -> Vec<usize> {
+            match e.prompt.strip_suffix('=') {
+                Some(sum) => sum.split('+').map(str::len).collect(),
+                None => vec![e.prompt.split(' ').count()],
+            }
+        };
+        for t in
+            [Task::addition(2), Task::reverse(3), Task::CountLetter { words: 1 }, Task::LastWord { min: 2, words: 3 }]
+        {
+            let trained = t.examples(Split::Train, 300, 1).iter().flat_map(sizes).max().unwrap();
+            let shifted = t.shifted().unwrap().examples(Split::Train, 300, 1).iter().flat_map(sizes).min().unwrap();
+            assert!(shifted > trained, "{t:?}: shortest shifted {shifted} vs longest trained {trained}");
+        }
         assert!(Task::parse("sorting").unwrap_err().to_string().contains("sorting"));
         assert!(Task::parse("addition:x").is_err());
     }
@@ -297,7 +351,7 @@ mod tests {
         }
         assert_eq!(count.eval_set(500).len(), every);
         assert!(every > 40 && every < 500, "{every}");
-        assert_eq!((Task::Addition { digits: 3 }).eval_set(500).len(), 500);
+        assert_eq!(Task::addition(3).eval_set(500).len(), 500);
     }
 
     #[test]

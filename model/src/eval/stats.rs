@@ -11,34 +11,40 @@ use crate::eval::evaluate::Estimate;
 
 /// 95% percentile interval of a mean change, from `diffs[seed][stratum][prompt]`: a per-prompt change (a
 /// checkpoint's correctness minus the base model's on the same prompt) for each task (stratum) of each seed. The
-/// statistic is the mean over seeds of the mean over tasks of the mean over prompts; the bootstrap draws seeds with
-/// replacement, then each task's prompts with replacement within each drawn seed. Pairing on the prompt removes
-/// the prompts' own difficulty from the noise; resampling seeds adds the training run's variance.
+/// statistic is the mean over seeds of the mean over tasks of the mean over prompts. Every seed is scored on the
+/// same prompts (prompt i of a task is the same prompt in every seed), so a resample draws seeds with replacement
+/// and one set of prompt indices per task that every drawn seed shares: a prompt's own difficulty is common to all
+/// seeds and must not average out across them. Pairing on the prompt removes that difficulty from the change;
+/// resampling seeds adds the training run's variance.
 pub fn paired_bootstrap(diffs: &[Vec<Vec<f64>>], resamples: usize, seed: u64) -> Estimate {
-    let seeds: Vec<Vec<&Vec<f64>>> = diffs
-        .iter()
-        .map(|s| s.iter().filter(|d| !d.is_empty()).collect::<Vec<_>>())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let seeds: Vec<&Vec<Vec<f64>>> = diffs.iter().filter(|s| s.iter().any(|d| !d.is_empty())).collect();
     if seeds.is_empty() {
         return Estimate { value: f64::NAN, lo: f64::NAN, hi: f64::NAN };
     }
-    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    let seed_mean = |strata: &Vec<&Vec<f64>>| strata.iter().map(|d| mean(d)).sum::<f64>() / strata.len() as f64;
-    let value = seeds.iter().map(seed_mean).sum::<f64>() / seeds.len() as f64;
+    // Prompts per task, as every seed has them (the shortest, should one differ).
+    let strata = seeds.iter().map(|s| s.len()).min().unwrap_or(0);
+    let sizes: Vec<usize> = (0..strata).map(|t| seeds.iter().map(|s| s[t].len()).min().unwrap_or(0)).collect();
+    let tasks: Vec<usize> = (0..strata).filter(|&t| sizes[t] > 0).collect();
+    let stat = |picks: &[usize], prompts: &[Vec<usize>]| {
+        let per_seed = picks.iter().map(|&s| {
+            let m = tasks
+                .iter()
+                .zip(prompts)
+                .map(|(&t, idx)| idx.iter().map(|&i| seeds[s][t][i]).sum::<f64>() / idx.len() as f64);
+            m.sum::<f64>() / tasks.len() as f64
+        });
+        per_seed.sum::<f64>() / picks.len() as f64
+    };
+    let all_seeds: Vec<usize> = (0..seeds.len()).collect();
+    let all_prompts: Vec<Vec<usize>> = tasks.iter().map(|&t| (0..sizes[t]).collect()).collect();
+    let value = stat(&all_seeds, &all_prompts);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut means: Vec<f64> = (0..resamples.max(1))
         .map(|_| {
-            let mut total = 0.0;
-            for _ in 0..seeds.len() {
-                let strata = &seeds[rng.random_range(0..seeds.len())];
-                let mut s = 0.0;
-                for d in strata {
-                    s += (0..d.len()).map(|_| d[rng.random_range(0..d.len())]).sum::<f64>() / d.len() as f64;
-                }
-                total += s / strata.len() as f64;
-            }
-            total / seeds.len() as f64
+            let picks: Vec<usize> = (0..seeds.len()).map(|_| rng.random_range(0..seeds.len())).collect();
+            let prompts: Vec<Vec<usize>> =
+                tasks.iter().map(|&t| (0..sizes[t]).map(|_| rng.random_range(0..sizes[t])).collect()).collect();
+            stat(&picks, &prompts)
         })
         .collect();
     means.sort_by(f64::total_cmp);
@@ -57,8 +63,11 @@ pub fn t_interval(values: &[f64]) -> Estimate {
         return Estimate { value: mean, lo: f64::NAN, hi: f64::NAN };
     }
     let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
-    // Two-sided 97.5% quantiles of Student's t for 1..=10 degrees of freedom, then the normal's.
-    const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
+    // Two-sided 97.5% quantiles of Student's t for 1..=30 degrees of freedom, then the normal's.
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
     let t = T.get(n - 2).copied().unwrap_or(1.96);
     let half = t * sd / (n as f64).sqrt();
     Estimate { value: mean, lo: mean - half, hi: mean + half }
@@ -137,8 +146,8 @@ pub struct Fit {
 }
 
 /// Fit a polynomial of `degree` (1: linear, 2: quadratic) to the points by least squares (normal equations solved
-/// by Gaussian elimination with partial pivoting: tiny systems). `None` with fewer than degree + 1 points, or when
-/// the xs cannot determine the fit (all equal).
+/// by Gaussian elimination with partial pivoting: tiny systems). `None` with fewer than degree + 1 points, when
+/// the xs cannot determine the fit (all equal), or when the ys do not vary (R² is undefined).
 pub fn poly_fit(xs: &[f64], ys: &[f64], degree: usize) -> Option<Fit> {
     let n = xs.len().min(ys.len());
     let m = degree + 1;
@@ -178,8 +187,10 @@ pub fn poly_fit(xs: &[f64], ys: &[f64], degree: usize) -> Option<Fit> {
     let predict = |x: f64| coef.iter().enumerate().map(|(i, c)| c * x.powi(i as i32)).sum::<f64>();
     let ss_res: f64 = xs.iter().zip(ys).map(|(&x, &y)| (y - predict(x)).powi(2)).sum();
     let ss_tot: f64 = ys[..n].iter().map(|y| (y - mean).powi(2)).sum();
-    let r2 = if ss_tot > 0.0 { 1.0 - ss_res / ss_tot } else { 1.0 };
-    Some(Fit { coef, r2, n })
+    if ss_tot <= 0.0 {
+        return None;
+    }
+    Some(Fit { coef, r2: 1.0 - ss_res / ss_tot, n })
 }
 
 #[cfg(test)]
@@ -204,7 +215,15 @@ mod tests {
         let seeds = vec![vec![vec![0.0; 50]], vec![vec![1.0; 50]]];
         let e = paired_bootstrap(&seeds, 2000, 9);
         assert_eq!(e.value, 0.5);
-        assert!(e.lo == 0.0 && e.hi == 1.0, "with two seeds a quarter of resamples draw one seed twice: {e:?}");
+        assert!(e.lo == 0.0 && e.hi == 1.0, "a quarter of resamples draw seed 0 twice, a quarter seed 1: {e:?}");
+        // Seeds scored on the same prompts share each prompt's effect: two identical seeds are no more certain
+        // than one (resampling prompts separately per seed would shrink the interval by about √2).
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let d: Vec<f64> = (0..300).map(|_| if rng.random_bool(0.5) { 1.0 } else { 0.0 }).collect();
+        let one = paired_bootstrap(&[vec![d.clone()]], 4000, 2);
+        let two = paired_bootstrap(&[vec![d.clone()], vec![d]], 4000, 2);
+        let (w1, w2) = (one.hi - one.lo, two.hi - two.lo);
+        assert!((w2 - w1).abs() < 0.1 * w1, "shared prompts: widths {w1} vs {w2}");
         // Tasks weigh equally however many prompts each has: a 10-prompt task at 1 and a 90-prompt task at 0.
         let e = paired_bootstrap(&[vec![vec![1.0; 10], vec![0.0; 90]]], 200, 1);
         assert_eq!((e.value, e.lo, e.hi), (0.5, 0.5, 0.5));
@@ -260,5 +279,6 @@ mod tests {
         assert!(lin.r2 < 0.99 && lin.r2 >= 0.0, "{lin:?}");
         assert!(poly_fit(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0], 1).is_none(), "equal xs determine no slope");
         assert!(poly_fit(&[1.0], &[1.0], 1).is_none());
+        assert!(poly_fit(&xs, &[2.0; 5], 1).is_none(), "constant ys: R² is undefined");
     }
 }

@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn stream_covers_every_row_per_epoch_mixes_exactly_and_resumes() {
         let tok = tokenizer();
-        let ex = (Task::Addition { digits: 2 }).examples(Split::Train, 40, 1);
+        let ex = Task::addition(2).examples(Split::Train, 40, 1);
         let text: Arc<Vec<u32>> = Arc::new(tok.encode(&"the king 12 ".repeat(50)).unwrap());
         let mut a = SftSource::new(&tok, &ex, 3, 32, 9, Some((text.clone(), 0.25))).unwrap();
         let n = a.num_rows();
