@@ -199,31 +199,39 @@ pub fn front(sums: &[Summary], method: Method, kl: bool, seed: Option<usize>) ->
     pareto_front(&pts)
 }
 
-/// The cost each method pays for the same gain: per seed, interpolated along that seed's front, at gains spread
-/// over the range every method's (seed-mean) front reaches. Returns (gain, per method: the per-seed costs, or None
-/// where some seed's front never reaches the gain). Costs of two methods in one seed pair up: they share the base,
-/// the data and the seed.
+/// The cost each method pays for the same gain, compared within each seed: in seed s the methods' fronts share
+/// the gains [lo_s, hi_s] (the highest of their lowest gains to the lowest of their highest), and each method's
+/// cost is interpolated at the same gain g_s = lo_s + q·(hi_s − lo_s), for q = ¼, ½, ¾, 1. Returns, per q, the mean
+/// of g_s and per method the costs of the seeds where the fronts overlap (the same seeds for every method, so two
+/// methods' costs pair up: same base, data and seed); None when no seed's fronts overlap.
 pub fn matched_gain(sums: &[Summary], methods: &[Method], kl: bool, seeds: usize) -> Vec<(f64, Vec<Option<Vec<f64>>>)> {
-    let fronts: Vec<Vec<Point>> = methods.iter().map(|&m| front(sums, m, kl, None)).collect();
-    if fronts.iter().any(|f| f.len() < 2) {
-        return Vec::new();
-    }
-    let lo = fronts.iter().map(|f| f[0].gain).fold(f64::MIN, f64::max);
-    let hi = fronts.iter().map(|f| f[f.len() - 1].gain).fold(f64::MAX, f64::min);
-    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
+    let ranges: Vec<Option<(f64, f64)>> = (0..seeds)
+        .map(|i| {
+            let fronts: Vec<Vec<Point>> = methods.iter().map(|&m| front(sums, m, kl, Some(i))).collect();
+            if fronts.iter().any(|f| f.len() < 2) {
+                return None;
+            }
+            let lo = fronts.iter().map(|f| f[0].gain).fold(f64::MIN, f64::max);
+            let hi = fronts.iter().map(|f| f[f.len() - 1].gain).fold(f64::MAX, f64::min);
+            (hi > lo).then_some((lo, hi))
+        })
+        .collect();
+    if ranges.iter().all(Option::is_none) {
         return Vec::new();
     }
     [0.25, 0.5, 0.75, 1.0]
         .iter()
         .map(|q| {
-            let g = lo + q * (hi - lo);
+            let at: Vec<(usize, f64)> =
+                ranges.iter().enumerate().filter_map(|(i, r)| r.map(|(lo, hi)| (i, lo + q * (hi - lo)))).collect();
+            let gain = at.iter().map(|p| p.1).sum::<f64>() / at.len() as f64;
             let costs = methods
                 .iter()
                 .map(|&m| {
-                    (0..seeds).map(|i| cost_at_gain(&front(sums, m, kl, Some(i)), g)).collect::<Option<Vec<f64>>>()
+                    at.iter().map(|&(i, g)| cost_at_gain(&front(sums, m, kl, Some(i)), g)).collect::<Option<Vec<f64>>>()
                 })
                 .collect();
-            (g, costs)
+            (gain, costs)
         })
         .collect()
 }
@@ -465,8 +473,10 @@ fn frontier_section(md: &mut String, sums: &[Summary], seeds: usize) -> Result<(
     writeln!(
         md,
         "## Learning–forgetting frontier\n\nEvery checkpoint is a point (cost, gain); each method's Pareto front \
-         joins the checkpoints no other checkpoint of it beats on both. Methods are compared at matched gain by \
-         interpolating along each seed's front (t intervals over seeds; — where a seed's front never reaches the gain).\n"
+         joins the checkpoints no other checkpoint of it beats on both. Methods are compared at matched gain within \
+         each seed, interpolating along that seed's fronts at the same gain for every method, at ¼, ½, ¾ and all \
+         of the range of gain the fronts share in that seed (the gain column is its mean over seeds; t intervals \
+         over seeds).\n"
     )?;
     for (title, kl) in [("Δ bits/byte", false), ("KL(base‖π) nats/tok, task", true)] {
         for group in
@@ -614,8 +624,18 @@ pub fn statements(study: &Study, sums: &[Summary], finals: &[&Summary]) -> Vec<S
         let rows = matched_gain(sums, group, false, seeds);
         let Some((g, costs)) = rows.iter().rev().find(|(_, c)| c.iter().all(Option::is_some)) else {
             if group.iter().all(|m| sums.iter().any(|s| s.method == *m)) {
+                // Say why: a method whose front is its starting point alone never gained beyond where it began.
+                let stuck: Vec<String> = group
+                    .iter()
+                    .filter_map(|&m| {
+                        let n = (0..seeds).filter(|&i| front(sums, m, false, Some(i)).len() < 2).count();
+                        (n > 0)
+                            .then(|| format!("{} never rose above its starting gain in {n} of {seeds} seeds", m.name()))
+                    })
+                    .collect();
+                let why = if stuck.is_empty() { String::new() } else { format!(" ({})", stuck.join("; ")) };
                 out.push(format!(
-                    "{what}: their fronts share no range of gain reached in every seed, so they cannot be compared at matched gain."
+                    "{what}: their fronts share no range of gain in any seed{why}, so they cannot be compared at matched gain."
                 ));
             }
             continue;
