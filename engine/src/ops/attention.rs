@@ -78,10 +78,7 @@ impl AttentionDesign {
 
     /// Runs `f` with this design forced on the current thread (tests and benches compare the two in one process).
     pub fn with<R>(self, f: impl FnOnce() -> R) -> R {
-        let before = FORCED.replace(Some(self));
-        let r = f();
-        FORCED.set(before);
-        r
+        super::forced::with(&FORCED, self, f)
     }
 
     /// (shader, forward, dQ, dK/dV entry points, rows per workgroup of the forward/dQ and the dK/dV kernels).

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod classifier;
 pub mod elementwise;
 pub mod embedding;
+pub(crate) mod forced;
 pub mod kv_cache;
 pub mod loss;
 pub mod matmul;

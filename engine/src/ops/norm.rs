@@ -92,10 +92,7 @@ impl RowReduction {
 
     /// Runs `f` with this reduction forced on the current thread (tests compare both in one process).
     pub fn with<R>(self, f: impl FnOnce() -> R) -> R {
-        let before = FORCED_ROWS.replace(Some(self));
-        let r = f();
-        FORCED_ROWS.set(before);
-        r
+        super::forced::with(&FORCED_ROWS, self, f)
     }
 
     /// Threads per workgroup of the module [`RowReduction::module`] picks (its WG).
