@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::record::{Method, Study};
 use super::report::{front, kl_fits, transfer_matrix, Summary};
@@ -171,15 +172,23 @@ fn transfer(study: &Study, path: &Path) -> Result<bool> {
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(180)
-        .build_cartesian_2d(0..cols.len(), 0..rows.len())
+        // A segmented 0..n has a segment per value and one past the end: 0..n-1 gives the n cells.
+        .build_cartesian_2d(
+            (0..cols.len().saturating_sub(1).max(1)).into_segmented(),
+            (0..rows.len().saturating_sub(1).max(1)).into_segmented(),
+        )
         .map_err(|x| e(&x))?;
+    let name = |names: &[String], v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
     chart
         .configure_mesh()
         .disable_mesh()
         .x_labels(cols.len())
         .y_labels(rows.len())
-        .x_label_formatter(&|i| cols.get(*i).cloned().unwrap_or_default())
-        .y_label_formatter(&|i| rows.get(*i).cloned().unwrap_or_default())
+        .x_label_formatter(&|v| name(&cols, v))
+        .y_label_formatter(&|v| name(&rows, v))
         .draw()
         .map_err(|x| e(&x))?;
     let max = cells.iter().flatten().map(|c| c.value.abs()).filter(|v| v.is_finite()).fold(1e-9, f64::max);
@@ -190,13 +199,14 @@ fn transfer(study: &Study, path: &Path) -> Result<bool> {
             // Blue for gains, red for losses, white for none.
             let shade = |v: f64| (255.0 * (1.0 - v.abs())) as u8;
             let fill = if t >= 0.0 { RGBColor(shade(t), shade(t), 255) } else { RGBColor(255, shade(t), shade(t)) };
+            let corner = |c: usize, r: usize| (SegmentValue::Exact(c), SegmentValue::Exact(r));
             chart
-                .draw_series(std::iter::once(Rectangle::new([(c, r), (c + 1, r + 1)], fill.filled())))
+                .draw_series(std::iter::once(Rectangle::new([corner(c, r), corner(c + 1, r + 1)], fill.filled())))
                 .map_err(|x| e(&x))?;
             let label = format!("{:+.2}", cell.value);
-            chart
-                .draw_series(std::iter::once(Text::new(label, (c, r), ("sans-serif", 16).into_font())))
-                .map_err(|x| e(&x))?;
+            let style = ("sans-serif", 16).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center));
+            let at = (SegmentValue::CenterOf(c), SegmentValue::CenterOf(r));
+            chart.draw_series(std::iter::once(Text::new(label, at, style))).map_err(|x| e(&x))?;
         }
     }
     root.present().map_err(|x| e(&x))?;
