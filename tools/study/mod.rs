@@ -32,15 +32,9 @@ pub struct StudyOpts {
     pub data: Option<PathBuf>,
 }
 
-/// The source tree's `git describe`, when the binary runs where it was built.
+/// The `git describe` of the tree this binary was built from (build.rs), "unknown" outside a git checkout.
 fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    env!("KILN_COMMIT").to_string()
 }
 
 /// OUT/plan.toml holds the plan a study started with: resuming with another plan would mix two studies' runs.

@@ -1,0 +1,17 @@
+//! Records the source tree's `git describe` at build time, so `kiln study` can write into study.json the commit
+//! its binary was built from (not whatever the tree holds when the study ends).
+
+fn main() {
+    let describe = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=KILN_COMMIT={describe}");
+    // A new commit, a staged change, or an edit to any source makes the description stale.
+    for path in [".git/HEAD", ".git/index", "tools", "model/src", "engine/src", "shaders"] {
+        println!("cargo:rerun-if-changed={path}");
+    }
+}
