@@ -11,7 +11,9 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=KILN_COMMIT={describe}");
     // A new commit, a staged change, or an edit to any source makes the description stale.
-    for path in [".git/HEAD", ".git/index", "tools", "model/src", "engine/src", "shaders"] {
+    for path in
+        [".git/HEAD", ".git/refs", ".git/packed-refs", ".git/index", "tools", "model/src", "engine/src", "shaders"]
+    {
         println!("cargo:rerun-if-changed={path}");
     }
 }

@@ -237,6 +237,13 @@ pub fn report_cmd(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 pub mod tests {
+    #[test]
+    fn the_recorded_commit_is_the_builds() {
+        let c = super::commit();
+        assert!(!c.is_empty() && c == env!("KILN_COMMIT"), "{c}");
+        println!("built from {c}");
+    }
+
     /// A fresh scratch directory for a test.
     pub fn scratch(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("kiln-study-{name}-{}", std::process::id()));
