@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::record::{Method, Study};
-use super::report::{front, kl_fits, transfer_matrix, Summary};
+use super::report::{front, kl_fits, transfer_matrix, Gain, Summary};
 
 fn colour(m: Method) -> RGBColor {
     match m {
@@ -46,7 +46,7 @@ fn cost_axis(costs: &[f64]) -> Option<f64> {
     (pos.len() > 1 && hi / lo > 100.0).then_some(lo / 2.0)
 }
 
-fn frontier(sums: &[Summary], kl: bool, path: &Path) -> Result<()> {
+fn frontier(sums: &[Summary], kl: bool, by: Gain, path: &Path) -> Result<()> {
     let e = err(path);
     let cost = |s: &Summary| if kl { s.kl_base_task } else { s.dbpb };
     let shown: Vec<&Summary> = sums.iter().filter(|s| METHODS.contains(&s.method)).collect();
@@ -58,12 +58,13 @@ fn frontier(sums: &[Summary], kl: bool, path: &Path) -> Result<()> {
     };
     let xs = shown.iter().flat_map(|s| [cost(s).value, cost(s).lo, cost(s).hi]).map(tx);
     let (x0, x1) = span(xs);
-    let (y0, y1) = span(shown.iter().flat_map(|s| [s.gain.value, s.gain.lo, s.gain.hi]));
+    let gain = |s: &Summary| if by == Gain::Accuracy { s.gain } else { s.reward_gain };
+    let (y0, y1) = span(shown.iter().flat_map(|s| [gain(s).value, gain(s).lo, gain(s).hi]));
     let root = BitMapBackend::new(path, (960, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let what = if kl { "KL(base‖π) nats/token on task inputs" } else { "Δ bits/byte on held-out text" };
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("Learning–forgetting frontier: gain vs {what}"), ("sans-serif", 20))
+        .caption(format!("Learning–forgetting frontier: {} vs {what}", by.name()), ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -73,7 +74,11 @@ fn frontier(sums: &[Summary], kl: bool, path: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc(if floor.is_some() { format!("{what} (log scale)") } else { what.to_string() })
-        .y_desc("task gain (chance-corrected accuracy − base)")
+        .y_desc(if by == Gain::Accuracy {
+            "task gain (chance-corrected accuracy − base)"
+        } else {
+            "task gain (mean sampled reward − base)"
+        })
         .x_label_formatter(&x_label)
         .draw()
         .map_err(|x| e(&x))?;
@@ -84,10 +89,13 @@ fn frontier(sums: &[Summary], kl: bool, path: &Path) -> Result<()> {
         }
         let c = colour(m);
         for s in &pts {
-            let (cx, g) = (tx(cost(s).value), s.gain.value);
-            if s.gain.lo.is_finite() && s.gain.hi.is_finite() {
+            let (cx, g) = (tx(cost(s).value), gain(s).value);
+            if gain(s).lo.is_finite() && gain(s).hi.is_finite() {
                 chart
-                    .draw_series(std::iter::once(PathElement::new(vec![(cx, s.gain.lo), (cx, s.gain.hi)], c.mix(0.5))))
+                    .draw_series(std::iter::once(PathElement::new(
+                        vec![(cx, gain(s).lo), (cx, gain(s).hi)],
+                        c.mix(0.5),
+                    )))
                     .map_err(|x| e(&x))?;
             }
             let (lo, hi) = (cost(s).lo, cost(s).hi);
@@ -98,9 +106,9 @@ fn frontier(sums: &[Summary], kl: bool, path: &Path) -> Result<()> {
             }
         }
         chart
-            .draw_series(pts.iter().map(|s| Circle::new((tx(cost(s).value), s.gain.value), 4, c.filled())))
+            .draw_series(pts.iter().map(|s| Circle::new((tx(cost(s).value), gain(s).value), 4, c.filled())))
             .map_err(|x| e(&x))?;
-        let f: Vec<(f64, f64)> = front(sums, m, kl, None).iter().map(|p| (tx(p.cost), p.gain)).collect();
+        let f: Vec<(f64, f64)> = front(sums, m, kl, by, None).iter().map(|p| (tx(p.cost), p.gain)).collect();
         chart
             .draw_series(LineSeries::new(f, c.stroke_width(2)))
             .map_err(|x| e(&x))?
@@ -273,10 +281,14 @@ fn rl_curves(study: &Study, path: &Path) -> Result<bool> {
 pub fn draw_all(study: &Study, sums: &[Summary], dir: &Path) -> Result<Vec<String>> {
     crate::plot::register_font()?;
     let mut out = Vec::new();
-    frontier(sums, false, &dir.join("frontier_bpb.png"))?;
-    out.push("frontier_bpb.png".to_string());
-    frontier(sums, true, &dir.join("frontier_kl.png"))?;
-    out.push("frontier_kl.png".to_string());
+    for (kl, by, name) in [
+        (false, Gain::Accuracy, "frontier_bpb.png"),
+        (true, Gain::Accuracy, "frontier_kl.png"),
+        (false, Gain::Reward, "frontier_reward_bpb.png"),
+    ] {
+        frontier(sums, kl, by, &dir.join(name))?;
+        out.push(name.to_string());
+    }
     kl_fit(sums, &dir.join("kl_fit.png"))?;
     out.push("kl_fit.png".to_string());
     if transfer(study, &dir.join("transfer.png"))? {

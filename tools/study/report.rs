@@ -84,8 +84,8 @@ pub struct Summary {
     pub kl_base_text: Estimate,
     pub kl_start_task: Option<Estimate>,
     pub entropy: f64,
-    /// Per seed: (Δ bits/byte, gain, KL(base‖π) task).
-    pub per_seed: Vec<(f64, f64, f64)>,
+    /// Per seed: (Δ bits/byte, accuracy gain, KL(base‖π) task, reward gain).
+    pub per_seed: Vec<(f64, f64, f64, f64)>,
 }
 
 /// Every checkpoint of every run, summarised over seeds (points at the same index across seeds pool together).
@@ -100,13 +100,14 @@ pub fn summaries(study: &Study) -> Vec<Summary> {
             let pts: Vec<(&SeedRecord, &Scores)> = runs.iter().map(|(s, r)| (*s, &r.points[i])).collect();
             let diffs: Vec<Vec<Vec<f64>>> = pts.iter().map(|(s, p)| gain_strata(study, s, p, &trained)).collect();
             let rewards: Vec<Vec<Vec<f64>>> = pts.iter().map(|(s, p)| reward_strata(s, p, &trained)).collect();
-            let per_seed: Vec<(f64, f64, f64)> = pts
+            let mean_of = |d: &Vec<Vec<f64>>| {
+                d.iter().map(|t| t.iter().sum::<f64>() / t.len().max(1) as f64).sum::<f64>() / d.len().max(1) as f64
+            };
+            let per_seed: Vec<(f64, f64, f64, f64)> = pts
                 .iter()
-                .zip(&diffs)
-                .map(|((s, p), d)| {
-                    let gain = d.iter().map(|t| t.iter().sum::<f64>() / t.len().max(1) as f64).sum::<f64>()
-                        / d.len().max(1) as f64;
-                    (p.bits_per_byte - s.base.bits_per_byte, gain, p.kl_base_model_task_nats)
+                .zip(diffs.iter().zip(&rewards))
+                .map(|((s, p), (d, r))| {
+                    (p.bits_per_byte - s.base.bits_per_byte, mean_of(d), p.kl_base_model_task_nats, mean_of(r))
                 })
                 .collect();
             let of = |f: &dyn Fn(&Scores) -> f64| t_interval(&pts.iter().map(|(_, p)| f(p)).collect::<Vec<_>>());
@@ -179,21 +180,37 @@ fn sign(e: &Estimate) -> Option<f64> {
     }
 }
 
+/// What a frontier counts as gain: greedy accuracy (chance-corrected) or mean sampled reward, both over the base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gain {
+    Accuracy,
+    Reward,
+}
+
+impl Gain {
+    pub fn name(self) -> &'static str {
+        match self {
+            Gain::Accuracy => "chance-corrected greedy accuracy",
+            Gain::Reward => "mean sampled reward",
+        }
+    }
+}
+
 /// A method's Pareto front of (cost, gain) over its checkpoints, for cost = Δ bits/byte (`kl` false) or
 /// KL(base ‖ π) on task inputs, using one seed's values (`Some(i)`) or the seed means (`None`).
-pub fn front(sums: &[Summary], method: Method, kl: bool, seed: Option<usize>) -> Vec<Point> {
+pub fn front(sums: &[Summary], method: Method, kl: bool, by: Gain, seed: Option<usize>) -> Vec<Point> {
     let pts: Vec<Point> = sums
         .iter()
         .filter(|s| s.method == method)
         .filter_map(|s| {
-            let (cost, gain) = match seed {
+            let (cost, acc, reward) = match seed {
                 Some(i) => {
                     let p = s.per_seed.get(i)?;
-                    (if kl { p.2 } else { p.0 }, p.1)
+                    (if kl { p.2 } else { p.0 }, p.1, p.3)
                 }
-                None => (if kl { s.kl_base_task.value } else { s.dbpb.value }, s.gain.value),
+                None => (if kl { s.kl_base_task.value } else { s.dbpb.value }, s.gain.value, s.reward_gain.value),
             };
-            Some(Point { cost, gain })
+            Some(Point { cost, gain: if by == Gain::Accuracy { acc } else { reward } })
         })
         .collect();
     pareto_front(&pts)
@@ -204,10 +221,16 @@ pub fn front(sums: &[Summary], method: Method, kl: bool, seed: Option<usize>) ->
 /// cost is interpolated at the same gain g_s = lo_s + q·(hi_s − lo_s), for q = ¼, ½, ¾, 1. Returns, per q, the mean
 /// of g_s and per method the costs of the seeds where the fronts overlap (the same seeds for every method, so two
 /// methods' costs pair up: same base, data and seed); None when no seed's fronts overlap.
-pub fn matched_gain(sums: &[Summary], methods: &[Method], kl: bool, seeds: usize) -> Vec<(f64, Vec<Option<Vec<f64>>>)> {
+pub fn matched_gain(
+    sums: &[Summary],
+    methods: &[Method],
+    kl: bool,
+    by: Gain,
+    seeds: usize,
+) -> Vec<(f64, Vec<Option<Vec<f64>>>)> {
     let ranges: Vec<Option<(f64, f64)>> = (0..seeds)
         .map(|i| {
-            let fronts: Vec<Vec<Point>> = methods.iter().map(|&m| front(sums, m, kl, Some(i))).collect();
+            let fronts: Vec<Vec<Point>> = methods.iter().map(|&m| front(sums, m, kl, by, Some(i))).collect();
             if fronts.iter().any(|f| f.len() < 2) {
                 return None;
             }
@@ -228,7 +251,9 @@ pub fn matched_gain(sums: &[Summary], methods: &[Method], kl: bool, seeds: usize
             let costs = methods
                 .iter()
                 .map(|&m| {
-                    at.iter().map(|&(i, g)| cost_at_gain(&front(sums, m, kl, Some(i)), g)).collect::<Option<Vec<f64>>>()
+                    at.iter()
+                        .map(|&(i, g)| cost_at_gain(&front(sums, m, kl, by, Some(i)), g))
+                        .collect::<Option<Vec<f64>>>()
                 })
                 .collect();
             (gain, costs)
@@ -478,29 +503,46 @@ fn frontier_section(md: &mut String, sums: &[Summary], seeds: usize) -> Result<(
          of the range of gain the fronts share in that seed (the gain column is its mean over seeds; t intervals \
          over seeds).\n"
     )?;
-    for (title, kl) in [("Δ bits/byte", false), ("KL(base‖π) nats/tok, task", true)] {
-        for group in
-            [&[Method::Sft, Method::Rl][..], &[Method::BranchSft, Method::BranchRl, Method::BranchOnPolicy][..]]
-        {
-            let rows = matched_gain(sums, group, kl, seeds);
-            if rows.is_empty() {
-                continue;
+    for by in [Gain::Accuracy, Gain::Reward] {
+        for (title, kl) in [("Δ bits/byte", false), ("KL(base‖π) nats/tok, task", true)] {
+            for group in
+                [&[Method::Sft, Method::Rl][..], &[Method::BranchSft, Method::BranchRl, Method::BranchOnPolicy][..]]
+            {
+                matched_table(md, sums, group, kl, by, seeds, title)?;
             }
-            write!(md, "Cost in {title} at matched gain:\n\n| gain |")?;
-            for m in group {
-                write!(md, " {} |", m.name())?;
-            }
-            writeln!(md, "\n|---|{}", "---|".repeat(group.len()))?;
-            for (g, costs) in rows {
-                write!(md, "| {g:.3} |")?;
-                for c in costs {
-                    write!(md, " {} |", c.map_or("—".into(), |per| fmt_est(&t_interval(&per), 4)))?;
-                }
-                writeln!(md)?;
-            }
-            writeln!(md)?;
         }
     }
+    Ok(())
+}
+
+/// One matched-gain table: each method's cost (t interval over seeds) at the gains its fronts share.
+fn matched_table(
+    md: &mut String,
+    sums: &[Summary],
+    group: &[Method],
+    kl: bool,
+    by: Gain,
+    seeds: usize,
+    title: &str,
+) -> Result<()> {
+    let rows = matched_gain(sums, group, kl, by, seeds);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    write!(md, "Cost in {title} at matched gain in {}:\n\n| gain | seeds where the fronts overlap |", by.name())?;
+    for m in group {
+        write!(md, " {} |", m.name())?;
+    }
+    writeln!(md, "\n|---|---|{}", "---|".repeat(group.len()))?;
+    for (g, costs) in rows {
+        let n = costs.iter().flatten().map(Vec::len).max().unwrap_or(0);
+        write!(md, "| {g:.3} | {n} of {seeds} |")?;
+        for c in costs {
+            write!(md, " {} |", c.map_or("—".into(), |per| fmt_est(&t_interval(&per), 4)))?;
+        }
+        writeln!(md)?;
+    }
+    writeln!(md)?;
     Ok(())
 }
 
@@ -516,7 +558,7 @@ pub fn kl_fits(
     pooled.0.extend(std::iter::repeat_n(0.0, seeds));
     pooled.1.extend(std::iter::repeat_n(0.0, seeds));
     for s in sums.iter().filter(|s| s.step > 0) {
-        for &(dbpb, _, kl) in &s.per_seed {
+        for &(dbpb, _, kl, _) in &s.per_seed {
             for key in [s.method.name().to_string(), "pooled".to_string()] {
                 let g = groups.entry(key).or_default();
                 g.0.push(kl);
@@ -614,61 +656,70 @@ pub fn statements(study: &Study, sums: &[Summary], finals: &[&Summary]) -> Vec<S
         };
         out.push(format!("{} ({}): {gain}; {level}; {cost}.", f.run, f.method.name()));
     }
-    for (group, what) in [
-        (&[Method::Sft, Method::Rl][..], "SFT and RL"),
-        (
-            &[Method::BranchSft, Method::BranchRl, Method::BranchOnPolicy][..],
-            "the branch arms (SFT, RL, on-policy SFT)",
-        ),
-    ] {
-        let rows = matched_gain(sums, group, false, seeds);
-        let Some((g, costs)) = rows.iter().rev().find(|(_, c)| c.iter().all(Option::is_some)) else {
-            if group.iter().all(|m| sums.iter().any(|s| s.method == *m)) {
-                // Say why: a method whose front is its starting point alone never gained beyond where it began.
-                let stuck: Vec<String> = group
-                    .iter()
-                    .filter_map(|&m| {
-                        let n = (0..seeds).filter(|&i| front(sums, m, false, Some(i)).len() < 2).count();
-                        (n > 0)
-                            .then(|| format!("{} never rose above its starting gain in {n} of {seeds} seeds", m.name()))
-                    })
-                    .collect();
-                let why = if stuck.is_empty() { String::new() } else { format!(" ({})", stuck.join("; ")) };
-                out.push(format!(
-                    "{what}: their fronts share no range of gain in any seed{why}, so they cannot be compared at matched gain."
-                ));
-            }
-            continue;
-        };
-        let costs: Vec<&Vec<f64>> = costs.iter().flatten().collect();
-        let listed: Vec<String> =
-            group.iter().zip(&costs).map(|(m, c)| format!("{} {}", m.name(), fmt_est(&t_interval(c), 4))).collect();
-        let mut line = format!("At matched gain {g:.3}, Δ bits/byte: {}.", listed.join(", "));
-        if seeds < 2 {
-            line += " With one seed there are no intervals, so no ordering is supported.";
-        } else {
-            // Pairwise, within seeds: the t interval of the per-seed difference in cost.
-            for i in 0..group.len() {
-                for j in i + 1..group.len() {
-                    let d: Vec<f64> = costs[i].iter().zip(costs[j]).map(|(a, b)| a - b).collect();
-                    let e = t_interval(&d);
-                    let (a, b) = (group[i].name(), group[j].name());
-                    line += &match sign(&e) {
-                        Some(1.0) => {
-                            format!(" {a} forgets more than {b} ({} bits/byte, paired over seeds).", fmt_est(&e, 4))
-                        }
-                        Some(-1.0) => {
-                            format!(" {a} forgets less than {b} ({} bits/byte, paired over seeds).", fmt_est(&e, 4))
-                        }
-                        _ => format!(
-                            " {a} and {b} are not distinguished ({} bits/byte, paired over seeds).",
-                            fmt_est(&e, 4)
-                        ),
-                    };
+    for by in [Gain::Accuracy, Gain::Reward] {
+        for (group, what) in [
+            (&[Method::Sft, Method::Rl][..], "SFT and RL"),
+            (
+                &[Method::BranchSft, Method::BranchRl, Method::BranchOnPolicy][..],
+                "the branch arms (SFT, RL, on-policy SFT)",
+            ),
+        ] {
+            let rows = matched_gain(sums, group, false, by, seeds);
+            let Some((g, costs)) = rows.iter().rev().find(|(_, c)| c.iter().all(Option::is_some)) else {
+                if group.iter().all(|m| sums.iter().any(|s| s.method == *m)) {
+                    // Say why: a method whose front is its starting point alone never gained beyond where it began.
+                    let stuck: Vec<String> = group
+                        .iter()
+                        .filter_map(|&m| {
+                            let n = (0..seeds).filter(|&i| front(sums, m, false, by, Some(i)).len() < 2).count();
+                            (n > 0).then(|| {
+                                format!("{} never rose above its starting gain in {n} of {seeds} seeds", m.name())
+                            })
+                        })
+                        .collect();
+                    let why = if stuck.is_empty() { String::new() } else { format!(" ({})", stuck.join("; ")) };
+                    out.push(format!(
+                        "{what}, by {}: their fronts share no range of gain in any seed{why}, so they cannot be compared at matched gain.",
+                        by.name()
+                    ));
+                }
+                continue;
+            };
+            let costs: Vec<&Vec<f64>> = costs.iter().flatten().collect();
+            let listed: Vec<String> =
+                group.iter().zip(&costs).map(|(m, c)| format!("{} {}", m.name(), fmt_est(&t_interval(c), 4))).collect();
+            let overlap = costs.first().map_or(0, |c| c.len());
+            let mut line = format!(
+                "At matched gain {g:.3} in {} (fronts overlapping in {overlap} of {seeds} seeds), Δ bits/byte: {}.",
+                by.name(),
+                listed.join(", ")
+            );
+            if overlap < 2 {
+                line += " With fewer than two seeds there are no intervals, so no ordering is supported.";
+            } else {
+                // Pairwise, within seeds: the t interval of the per-seed difference in cost.
+                for i in 0..group.len() {
+                    for j in i + 1..group.len() {
+                        let d: Vec<f64> = costs[i].iter().zip(costs[j]).map(|(a, b)| a - b).collect();
+                        let e = t_interval(&d);
+                        let (a, b) = (group[i].name(), group[j].name());
+                        line += &match sign(&e) {
+                            Some(1.0) => {
+                                format!(" {a} forgets more than {b} ({} bits/byte, paired over seeds).", fmt_est(&e, 4))
+                            }
+                            Some(-1.0) => {
+                                format!(" {a} forgets less than {b} ({} bits/byte, paired over seeds).", fmt_est(&e, 4))
+                            }
+                            _ => format!(
+                                " {a} and {b} are not distinguished ({} bits/byte, paired over seeds).",
+                                fmt_est(&e, 4)
+                            ),
+                        };
+                    }
                 }
             }
+            out.push(line);
         }
-        out.push(line);
     }
     // Runs missing from some seeds (an on-policy arm whose branch point solved nothing there).
     for name in run_names(study) {
@@ -791,7 +842,7 @@ mod tests {
         assert!((last_sft.gain.value - 2.0).abs() < 1e-12, "all 10 right at chance 0.5: {:?}", last_sft.gain);
         assert!((last_sft.dbpb.value - 0.6).abs() < 1e-12);
         assert!((last_sft.corrected - 1.0).abs() < 1e-12, "perfect accuracy is 1 chance-corrected");
-        let rows = matched_gain(&sums, &[Method::Sft, Method::Rl], false, 2);
+        let rows = matched_gain(&sums, &[Method::Sft, Method::Rl], false, Gain::Accuracy, 2);
         let (g, costs) = &rows[1];
         assert!((g - 1.0).abs() < 1e-12, "the middle of the common range [0, 2]: {g}");
         let (sft, rl) = (costs[0].as_ref().unwrap(), costs[1].as_ref().unwrap());
@@ -814,6 +865,7 @@ mod tests {
             }
         }
         assert!(md.contains("sft forgets more than rl (+0.5000"), "paired over two identical seeds:\n{md}");
+        assert!(md.contains("in mean sampled reward"), "the frontier by reward too:\n{md}");
         assert!(md.contains("KL(base‖π)") && md.contains("nats/tok"));
         assert!(md.contains("2.500 nats/token at step 8, 2.490 at step 10") && md.contains("had flattened"), "{md}");
         for png in ["frontier_bpb.png", "frontier_kl.png", "kl_fit.png", "rl_curves.png"] {
