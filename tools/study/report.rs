@@ -763,14 +763,14 @@ pub fn statements(study: &Study, sums: &[Summary], finals: &[&Summary]) -> Vec<S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::study::plan::Plan;
     use crate::study::record::{TaskInfo, SCHEMA};
     use kiln_model::eval::evaluate::PromptScores;
 
     /// One checkpoint with `correct` of 10 "count" prompts right (greedy; sampled: 2 of 4 on those).
-    fn point(step: u64, correct: usize, bpb: f64, kl: f64) -> Scores {
+    pub(crate) fn point(step: u64, correct: usize, bpb: f64, kl: f64) -> Scores {
         let greedy: Vec<f64> = (0..10).map(|i| f64::from(u8::from(i < correct))).collect();
         let sampled = PromptScores {
             correct: greedy.iter().map(|&g| if g > 0.0 { 2 } else { 0 }).collect(),

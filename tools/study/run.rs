@@ -323,8 +323,8 @@ impl SeedContext<'_> {
         self.train(suite, &mut tr, meta, (base_scores.clone(), None), &stops, |tr, at, scores| {
             // The branch point: the first stop from `at` on where sampled reward is non-zero (on-policy SFT needs
             // accepted samples), else the run's end.
-            let rewarded = trained.iter().filter_map(|t| scores.tasks.get(t)).any(|x| x.correct.iter().any(|&c| c > 0));
-            if let Some(b) = branch.filter(|&b| !branched && at >= b && (rewarded || at == point.steps)) {
+            let rewarded = rewarded(scores, &trained);
+            if let Some(b) = branch.filter(|&b| !branched && is_branch_point(at, b, rewarded, point.steps)) {
                 save_checkpoint(&branch_dir, &self.weights(&tr.model)?)?;
                 write_json(&branch_dir.join("point.json"), scores)?;
                 if at != b {
@@ -566,6 +566,17 @@ impl SeedContext<'_> {
     }
 }
 
+/// Whether any sampled completion on a trained task was correct.
+fn rewarded(scores: &Scores, trained: &[String]) -> bool {
+    trained.iter().filter_map(|t| scores.tasks.get(t)).any(|x| x.correct.iter().any(|&c| c > 0))
+}
+
+/// Whether the snapshot at step `at` of an SFT run of `steps` becomes the branch point, asked from `from` on until
+/// one does: the first with a rewarded sample (on-policy SFT needs accepted samples), else the run's last.
+fn is_branch_point(at: u64, from: u64, rewarded: bool, steps: u64) -> bool {
+    at >= from && (rewarded || at == steps)
+}
+
 pub struct RunMeta {
     pub name: String,
     pub method: Method,
@@ -598,5 +609,19 @@ mod tests {
         assert_eq!(super::snapshot_steps(2, 4), vec![1, 2], "fewer steps than snapshots: each step once");
         assert_eq!(super::snapshot_steps(7, 1), vec![7]);
         assert_eq!(super::run_dir_name("sft[lr=0.001,mix=0.25]"), "sft_lr=0.001,mix=0.25_");
+    }
+
+    #[test]
+    fn the_branch_point_is_the_first_rewarded_snapshot_from_at_on_else_the_end() {
+        use super::is_branch_point;
+        assert!(!is_branch_point(50, 100, true, 200), "before `at`, never");
+        assert!(is_branch_point(100, 100, true, 200));
+        assert!(!is_branch_point(100, 100, false, 200), "no rewarded sample yet: wait for a later snapshot");
+        assert!(is_branch_point(200, 100, false, 200), "the run's end is the fallback");
+        let mut s = crate::study::report::tests::point(10, 0, 2.0, 0.0);
+        assert!(!super::rewarded(&s, &["count".to_string()]));
+        s.tasks.get_mut("count").unwrap().correct[3] = 1;
+        assert!(super::rewarded(&s, &["count".to_string()]));
+        assert!(!super::rewarded(&s, &["addition:2".to_string()]), "only trained tasks count");
     }
 }
