@@ -10,7 +10,9 @@ use kiln_model::arch::Model;
 use kiln_model::data::chat::ChatTokens;
 use kiln_model::data::tasks::{Example, Task};
 use kiln_model::data::tokenizer::Tokenizer;
-use kiln_model::eval::evaluate::{bits_per_byte, chat_prompts, few_shot_greedy, mean_kl, score_prompts, TEMPERATURE_1};
+use kiln_model::eval::evaluate::{
+    bits_per_byte, chat_prompts, continuation_rows, few_shot_greedy, mean_kl, score_prompts, TEMPERATURE_1,
+};
 use kiln_model::eval::generate::{rollouts, GenerateConfig};
 use kiln_model::eval::stats::majority_answer;
 
@@ -111,12 +113,10 @@ impl<'a> Suite<'a> {
                 vocab_limit: Some(self.tok.vocab_size()),
             };
             let outs = rollouts(self.gpu, model, &prompts, 1, &cfg, |_, _, _| {})?;
-            for (p, group) in prompts.iter().zip(outs) {
-                let row: Vec<u32> = p.iter().chain(&group[0].tokens).copied().collect();
-                // Position i predicts token i + 1: count the positions that predict the continuation.
-                out.counted.push((0..row.len()).map(|i| i + 1 >= p.len()).collect());
-                out.rows.push(row);
-            }
+            let (rows, counted) =
+                continuation_rows(prompts.iter().zip(&outs).map(|(p, group)| (&p[..], &group[0].tokens[..])));
+            out.rows.extend(rows);
+            out.counted.extend(counted);
         }
         Ok(out)
     }

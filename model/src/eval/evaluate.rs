@@ -377,6 +377,19 @@ pub fn few_shot_greedy(
         .collect()
 }
 
+/// Prompts continued by completions as token rows, each with the positions that predict the completion counted
+/// (position i predicts token i + 1): the rows [`mean_kl`] and [`mean_entropy`] take. Empty completions are
+/// skipped (they predict nothing).
+pub fn continuation_rows<'a>(pairs: impl Iterator<Item = (&'a [u32], &'a [u32])>) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    let (mut rows, mut counted) = (Vec::new(), Vec::new());
+    for (prompt, completion) in pairs.filter(|(_, c)| !c.is_empty()) {
+        let row: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+        counted.push((0..row.len()).map(|i| i + 1 >= prompt.len()).collect());
+        rows.push(row);
+    }
+    (rows, counted)
+}
+
 /// One task's evaluation set scored prompt by prompt: what paired statistics across checkpoints need.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct PromptScores {
@@ -437,15 +450,8 @@ pub fn score_prompts(
     };
     let ct = ChatTokens::from_tokenizer(tok)?;
     let prompts = chat_prompts(tok, ct, examples, model.config.n_ctx)?;
-    let (mut rows, mut counted) = (Vec::new(), Vec::new());
-    for (p, group) in prompts.iter().zip(&outs) {
-        for c in group.iter().filter(|c| !c.tokens.is_empty()) {
-            let row: Vec<u32> = p.iter().chain(&c.tokens).copied().collect();
-            // Position i predicts token i + 1: the positions that predicted the completion.
-            counted.push((0..row.len()).map(|i| i + 1 >= p.len()).collect());
-            rows.push(row);
-        }
-    }
+    let pairs = prompts.iter().zip(&outs).flat_map(|(p, group)| group.iter().map(move |c| (&p[..], &c.tokens[..])));
+    let (rows, counted) = continuation_rows(pairs);
     let entropy = if rows.is_empty() { None } else { Some(mean_entropy(gpu, model, &rows, &counted, 16)?) };
     Ok(PromptScores {
         greedy: g.iter().map(|r| f64::from(u8::from(r[0] >= 1.0))).collect(),
