@@ -60,7 +60,7 @@ fn pin_plan(out: &Path, plan: &Plan) -> Result<()> {
 /// OUT/suite.json holds a fingerprint of every evaluation set and the commit that made them: a resumed study
 /// pairs new checkpoints with records scored earlier prompt by prompt, so the prompts must be the same ones.
 fn pin_suite(out: &Path, tasks: &[suite::EvalTask]) -> Result<()> {
-    let fnv = |s: &str| s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let fnv = kiln_model::data::tasks::fnv1a;
     let sets: std::collections::BTreeMap<String, String> = tasks
         .iter()
         .map(|t| {

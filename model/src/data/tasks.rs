@@ -44,7 +44,7 @@ pub struct Example {
 }
 
 /// FNV-1a: a fixed hash (std's is randomly seeded per process), so a prompt's split never changes.
-fn fnv1a(s: &str) -> u64 {
+pub fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
