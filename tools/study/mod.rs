@@ -162,8 +162,6 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
         train: train.clone(),
         seed: 1,
         dir: opts.out.clone(),
-        done: std::cell::Cell::new(0),
-        total: per_seed * plan.seeds as usize,
         overall: crate::progress::overall("study", (per_seed * plan.seeds as usize) as u64),
     };
     crate::progress::say("base model:");
@@ -175,12 +173,7 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
     let base_scores = base_rec.base.clone();
     for seed in 1..=plan.seeds {
         crate::progress::say(&format!("seed {seed}:"));
-        let ctx = SeedContext {
-            seed,
-            dir: opts.out.join(format!("seed{seed}")),
-            done: std::cell::Cell::new(base_ctx.done.get()),
-            ..base_ctx
-        };
+        let ctx = SeedContext { seed, dir: opts.out.join(format!("seed{seed}")), ..base_ctx };
         let record = (|| -> Result<_> {
             let mut rec = SeedRecord { seed, runs: Vec::new(), ..base_rec.clone() };
             for p in &sft {
@@ -194,7 +187,7 @@ pub fn study_cmd(gpu: &Gpu, opts: &StudyOpts) -> Result<()> {
             Ok(rec)
         })()
         .with_context(|| format!("study seed {seed}"))?;
-        base_ctx = SeedContext { done: std::cell::Cell::new(ctx.done.get()), ..ctx };
+        base_ctx = ctx;
         seeds.push(record);
     }
     base_ctx.overall.finish_and_clear();

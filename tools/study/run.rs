@@ -37,9 +37,7 @@ pub struct SeedContext<'a> {
     pub train: Arc<Vec<u32>>,
     pub seed: u64,
     pub dir: PathBuf,
-    /// Runs finished so far over the whole study, and how many there are (the overall progress).
-    pub done: std::cell::Cell<usize>,
-    pub total: usize,
+    /// Runs finished over the whole study, out of its length (the overall progress).
     pub overall: indicatif::ProgressBar,
 }
 
@@ -183,9 +181,9 @@ impl SeedContext<'_> {
     }
 
     fn tick(&self, name: &str, what: &str) {
-        self.done.set(self.done.get() + 1);
         self.overall.inc(1);
-        say(&format!("  [{}/{}] seed {} {name}: {what}", self.done.get(), self.total, self.seed));
+        let (done, total) = (self.overall.position(), self.overall.length().unwrap_or(0));
+        say(&format!("  [{done}/{total}] seed {} {name}: {what}", self.seed));
     }
 
     /// Train `stage` to its end, stopping at `stops` (sorted) to score the model and then call `after_stop`; the
